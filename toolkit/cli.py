@@ -1,0 +1,109 @@
+"""`gradual`: the command line. Thin: parse, validate at the edge, call the package, map errors to
+exit code 2 with one clear line."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections import Counter
+from pathlib import Path
+
+EXIT_BAD_INPUT = 2
+
+
+class UsageError(ValueError):
+    """Bad arguments or configuration found by the CLI itself."""
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from toolkit.data.schema import DataError
+    from toolkit.models import ModelError
+
+    return (DataError, ModelError, UsageError, FileNotFoundError)
+
+
+# ---------------------------------------------------------------- data
+
+
+def cmd_data_build_facts(args) -> int:
+    from toolkit.data.facts import build_facts
+
+    stats = build_facts(args.out, seed=args.seed)
+    print(f"wrote {stats['total']} items in {len(stats['relations'])} relations to {args.out}")
+    print(json.dumps(stats["splits"], sort_keys=True))
+    return 0
+
+
+def cmd_data_validate(args) -> int:
+    from toolkit.data.loading import load_qa
+
+    items = load_qa(args.path, splits=tuple(args.split) if args.split else None)
+    counts = Counter((it.relation, it.split) for it in items)
+    relations = sorted({rel for rel, _ in counts})
+    splits = sorted({sp for _, sp in counts})
+    width = max(len("relation"), *(len(r) for r in relations))
+    print(f"{'relation':<{width}}  " + "  ".join(f"{s:>6}" for s in splits))
+    for rel in relations:
+        print(f"{rel:<{width}}  " + "  ".join(f"{counts[(rel, s)]:>6}" for s in splits))
+    print(f"{'total':<{width}}  " + "  ".join(
+        f"{sum(counts[(r, s)] for r in relations):>6}" for s in splits))
+    print(f"ok: {len(items)} items")
+    return 0
+
+
+# ---------------------------------------------------------------- doctor
+
+
+def cmd_doctor(args) -> int:
+    from toolkit.doctor import environment_report
+
+    report = environment_report()
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        for key, value in report.items():
+            print(f"{key:<22} {value}")
+    return 0
+
+
+# ---------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gradual",
+        description="Knowledge-aware fine-tuning: SliCK probing, DeepSpeed training, Gradual Learning.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    data = sub.add_parser("data", help="build and validate QA datasets")
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
+    build = data_sub.add_parser("build-facts", help="build the built-in real-facts QA benchmark offline")
+    build.add_argument("--out", required=True, type=Path, help="output directory")
+    build.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
+    build.set_defaults(func=cmd_data_build_facts)
+    validate = data_sub.add_parser("validate", help="validate a QA dataset; print counts or the first error")
+    validate.add_argument("path", type=Path, help="file (jsonl/json/csv/parquet) or directory")
+    validate.add_argument("--split", action="append", help="only this split (repeatable)")
+    validate.set_defaults(func=cmd_data_validate)
+
+    doctor = sub.add_parser("doctor", help="report versions, devices, attention backend, embedded model")
+    doctor.add_argument("--json", action="store_true", help="machine-readable output")
+    doctor.set_defaults(func=cmd_doctor)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        return args.func(args)
+    except _user_errors() as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

