@@ -135,11 +135,13 @@ def _country_facts(countries: dict[str, dict]) -> list[tuple]:
         def fact(rel, answer, aliases=()):
             facts.append((rel, name, TEMPLATES[rel].format(name), answer, aliases))
 
-        # capital: both sources must name the same city (token subset allows 'Washington'/'Washington D.C.')
+        # capital: both sources must name the same city; token subsets ('Washington'/'Washington D.C.')
+        # and spacing variants ('Sanaa'/"Sana'a", 'Nay Pyi Taw'/'Naypyidaw') count as agreement
         cap, ci_cap = g["capital"].strip(), ci.get("capital") or ""
         ci_cap = ci_cap[0] if isinstance(ci_cap, list) else ci_cap
         a, b = set(_key(cap).split()), set(_key(ci_cap).split())
-        if cap and b and (a <= b or b <= a) and code not in CONTESTED_CAPITAL:
+        same = a <= b or b <= a or _key(cap).replace(" ", "") == _key(ci_cap).replace(" ", "")
+        if cap and b and same and code not in CONTESTED_CAPITAL:
             fact("country_capital", cap, _aliases(cap, [ci_cap]))
             if not set(_key(name).split()) & a:  # 'Kuwait City' would give its country away
                 capitals[_key(cap)].append((cap, rec))
@@ -158,7 +160,7 @@ def _country_facts(countries: dict[str, dict]) -> list[tuple]:
             fact("country_continent", CONTINENTS[cont])
         # language: countryinfo lists exactly one official language and geonames lists it first
         first = g["languages"].split(",")[0].split("-")[0]
-        lang = pycountry.languages.get(**{"alpha_2" if len(first) == 2 else "alpha_3": first}) if first else None
+        lang = first and pycountry.languages.get(**{"alpha_2" if len(first) == 2 else "alpha_3": first})
         if lang and (ci.get("languages") or []) == [first]:
             label = LANGUAGE_NAME_FIX.get(lang.name, re.sub(r"\s*\(.*\)$", "", lang.name))
             fact("country_language", label, _aliases(label, [lang.name, *LANGUAGE_ALIASES.get(label, ())]))
