@@ -65,11 +65,11 @@ def _load_any(path: Path) -> Iterator[tuple[str, QAItem]]:
     if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
         yield from _load_saved_dataset(path)
         return
-    split_files = [path / f"{split}{ext}" for split in SPLITS for ext in FORMATS]
+    split_files = [path / f"{name}{ext}" for name in (*SPLITS, *SPLIT_ALIASES) for ext in FORMATS]
     split_files = [f for f in split_files if f.exists()]
     if split_files:
         for f in split_files:
-            yield from _load_file(f, f.stem)
+            yield from _load_file(f, _split_from_stem(f.stem))
         return
     eq_files = sorted(f for f in path.rglob("*.json") if _ENTITY_QUESTIONS_NAME.match(f.name))
     if eq_files:

