@@ -27,7 +27,7 @@ else
   [[ -x $venv/bin/python ]] || "$python" -m venv "$venv"
   if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
     echo "[setup] installing CPU torch==$torch_version" >&2
-    "$venv/bin/pip" install -q ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==$torch_version"
+    "$venv/bin/pip" install -q ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==$torch_version" numpy
   fi
 fi
 pip=("$venv/bin/python" -m pip)
