@@ -1,0 +1,232 @@
+"""The Ray probe driver on a real two-node Ray cluster on loopback: shard invariance across actor
+counts and pick-up orders, actor and driver deaths, resume, one actor per node, and CLI errors."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests import tiny
+from tests.test_slick import train_memoriser
+from toolkit.cli import main
+from toolkit.data.prompts import ExemplarPool
+from toolkit.io import read_jsonl, write_jsonl
+from toolkit.probe.pool import ActorGroup, ActorGroupError, GroupConfig
+from toolkit.probe.runner import RunConfig, run_probe
+from toolkit.probe.slick import ProbeConfig, ProbeConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+PROBE = ProbeConfig(num_exemplar_sets=3, shots=2, samples=4, max_new_tokens=8, engine="reference",
+                    keep_samples=True)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """Two Ray nodes on 127.0.0.1 with explicit resources (STRICT_SPREAD puts one actor on each)."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    with pytest.MonkeyPatch.context() as mp:  # subprocesses (the CLI driver) inherit these
+        mp.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # nodes (and clients) use loopback
+        mp.setenv("RAY_AUTH_MODE", "disabled")
+        node = dict(num_cpus=2, memory=2 << 30, object_store_memory=80 << 20)
+        c = Cluster(initialize_head=True, head_node_args=dict(node, include_dashboard=False))
+        c.add_node(**node)
+        ray.init(address=c.address, logging_level="WARNING")
+        yield c
+        ray.shutdown()
+        c.shutdown()
+
+
+@pytest.fixture(scope="module")
+def workload(tmp_path_factory):
+    """A tiny Llama that memorised half of the train facts; the other half are guessable (6 answers
+    per relation), so the probe yields a mix of categories. 18 train items, 9 shards of 2."""
+    root = tmp_path_factory.mktemp("probe-ray")
+    items = tiny.synthetic_items(per_relation=12)
+    write_jsonl(root / "data.jsonl", [it.to_dict() for it in items])
+    train = [it for it in items if it.split == "train"]
+    memorised = [it for i, it in enumerate(train) if i % 2 == 0]
+    model_dir = tiny.build_model_dir(root / "model")
+    train_memoriser(model_dir, memorised, ExemplarPool([it for it in items if it.split == "dev"]), PROBE)
+    run = RunConfig(data=str(root / "data.jsonl"), out=str(root / "baseline"), model=str(model_dir),
+                    shard_size=2, progress=False)
+    return root, run, {it.id for it in memorised}
+
+
+@pytest.fixture(scope="module")
+def baseline(cluster, workload):
+    root, run, _ = workload
+    summary = run_probe(run, PROBE)
+    return summary, read_jsonl(Path(run.out) / "categories.jsonl")
+
+
+def _run(run: RunConfig, out: Path, overrides: dict | None = None, **kwargs) -> tuple[dict, list[dict]]:
+    summary = run_probe(dataclasses.replace(run, out=str(out), **(overrides or {})), PROBE, **kwargs)
+    return summary, read_jsonl(out / "categories.jsonl")
+
+
+@pytest.mark.slow  # shares a 2-node Ray cluster and a trained model (~30 s to set up)
+def test_baseline_outputs(baseline, workload):
+    summary, rows = baseline
+    root, run, memorised = workload
+    assert [r["id"] for r in rows] == sorted(r["id"] for r in rows) and len(rows) == 18
+    assert all(r["category"] == "HighlyKnown" for r in rows if r["id"] in memorised)
+    assert len({r["category"] for r in rows}) >= 2  # a mix, so invariance checks mean something
+    assert sum(summary["counts"].values()) == 18 and summary["fractions"]["HighlyKnown"] >= 0.5
+    for rel in summary["relations"].values():
+        assert rel["items"] == 6 and sum(rel["fractions"].values()) == pytest.approx(1.0)
+    assert summary["total_answers"] == 18 * 3 * 5 and summary["answers_per_s"] > 0
+    assert summary["num_shards"] == 9 and summary["engine"] == "reference" and summary["num_actors"] == 1
+    manifest = json.loads((Path(run.out) / "manifest.json").read_text())
+    assert manifest["shots"] == 2 and manifest["samples"] == 4 and len(manifest["data_hash"]) == 64
+    assert sorted(p.name for p in (Path(run.out) / "shards").iterdir()) == [f"shard-{i:05d}.jsonl" for i in range(9)]
+
+
+@pytest.mark.slow
+def test_two_actors_one_per_node_same_rows(baseline, workload, tmp_path):
+    root, run, _ = workload
+    summary, rows = _run(run, tmp_path, dict(num_actors=2, strategy="STRICT_SPREAD"))
+    assert rows == baseline[1]
+    nodes = {w["node_id"] for w in summary["workers"] if w["shards"] > 0}
+    assert len(nodes) == 2, summary["workers"]  # both nodes did work
+
+
+@pytest.mark.slow
+def test_reversed_pickup_order_same_rows(baseline, workload, tmp_path):
+    root, run, _ = workload
+    summary, rows = _run(run, tmp_path, pick_order=list(range(9))[::-1])
+    assert rows == baseline[1]
+    mtimes = [(tmp_path / "shards" / f"shard-{i:05d}.jsonl").stat().st_mtime_ns for i in range(9)]
+    assert mtimes == sorted(mtimes, reverse=True)  # really written last-shard-first
+
+
+@pytest.mark.slow
+def test_killed_actor_loses_nothing(baseline, workload, tmp_path):
+    root, run, _ = workload
+    killed = []
+
+    def kill_after_first_shard(index: int, result: dict) -> None:
+        if not killed:  # this actor already holds its next shard: SIGKILL it mid-shard
+            killed.append(result["worker"]["pid"])
+            os.kill(killed[0], signal.SIGKILL)
+
+    summary, rows = _run(run, tmp_path, dict(num_actors=2), on_shard=kill_after_first_shard)
+    assert summary["actor_restarts"] >= 1 and rows == baseline[1]
+    assert sum(w["shards"] for w in summary["workers"]) == 9  # every shard persisted exactly once
+    assert sum(w["items"] for w in summary["workers"] if w["pid"] == killed[0]) == 2  # only its first shard
+
+
+@pytest.mark.slow
+def test_killed_driver_resumes_from_finished_shards(baseline, workload, cluster, tmp_path):
+    root, run, _ = workload
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "toolkit.cli", "probe", "--model", run.model, "--data", run.data,
+           "--out", str(out), "--num-exemplar-sets", "3", "--shots", "2", "--samples", "4",
+           "--max-new-tokens", "8", "--engine", "reference", "--keep-samples", "--shard-size", "2",
+           "--ray-address", cluster.address, "--no-progress"]
+    with open(tmp_path / "driver.log", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                env=os.environ.copy())
+    shards = out / "shards"
+    deadline = time.time() + 120
+    while len(list(shards.glob("shard-*.jsonl"))) < 2:
+        assert proc.poll() is None and time.time() < deadline, (tmp_path / "driver.log").read_text()[-3000:]
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in shards.glob("shard-*.jsonl")}
+    assert 2 <= len(finished) < 9, "the driver finished before it was killed"
+
+    summary, rows = _run(run, out)
+    assert rows == baseline[1]
+    assert summary["shards_skipped"] == len(finished) and summary["probed_items"] == 18 - 2 * len(finished)
+    assert {n: (p.stat().st_ino, p.stat().st_mtime_ns) for n, p in
+            ((n, shards / n) for n in finished)} == finished  # finished shards were not rewritten
+
+
+@pytest.mark.slow
+def test_rerun_skips_everything_and_other_arguments_are_refused(baseline, workload):
+    root, run, _ = workload
+    summary = run_probe(run, PROBE)  # all shards exist: no actor is started
+    assert summary["shards_skipped"] == 9 and summary["workers"] == [] and summary["probed_items"] == 0
+    assert read_jsonl(Path(run.out) / "categories.jsonl") == baseline[1]
+    with pytest.raises(ProbeConfigError, match=r"different arguments: seed was 0, now 1"):
+        run_probe(run, dataclasses.replace(PROBE, seed=1))
+    with pytest.raises(ProbeConfigError, match=r"shard_size was 2, now 3"):
+        run_probe(dataclasses.replace(run, shard_size=3), PROBE)
+
+
+class _Toy:
+    """A torch-free actor for the group's own error paths."""
+
+    def __init__(self, fail: bool = False):
+        if fail:
+            raise ValueError("no weights here")
+
+    def info(self) -> dict:
+        return {"pid": os.getpid()}
+
+    def work(self, x):
+        if x == "boom":
+            raise KeyError("bad payload")
+        return x * 10
+
+
+@pytest.mark.slow
+def test_group_errors(cluster):
+    with pytest.raises(ActorGroupError, match="actor 0 failed to start: ValueError: no weights here"):
+        with ActorGroup(_Toy, (True,), GroupConfig()) as group:  # a constructor error: no restart loop
+            group.wait_ready()
+    with ActorGroup(_Toy, (), GroupConfig(num_actors=2)) as group:
+        results = {}
+        group.run([(i, i) for i in range(6)], "work", results.__setitem__)
+        assert results == {i: i * 10 for i in range(6)} and sum(group.tasks_done.values()) == 6
+        with pytest.raises(KeyError, match="bad payload"):  # a task's own error propagates, typed
+            group.run([("k", "boom")], "work", results.__setitem__)
+    with pytest.raises(ActorGroupError, match="cannot place 9 actor"):
+        ActorGroup(_Toy, (), GroupConfig(num_actors=9, ready_timeout_s=2))
+
+
+def test_group_config_bundles():
+    assert GroupConfig(cpus_per_actor=2, gpus_per_actor=0.5).bundle == {"CPU": 2, "GPU": 0.5}
+    assert GroupConfig(resources_per_actor={"node1": 1}).bundle == {"CPU": 1.0, "node1": 1}
+    with pytest.raises(ValueError, match="num-actors must be >= 1"):
+        GroupConfig(num_actors=0)
+
+
+# ---------------------------------------------------------------- CLI errors: exit 2, one line
+
+
+@pytest.fixture(scope="module")
+def cli_inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("probe-cli")
+    (root / "empty.jsonl").write_text("")
+    items = tiny.synthetic_items(per_relation=8)  # 2 dev items per relation
+    write_jsonl(root / "small.jsonl", [it.to_dict() for it in items])
+    return root, tiny.build_model_dir(root / "model")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "/nonexistent/model", "--data", "{root}/small.jsonl", "--shots", "2"], "model path not found: /nonexistent/model"),
+    (["--model", "{model}", "--data", "{root}/empty.jsonl"], "the dataset is empty"),
+    (["--model", "{model}", "--data", "{root}/small.jsonl", "--shots", "4"], "relation 'color' has 2 usable exemplars"),
+    (["--model", "{model}", "--data", "{root}/small.jsonl", "--samples", "-1"], "samples must be >= 0, got -1"),
+    (["--model", "{model}", "--data", "{root}/small.jsonl", "--shots", "2", "--ray-address", "127.0.0.1:1"],
+     "cannot reach the Ray cluster at 127.0.0.1:1"),
+])
+def test_cli_bad_input_exit_2(cli_inputs, capsys, args, message):
+    root, model = cli_inputs
+    argv = ["probe", *[a.format(root=root, model=model) for a in args], "--out", str(root / "out"),
+            "--engine", "reference"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert not (root / "out").exists()  # failed before writing anything

@@ -1,0 +1,183 @@
+"""SliCK scoring, the probe config, the shard plan, and categories from a tiny model trained here to
+memorise some facts (no Ray: the engine runs in-process)."""
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from tests import tiny
+from toolkit.data.prompts import ExemplarPool
+from toolkit.data.schema import DataError, QAItem
+from toolkit.probe.shards import data_hash, make_plan
+from toolkit.probe.slick import (CATEGORIES, ProbeConfig, ProbeConfigError, build_requests, category,
+                                 check_engine, fast_engine_available, probe_items, score_item)
+from toolkit.probe.types import PromptAnswers
+
+ITEM = QAItem(id="x-1", question="What color is the alpha bravo?", answer="amber", relation="color",
+              split="train", aliases=("orange",))
+CFG = ProbeConfig(num_exemplar_sets=2, shots=2, samples=3, engine="reference")
+
+
+def train_memoriser(model_dir: Path, facts: list[QAItem], pool: ExemplarPool, config: ProbeConfig,
+                    steps: int = 120, lr: float = 1e-2) -> None:
+    """Fine-tune the tiny Llama in `model_dir` (in place) on the exact probe prompts of `facts`,
+    loss on the answer only (" answer\\n"). A plain AdamW loop: ~10 s on one CPU thread."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a 64-wide model: more threads only add contention on 2 cores
+    try:
+        _train(model_dir, facts, pool, config, steps, lr)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(model_dir, facts, pool, config, steps, lr) -> None:
+    import torch
+
+    from toolkit.models import ModelSpec, load_model
+
+    model, tok = load_model(ModelSpec(source=str(model_dir)))
+    prompts = [(r.text, f" {it.answer}\n") for it in facts for r in build_requests(it, pool, config)]
+    ids = [tok(p + a, add_special_tokens=False).input_ids for p, a in prompts]
+    answer_lens = [len(i) - len(tok(p, add_special_tokens=False).input_ids) for i, (p, _) in zip(ids, prompts)]
+    width = max(map(len, ids))
+    input_ids = torch.full((len(ids), width), tok.pad_token_id)
+    labels = torch.full((len(ids), width), -100)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for row, (seq, n_answer) in enumerate(zip(ids, answer_lens)):  # left padding, like generation
+        input_ids[row, width - len(seq):] = torch.tensor(seq)
+        mask[row, width - len(seq):] = 1
+        labels[row, width - n_answer:] = torch.tensor(seq[-n_answer:])
+    torch.manual_seed(0)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    for _ in range(steps):
+        loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert loss.item() < 0.1, f"memoriser did not converge (loss {loss.item():.3f})"
+    model.save_pretrained(model_dir)
+
+
+# ---------------------------------------------------------------- the four category rules
+
+
+def _answers(greedy: list[str], samples: list[list[str]]) -> list[PromptAnswers]:
+    return [PromptAnswers(greedy=g, samples=s, greedy_tokens=2, sample_tokens=[2] * len(s))
+            for g, s in zip(greedy, samples)]
+
+
+@pytest.mark.parametrize("greedy, samples, expected, p_greedy, p_sample", [
+    (["Amber", "the orange."], [["x", "y", "z"], ["x", "y", "z"]], "HighlyKnown", 1.0, 0.0),
+    (["amber", "red"], [["amber", "y", "z"], ["x", "y", "z"]], "MaybeKnown", 0.5, 1 / 6),
+    (["red", "blue"], [["x", "AMBER", "z"], ["x", "y", "z"]], "WeaklyKnown", 0.0, 1 / 6),
+    (["red", ""], [["x", "y", "z"], ["ambers", "y", "z"]], "Unknown", 0.0, 0.0),
+])
+def test_category_rules(greedy, samples, expected, p_greedy, p_sample):
+    row = score_item(ITEM, _answers(greedy, samples), CFG)
+    assert (row["category"], row["p_greedy"], row["p_sample"]) == (expected, p_greedy, pytest.approx(p_sample))
+    assert row["num_prompts"] == 2 and row["num_samples"] == 6 and row["generated_tokens"] == 16
+    assert row["greedy_answers"] == greedy and "sampled_answers" not in row
+    kept = score_item(ITEM, _answers(greedy, samples), dataclasses.replace(CFG, keep_samples=True))
+    assert kept["sampled_answers"] == samples
+
+
+def test_category_boundaries_and_sample_count_check():
+    assert [category(1, 0), category(0.1, 0), category(0, 0.01), category(0, 0)] == list(CATEGORIES)
+    with pytest.raises(ValueError, match="expected 6 samples, got 5"):
+        score_item(ITEM, _answers(["a", "b"], [["x", "y", "z"], ["x", "y"]]), CFG)
+    no_samples = dataclasses.replace(CFG, samples=0)
+    assert score_item(ITEM, _answers(["a", "b"], [[], []]), no_samples)["category"] == "Unknown"
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(samples=-1), "samples must be >= 0, got -1"),
+    (dict(temperature=0.0), "temperature must be > 0"),
+    (dict(num_exemplar_sets=0), "num-exemplar-sets must be >= 1"),
+    (dict(shots=-2), "shots must be >= 0"),
+    (dict(engine="turbo"), "unknown engine 'turbo'"),
+    (dict(max_new_tokens=0), "max-new-tokens must be >= 1"),
+])
+def test_probe_config_validation(kwargs, message):
+    with pytest.raises(ProbeConfigError, match=message):
+        ProbeConfig(**kwargs)
+    assert issubclass(ProbeConfigError, ValueError)
+
+
+def test_fast_engine_choice():
+    if fast_engine_available():
+        check_engine("fast")  # once engine.py lands, the default just works
+    else:
+        with pytest.raises(ProbeConfigError, match="--engine reference"):
+            check_engine("fast")
+
+
+# ---------------------------------------------------------------- prompts and shard plan
+
+
+def test_requests_fixed_by_seed_and_never_contain_the_question(synthetic_items):
+    pool = ExemplarPool([it for it in synthetic_items if it.split == "dev"])
+    item = next(it for it in synthetic_items if it.split == "train")
+    reqs = build_requests(item, pool, ProbeConfig(num_exemplar_sets=5, shots=3))
+    assert [r.prompt_index for r in reqs] == list(range(5)) and {r.question_id for r in reqs} == {item.id}
+    assert all(r.text.endswith(f"Q: {item.question}\nA:") and r.text.count(item.question) == 1 for r in reqs)
+    assert reqs == build_requests(item, pool, ProbeConfig(num_exemplar_sets=5, shots=3))
+    assert reqs != build_requests(item, pool, ProbeConfig(num_exemplar_sets=5, shots=3, seed=1))
+    with pytest.raises(DataError, match="relation 'color'.*fewer than shots=30"):
+        build_requests(item, pool, ProbeConfig(shots=30))
+
+
+def test_shard_plan_is_fixed_by_data_seed_and_size(synthetic_items):
+    plan = make_plan(synthetic_items, shard_size=7, seed=0)
+    assert plan == make_plan(list(reversed(synthetic_items)), shard_size=7, seed=0)  # load order irrelevant
+    assert sorted(plan.item_ids) == sorted(it.id for it in synthetic_items)
+    assert [len(s.item_ids) for s in plan.shards] == [7] * 17 + [1]
+    assert plan.shards[7].name == "shard-00007"
+    assert make_plan(synthetic_items, shard_size=7, seed=1).item_ids != plan.item_ids
+    limited = make_plan(synthetic_items, shard_size=7, seed=0, limit=10)
+    assert set(limited.item_ids) == set(plan.item_ids[:10]) and len(limited.shards) == 2
+    assert len({it.relation for it in synthetic_items if it.id in set(limited.item_ids)}) > 1  # mixed
+    changed = [dataclasses.replace(synthetic_items[0], answer="other")] + synthetic_items[1:]
+    assert data_hash(changed) != plan.data_hash == data_hash(list(reversed(synthetic_items)))
+
+
+# ---------------------------------------------------------------- a model that knows some facts
+
+
+@pytest.fixture(scope="module")
+def memorised(tmp_path_factory):
+    """A tiny Llama trained on the probe prompts of 4 train facts per relation."""
+    items = tiny.synthetic_items(per_relation=8)
+    pool = ExemplarPool([it for it in items if it.split == "dev"])
+    config = ProbeConfig(num_exemplar_sets=3, shots=2, samples=4, max_new_tokens=8, engine="reference")
+    facts = [it for it in items if it.split == "train"]
+    model_dir = tiny.build_model_dir(tmp_path_factory.mktemp("memoriser"))
+    train_memoriser(model_dir, facts, pool, config)
+    return model_dir, items, pool, config, facts
+
+
+@pytest.mark.parametrize("engine", ["reference", "fast"])
+def test_memorised_facts_highly_known_unseen_unknown(memorised, engine):
+    from toolkit.models import ModelSpec, load_model
+    from toolkit.probe.slick import make_engine
+
+    if engine == "fast" and not fast_engine_available():
+        pytest.skip("toolkit.probe.engine is not there yet")
+    model_dir, items, pool, config, facts = memorised
+    config = dataclasses.replace(config, engine=engine)
+    # Never-seen facts get an answer the model never saw: with 6 answers per relation, a real
+    # answer would be guessed by some of the samples (that is WeaklyKnown, correctly).
+    unseen = [dataclasses.replace(it, answer=f"Zeppelin {i}") for i, it in enumerate(items) if it.split == "test"]
+    model, tok = load_model(ModelSpec(source=str(model_dir)))
+    rows = probe_items(make_engine(model, tok, config), facts + unseen, pool, config)
+    known, new = rows[:len(facts)], rows[len(facts):]
+    assert Counter(r["category"] for r in known) == {"HighlyKnown": len(facts)}
+    assert Counter(r["category"] for r in new) == {"Unknown": len(unseen)}
+    assert all(r["greedy_answers"] == [f.answer] * 3 for r, f in zip(known, facts))
+    assert [r["id"] for r in rows] == [it.id for it in facts + unseen]
+    assert all(r["generated_tokens"] > 0 and r["num_samples"] == 12 for r in rows)

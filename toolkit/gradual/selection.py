@@ -1,0 +1,111 @@
+"""Which training items each stage and each baseline uses (design.md section 4).
+
+Inputs are category tables: item id -> SliCK category, from a probe (C0: base model, C1: after
+stage 1). Every function returns a sorted list of ids, so a selection never depends on dict order.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Mapping
+
+from toolkit.data.prompts import stable_seed
+from toolkit.probe.slick import CATEGORIES, HIGHLY_KNOWN, MAYBE_KNOWN, UNKNOWN, WEAKLY_KNOWN
+
+Categories = Mapping[str, str]
+
+STAGE2_STRATEGIES = {
+    "gradual": "upgraded items + replay (the paper's stage 2)",
+    "no_replay": "upgraded items + items still MaybeKnown, no replay",
+    "upgraded_only": "upgraded items alone",
+    "remained_maybe": "items MaybeKnown before and after stage 1 + replay",
+}
+BASELINES = {
+    "one_stage": "stage 1 only (the model after stage 1)",
+    "natural": "all training items, one stage",
+    "known_only": "SliCK's filter: all training items except the Unknown ones, one stage",
+}
+
+
+class SelectionError(ValueError):
+    """A selection setting that names no category, or an impossible replay request."""
+
+
+@dataclass(frozen=True)
+class SelectionConfig:
+    stage1_categories: tuple[str, ...] = (MAYBE_KNOWN,)
+    upgraded_from: tuple[str, ...] = (WEAKLY_KNOWN, UNKNOWN)
+    upgraded_to: tuple[str, ...] = (HIGHLY_KNOWN, MAYBE_KNOWN)  # "MaybeKnown or better"
+    replay_ratio: float = 0.2  # replay items = round(ratio x the stage-2 items before replay)
+    replay_categories: tuple[str, ...] = (HIGHLY_KNOWN,)
+    replay_source: str = "c0"  # whose categories pick replay items: the base model's (c0) or M1's (c1)
+    stage2_strategy: str = "gradual"
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("stage1_categories", "upgraded_from", "upgraded_to", "replay_categories"):
+            values = getattr(self, name)
+            if not values:
+                raise SelectionError(f"selection: '{name}' is empty")
+            for value in values:
+                if value not in CATEGORIES:
+                    raise SelectionError(f"selection: {name} has unknown category '{value}' "
+                                         f"(expected {', '.join(CATEGORIES)})")
+        if not 0 <= self.replay_ratio <= 10:
+            raise SelectionError(f"selection: replay_ratio={self.replay_ratio} must be in [0, 10]")
+        if self.replay_source not in ("c0", "c1"):
+            raise SelectionError(f"selection: replay_source='{self.replay_source}' must be c0 or c1")
+        if self.stage2_strategy not in STAGE2_STRATEGIES:
+            raise SelectionError(f"selection: unknown stage2_strategy '{self.stage2_strategy}' "
+                                 f"(expected {', '.join(STAGE2_STRATEGIES)})")
+
+
+def _ids_where(categories: Categories, wanted) -> list[str]:
+    return sorted(i for i, c in categories.items() if c in wanted)
+
+
+def stage1_items(c0: Categories, cfg: SelectionConfig) -> list[str]:
+    return _ids_where(c0, cfg.stage1_categories)
+
+
+def upgraded_items(c0: Categories, c1: Categories, cfg: SelectionConfig) -> list[str]:
+    """Unknown or WeaklyKnown before stage 1 (by default) and MaybeKnown or better after it."""
+    return sorted(i for i in c0 if c0[i] in cfg.upgraded_from and c1.get(i) in cfg.upgraded_to)
+
+
+def remained_maybe_items(c0: Categories, c1: Categories) -> list[str]:
+    return sorted(i for i in c0 if c0[i] == MAYBE_KNOWN and c1.get(i) == MAYBE_KNOWN)
+
+
+def replay_items(c0: Categories, c1: Categories, count: int, exclude, cfg: SelectionConfig) -> list[str]:
+    """`count` items of the replay categories, drawn with a seeded shuffle (all of them if fewer)."""
+    source = c0 if cfg.replay_source == "c0" else c1
+    pool = [i for i in _ids_where(source, cfg.replay_categories) if i not in exclude]
+    random.Random(stable_seed("replay", cfg.seed)).shuffle(pool)
+    return sorted(pool[:count])
+
+
+def stage2_items(c0: Categories, c1: Categories, cfg: SelectionConfig) -> dict[str, list[str]]:
+    """The stage-2 set of the configured strategy, split into its parts for the report."""
+    strategy = cfg.stage2_strategy
+    parts: dict[str, list[str]] = {}
+    if strategy in ("gradual", "no_replay", "upgraded_only"):
+        parts["upgraded"] = upgraded_items(c0, c1, cfg)
+    if strategy in ("no_replay", "remained_maybe"):
+        upgraded = set(parts.get("upgraded", ()))
+        parts["remained_maybe"] = [i for i in remained_maybe_items(c0, c1) if i not in upgraded]
+    if strategy in ("gradual", "remained_maybe"):
+        core = {i for ids in parts.values() for i in ids}
+        parts["replay"] = replay_items(c0, c1, round(cfg.replay_ratio * len(core)), core, cfg)
+    return parts
+
+
+def baseline_items(name: str, c0: Categories, cfg: SelectionConfig) -> list[str]:
+    """Training items of a one-stage baseline."""
+    if name == "one_stage":
+        return stage1_items(c0, cfg)
+    if name == "natural":
+        return sorted(c0)
+    if name == "known_only":
+        return sorted(i for i, c in c0.items() if c != UNKNOWN)
+    raise SelectionError(f"unknown baseline '{name}' (expected {', '.join(BASELINES)})")

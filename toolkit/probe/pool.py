@@ -1,0 +1,253 @@
+"""A Ray actor group (OpenRLHF-style) with pull scheduling and actor-death recovery, and the probe
+worker it runs.
+
+* Placement: one placement-group bundle per actor ({"CPU": c, "GPU": g, custom...}; fractional GPUs
+  allowed); STRICT_SPREAD puts one actor per node.
+* Pull scheduling: every live actor has at most one task in flight; whichever finishes first (ray.wait)
+  gets the next task, so faster actors take more. An actor pulls only once it is ready (model loaded);
+  `wait_ready()` waits for all of them, and a run never waits for a re-created actor once no work is left.
+* Death (process killed, OOM, node lost): the task it held goes back to the front of the queue for
+  the next free actor, and the actor is re-created in its own bundle (up to `max_restarts` per slot).
+  A task is handed out again only after its previous attempt failed, so results are never duplicated.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Hashable, Iterable
+
+log = logging.getLogger("toolkit.probe.pool")
+STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
+
+class ActorGroupError(RuntimeError):
+    """The group cannot do its work: it cannot be placed, every actor died, or a task kept killing them."""
+
+
+@dataclass(frozen=True)
+class GroupConfig:
+    num_actors: int = 1
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0
+    resources_per_actor: dict[str, float] = field(default_factory=dict)  # custom resources, e.g. {"node0": 1}
+    strategy: str = "PACK"
+    max_restarts: int = 3  # re-creations per actor slot
+    max_attempts: int = 3  # deaths a single task may cause before the run gives up
+    ready_timeout_s: float = 600.0  # waiting for the placement group (an autoscaler may add nodes)
+
+    def __post_init__(self):
+        if self.num_actors < 1:
+            raise ValueError(f"num-actors must be >= 1, got {self.num_actors}")
+        if self.cpus_per_actor <= 0 or self.gpus_per_actor < 0:
+            raise ValueError(f"cpus-per-actor must be > 0 and gpus-per-actor >= 0, got "
+                             f"{self.cpus_per_actor} and {self.gpus_per_actor}")
+        if self.gpus_per_actor > 1 and self.gpus_per_actor != int(self.gpus_per_actor):
+            raise ValueError(f"gpus-per-actor above 1 must be a whole number, got {self.gpus_per_actor}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"unknown placement strategy '{self.strategy}' (expected one of {', '.join(STRATEGIES)})")
+
+    @property
+    def bundle(self) -> dict[str, float]:
+        bundle = {"CPU": self.cpus_per_actor, "GPU": self.gpus_per_actor, **self.resources_per_actor}
+        return {k: v for k, v in bundle.items() if v > 0}  # only resources actually asked for
+
+
+def _death_errors() -> tuple[type[Exception], ...]:
+    from ray.exceptions import OutOfMemoryError, RayActorError, WorkerCrashedError
+
+    return (RayActorError, WorkerCrashedError, OutOfMemoryError)  # ActorDiedError is a RayActorError
+
+
+class ActorGroup:
+    """`num_actors` instances of `actor_cls(*args)`, one per placement-group bundle. The actor class
+    must have an `info()` method (called as a readiness probe; its result lands in `self.infos`)."""
+
+    def __init__(self, actor_cls: type, args: tuple = (), config: GroupConfig = GroupConfig()):
+        import ray
+        from ray.util.placement_group import placement_group
+
+        self.config = config
+        self._remote_cls = ray.remote(actor_cls)
+        self._args = args
+        n = config.num_actors
+        self.pg = placement_group([config.bundle] * n, strategy=config.strategy)
+        try:
+            ray.get(self.pg.ready(), timeout=config.ready_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            self.shutdown()
+            raise ActorGroupError(
+                f"cannot place {n} actor(s) with {config.bundle} each (strategy {config.strategy}) within "
+                f"{config.ready_timeout_s:.0f}s; the cluster has {ray.cluster_resources()}") from None
+        self.actors: list[Any] = [self._create(slot) for slot in range(n)]
+        self.live = set(range(n))
+        self.restarts = [0] * n
+        self.infos: list[dict | None] = [None] * n
+        self.tasks_done = Counter()  # slot -> tasks finished
+
+    def _create(self, slot: int):
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        c = self.config
+        strategy = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=slot)
+        # max_restarts=0: we re-create dead actors ourselves, so a restart never races a queued call.
+        return self._remote_cls.options(
+            num_cpus=c.cpus_per_actor, num_gpus=c.gpus_per_actor, resources=dict(c.resources_per_actor),
+            max_restarts=0, max_task_retries=0, scheduling_strategy=strategy).remote(*self._args)
+
+    def _restart(self, slot: int, err: Exception) -> None:
+        import ray
+
+        if getattr(err, "actor_init_failed", False):  # the constructor raised: a restart would too
+            lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()] or [type(err).__name__]
+            raise ActorGroupError(f"actor {slot} failed to start: {lines[-1]}") from None
+        try:
+            ray.kill(self.actors[slot], no_restart=True)  # frees its bundle if it is only unreachable
+        except Exception:  # already gone
+            pass
+        self.restarts[slot] += 1
+        who = self.infos[slot] or {}
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if self.restarts[slot] > self.config.max_restarts:
+            self.live.discard(slot)
+            log.warning("actor %d (pid %s) died (%s); out of restarts, dropping it", slot, who.get("pid"), first_line)
+            if not self.live:
+                raise ActorGroupError(f"every actor died; last error: {first_line}")
+            return
+        log.warning("actor %d (pid %s) died (%s); restarting it (%d/%d)", slot, who.get("pid"), first_line,
+                    self.restarts[slot], self.config.max_restarts)
+        self.infos[slot] = None
+        self.actors[slot] = self._create(slot)
+
+    def wait_ready(self) -> list[dict]:
+        """Block until every actor has loaded (restarting any that die meanwhile); their infos."""
+        self._loop(deque(), "info", lambda *_: None, until_ready=True)
+        return [info for info in self.infos if info is not None]
+
+    def run(self, tasks: Iterable[tuple[Hashable, Any]], method: str,
+            on_result: Callable[[Hashable, Any], None]) -> None:
+        """Call `actor.method(payload)` once per (key, payload), pulling work as actors free up, and
+        `on_result(key, result)` on the driver as each succeeds. Raises ActorGroupError when it cannot
+        finish; an exception raised inside a task (a bug, bad data) propagates as is."""
+        self._loop(deque(tasks), method, on_result, until_ready=False)
+
+    def _loop(self, pending: deque, method: str, on_result: Callable, until_ready: bool) -> None:
+        import ray
+
+        death_errors = _death_errors()
+        inflight: dict[Any, tuple[int, Hashable, Any]] = {}  # ref -> (slot, key, payload); key None = probe
+        idle: list[int] = []
+        deaths = Counter()
+
+        def dispatch() -> None:
+            while idle and pending:
+                slot = idle.pop(0)
+                if slot in self.live:
+                    key, payload = pending.popleft()
+                    inflight[getattr(self.actors[slot], method).remote(payload)] = (slot, key, payload)
+
+        def probe(slot: int) -> None:
+            inflight[self.actors[slot].info.remote()] = (slot, None, None)
+
+        for slot in sorted(self.live):
+            if self.infos[slot] is None:
+                probe(slot)  # not known to be ready yet: it pulls work once its model is loaded
+            else:
+                idle.append(slot)
+        dispatch()
+
+        def busy() -> bool:  # actors still restarting are not waited for once all tasks are done
+            return bool(pending) or until_ready or any(k is not None for _, k, _ in inflight.values())
+
+        while inflight and busy():
+            [ref], _ = ray.wait(list(inflight), num_returns=1)
+            slot, key, payload = inflight.pop(ref)
+            try:
+                result = ray.get(ref)
+            except death_errors as err:
+                if key is not None:
+                    deaths[key] += 1
+                    if deaths[key] >= self.config.max_attempts:
+                        raise ActorGroupError(f"task {key!r} was lost with its actor {deaths[key]} times; "
+                                              f"giving up (last error: {str(err).splitlines()[0]})") from None
+                    pending.appendleft((key, payload))  # the oldest work goes first, to a ready actor
+                self._restart(slot, err)
+                if slot in self.live:
+                    probe(slot)
+                dispatch()
+                continue
+            if key is None:
+                self.infos[slot] = result
+            idle.append(slot)
+            dispatch()  # hand out the next task before the driver spends time on this result
+            if key is not None:
+                self.tasks_done[slot] += 1
+                on_result(key, result)
+        if pending:  # unreachable unless every actor was dropped, which raises above
+            raise ActorGroupError(f"{len(pending)} task(s) left with no live actor")
+
+    def shutdown(self) -> None:
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        for actor in getattr(self, "actors", []):
+            try:
+                ray.kill(actor, no_restart=True)
+            except Exception:
+                pass
+        try:
+            remove_placement_group(self.pg)
+        except Exception:
+            pass
+
+    def __enter__(self) -> "ActorGroup":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+
+# ---------------------------------------------------------------- the probe worker
+
+
+def worker_info() -> dict:
+    import ray
+
+    ctx = ray.get_runtime_context()
+    return dict(pid=os.getpid(), node_id=ctx.get_node_id(), hostname=socket.gethostname(),
+                actor_id=ctx.get_actor_id())
+
+
+class ProbeWorker:
+    """A Ray actor holding one model replica; probes the shards it is handed."""
+
+    def __init__(self, spec, config, exemplars, cpu_threads: int | None = None):
+        from toolkit.data.prompts import ExemplarPool
+        from toolkit.models import load_model
+
+        from .slick import make_engine
+
+        if cpu_threads:
+            import torch
+
+            torch.set_num_threads(cpu_threads)  # Ray's OMP_NUM_THREADS default may differ per node
+        t0 = time.perf_counter()
+        model, tokenizer = load_model(spec)
+        self.engine = make_engine(model, tokenizer, config)
+        self.config = config
+        self.pool = ExemplarPool(exemplars)
+        self.load_s = time.perf_counter() - t0
+
+    def info(self) -> dict:
+        return dict(worker_info(), load_s=self.load_s)
+
+    def probe_shard(self, task: tuple[int, list]) -> dict:
+        from .slick import probe_items
+
+        index, items = task
+        t0 = time.perf_counter()
+        rows = probe_items(self.engine, items, self.pool, self.config)
+        return dict(index=index, rows=rows, seconds=time.perf_counter() - t0, worker=worker_info())

@@ -1,0 +1,274 @@
+"""The probe driver: validate early, plan shards, run them on a Ray actor group, persist each finished
+shard atomically, resume from finished shards, and write `categories.jsonl` and `summary.json`.
+
+Output directory layout:
+  manifest.json          the arguments that fix the results (a re-run must match them)
+  shards/shard-00007.jsonl  one row per item of that shard, written once, atomically
+  categories.jsonl       every row, in id order
+  summary.json           category counts/fractions overall and per relation, throughput, workers
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from toolkit.data.loading import load_qa
+from toolkit.data.prompts import ExemplarPool
+from toolkit.data.schema import DataError
+from toolkit.io import read_jsonl, write_json, write_jsonl
+from toolkit.models import EMBEDDED_MODEL, ModelSpec, resolve_source
+
+from .pool import ActorGroup, GroupConfig, ProbeWorker
+from .shards import ShardPlan, data_hash, make_plan
+from .slick import CATEGORIES, ProbeConfig, ProbeConfigError, check_engine
+
+log = logging.getLogger("toolkit.probe")
+MANIFEST_VERSION = 1
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    data: str
+    out: str
+    model: str | None = None  # None: the embedded SmolLM2
+    split: str = "train"
+    exemplar_split: str = "dev"
+    exemplar_data: str | None = None  # None: the same dataset as `data`
+    shard_size: int = 32
+    limit: int | None = None
+    num_actors: int = 1
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0
+    resources_per_actor: dict[str, float] = field(default_factory=dict)
+    strategy: str = "PACK"  # STRICT_SPREAD: one actor per node
+    ray_address: str | None = None
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.shard_size < 1:
+            raise ProbeConfigError(f"shard-size must be >= 1, got {self.shard_size}")
+        if self.limit is not None and self.limit < 1:
+            raise ProbeConfigError(f"limit must be >= 1, got {self.limit}")
+        try:
+            self.group_config()
+        except ValueError as err:
+            raise ProbeConfigError(str(err)) from None
+
+    def group_config(self) -> GroupConfig:
+        return GroupConfig(num_actors=self.num_actors, cpus_per_actor=self.cpus_per_actor,
+                           gpus_per_actor=self.gpus_per_actor, resources_per_actor=dict(self.resources_per_actor),
+                           strategy=self.strategy)
+
+
+# ---------------------------------------------------------------- validation and manifest
+
+
+def _load_inputs(run: RunConfig, probe: ProbeConfig):
+    items = load_qa(run.data, splits=(run.split,))
+    exemplar_path = run.exemplar_data or run.data
+    exemplars = load_qa(exemplar_path, splits=(run.exemplar_split,)) if probe.shots > 0 else []
+    pool = ExemplarPool(exemplars, source=f"{exemplar_path} (split {run.exemplar_split})")
+    pool.check_covers(items, probe.shots)  # DataError naming the relation, before any model loads
+    return items, exemplars
+
+
+def _manifest(run: RunConfig, probe: ProbeConfig, plan: ShardPlan, exemplars) -> dict:
+    return dict(version=MANIFEST_VERSION, model=run.model or EMBEDDED_MODEL, data_hash=plan.data_hash,
+                exemplar_hash=data_hash(exemplars), split=run.split, exemplar_split=run.exemplar_split,
+                seed=probe.seed, num_exemplar_sets=probe.num_exemplar_sets, shots=probe.shots,
+                samples=probe.samples, temperature=probe.temperature, top_k=probe.top_k,
+                max_new_tokens=probe.max_new_tokens, keep_samples=probe.keep_samples, engine=probe.engine,
+                shard_size=run.shard_size, limit=run.limit, num_items=plan.num_items,
+                num_shards=len(plan.shards))
+
+
+def _check_or_write_manifest(out: Path, manifest: dict) -> None:
+    path = out / "manifest.json"
+    if path.exists():
+        old = json.loads(path.read_text(encoding="utf-8"))
+        diffs = [f"{k} was {old.get(k)!r}, now {v!r}" for k, v in manifest.items() if old.get(k) != v]
+        if diffs:
+            raise ProbeConfigError(f"{out} holds a probe run with different arguments: {'; '.join(diffs)} "
+                                   f"(use another --out, or delete it to start over)")
+        return
+    if any((out / "shards").glob("shard-*.jsonl")):
+        raise ProbeConfigError(f"{out}/shards holds shard files but there is no manifest.json; "
+                               f"use another --out")
+    write_json(path, manifest)
+
+
+# ---------------------------------------------------------------- ray
+
+
+def _check_reachable(address: str) -> None:
+    """A wrong `host:port` makes ray.init retry for minutes; a plain TCP connect fails in seconds."""
+    host, sep, port = address.rpartition(":")
+    if "://" in address or not sep or not port.isdigit():
+        return  # 'auto', 'ray://...': left to Ray
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as err:
+        raise ProbeConfigError(f"cannot reach the Ray cluster at {address}: {err.strerror or err}") from None
+
+
+def _connect_ray(run: RunConfig) -> bool:
+    """Connect to the given cluster, reuse an initialised Ray, or start a local one. True if we own it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if run.ray_address:
+        ray.init(address=run.ray_address, logging_level=logging.WARNING)
+        return False
+    total_cpus = max(os.cpu_count() or 1, run.num_actors * run.cpus_per_actor)  # logical CPUs may oversubscribe
+    ray.init(num_cpus=int(-(-total_cpus // 1)), include_dashboard=False, logging_level=logging.WARNING)
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if run.num_actors * run.gpus_per_actor > gpus:  # a local Ray never grows: fail now, not after a timeout
+        ray.shutdown()
+        raise ProbeConfigError(f"{run.num_actors} actor(s) x {run.gpus_per_actor} GPU need more than the "
+                               f"{gpus:g} GPU(s) of this machine")
+    return True
+
+
+# ---------------------------------------------------------------- the run
+
+
+@dataclass
+class _RunStats:
+    """What this invocation did (a resumed run skips finished shards)."""
+
+    rows: list[dict] = field(default_factory=list)
+    workers: dict[tuple, dict] = field(default_factory=dict)
+    restarts: int = 0
+    actor_start_s: float = 0.0
+    probe_s: float = 0.0
+
+    def add(self, result: dict) -> None:
+        self.rows.extend(result["rows"])
+        w = result["worker"]
+        stats = self.workers.setdefault((w["node_id"], w["pid"]), dict(w, shards=0, items=0, seconds=0.0))
+        stats["shards"] += 1
+        stats["items"] += len(result["rows"])
+        stats["seconds"] += result["seconds"]
+
+
+def run_probe(run: RunConfig, probe: ProbeConfig, *, on_shard: Callable[[int, dict], None] | None = None,
+              pick_order: list[int] | None = None) -> dict:
+    """Probe every item of `run.split`; return the summary. `on_shard(index, result)` runs on the driver
+    after each shard is persisted; `pick_order` (shard indices) changes the hand-out order (for tests)."""
+    t_start = time.perf_counter()
+    check_engine(probe.engine)
+    items, exemplars = _load_inputs(run, probe)
+    resolve_source(run.model)  # ModelError for a bad path; converts a GGUF once, before any actor starts
+    if run.ray_address:
+        _check_reachable(run.ray_address)
+    plan = make_plan(items, run.shard_size, probe.seed, run.limit)
+    out = Path(run.out)
+    _check_or_write_manifest(out, _manifest(run, probe, plan, exemplars))
+
+    todo = [s for s in plan.shards if not s.path(out).exists()]
+    if pick_order is not None:
+        rank = {index: r for r, index in enumerate(pick_order)}
+        todo.sort(key=lambda s: rank.get(s.index, len(rank) + s.index))
+    log.info("probe: %d items in %d shards; %d shards to do", plan.num_items, len(plan.shards), len(todo))
+    stats = _RunStats()
+    if todo:
+        _run_shards(run, probe, plan, todo, {it.id: it for it in items}, exemplars, stats, on_shard)
+
+    rows = _collect_rows(out, plan)
+    write_jsonl(out / "categories.jsonl", rows)
+    summary = _summary(rows, stats, probe, run, plan, time.perf_counter() - t_start)
+    write_json(out / "summary.json", summary)
+    return summary
+
+
+def _run_shards(run: RunConfig, probe: ProbeConfig, plan: ShardPlan, todo: list, by_id: dict,
+                exemplars: list, stats: _RunStats, on_shard) -> None:
+    import ray
+    from tqdm import tqdm
+
+    out = Path(run.out)
+    owns_ray = _connect_ray(run)
+    bar = None
+    answers_per_item = probe.num_exemplar_sets * (1 + probe.samples)
+    try:
+        t_actors = time.perf_counter()
+        # The original source, not the driver's resolved path: each node resolves (and caches) it.
+        threads = None if run.gpus_per_actor else max(1, int(run.cpus_per_actor))
+        args = (ModelSpec(source=run.model), probe, ray.put(exemplars), threads)
+        log.info("starting %d actor(s) with %s each", run.num_actors, run.group_config().bundle)
+        with ActorGroup(ProbeWorker, args, run.group_config()) as group:
+            # Every replica loaded before the first shard: model errors surface at once, all actors
+            # start together, and the throughput excludes loading.
+            group.wait_ready()
+            stats.actor_start_s = time.perf_counter() - t_actors
+            bar = tqdm(total=plan.num_items, initial=plan.num_items - sum(len(s.item_ids) for s in todo),
+                       unit="q", desc="probe", disable=not run.progress, dynamic_ncols=True)
+            t0 = time.perf_counter()
+
+            def persist(index: int, result: dict) -> None:
+                write_jsonl(plan.shards[index].path(out), result["rows"])
+                stats.add(result)
+                elapsed = max(time.perf_counter() - t0, 1e-9)
+                bar.update(len(result["rows"]))
+                bar.set_postfix({"q/s": f"{len(stats.rows) / elapsed:.2f}",
+                                 "ans/s": f"{len(stats.rows) * answers_per_item / elapsed:.1f}"})
+                if on_shard is not None:
+                    on_shard(index, result)
+
+            group.run([(s.index, (s.index, [by_id[i] for i in s.item_ids])) for s in todo], "probe_shard", persist)
+            stats.restarts = sum(group.restarts)
+            stats.probe_s = time.perf_counter() - t0
+    finally:
+        if bar is not None:
+            bar.close()
+        if owns_ray:
+            ray.shutdown()
+
+
+def _collect_rows(out: Path, plan: ShardPlan) -> list[dict]:
+    rows = []
+    for shard in plan.shards:
+        shard_rows = read_jsonl(shard.path(out))
+        if tuple(r["id"] for r in shard_rows) != shard.item_ids:
+            raise DataError(shard.path(out), "does not hold the items the shard plan expects; delete it to redo it")
+        rows.extend(shard_rows)
+    return sorted(rows, key=lambda r: r["id"])
+
+
+def _fractions(counts: Counter, total: int) -> dict:
+    return {c: (counts[c] / total if total else 0.0) for c in CATEGORIES}
+
+
+def _summary(rows: list[dict], stats: _RunStats, probe: ProbeConfig, run: RunConfig, plan: ShardPlan,
+             wall_s: float) -> dict:
+    counts = Counter(r["category"] for r in rows)
+    per_relation: dict[str, Counter] = defaultdict(Counter)
+    for r in rows:
+        per_relation[r["relation"]][r["category"]] += 1
+    answers = sum(r["num_prompts"] + r["num_samples"] for r in rows)
+    new_answers = sum(r["num_prompts"] + r["num_samples"] for r in stats.rows)
+    new_tokens = sum(r["generated_tokens"] for r in stats.rows)
+    rate = (lambda x: x / stats.probe_s) if stats.probe_s > 0 else (lambda x: 0.0)
+    workers = sorted(stats.workers.values(), key=lambda w: (w["node_id"], w["pid"]))
+    return dict(
+        items=len(rows), counts={c: counts[c] for c in CATEGORIES}, fractions=_fractions(counts, len(rows)),
+        relations={rel: dict(items=sum(c.values()), counts={k: c[k] for k in CATEGORIES},
+                             fractions=_fractions(c, sum(c.values())))
+                   for rel, c in sorted(per_relation.items())},
+        total_answers=answers, generated_tokens=sum(r["generated_tokens"] for r in rows),
+        # Throughput covers this invocation's probing only: loaded actors to last shard.
+        probed_items=len(stats.rows), probed_answers=new_answers, wall_s=wall_s,
+        actor_start_s=stats.actor_start_s, probe_wall_s=stats.probe_s,
+        questions_per_s=rate(len(stats.rows)), answers_per_s=rate(new_answers),
+        generated_tokens_per_s=rate(new_tokens),
+        num_actors=run.num_actors, engine=probe.engine, model=run.model or EMBEDDED_MODEL,
+        num_shards=len(plan.shards), shards_skipped=len(plan.shards) - sum(w["shards"] for w in workers),
+        actor_restarts=stats.restarts, workers=workers)
