@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests import tiny
-from tests.test_slick import train_memoriser
+from tests.tiny import train_memoriser
 from toolkit.cli import main
 from toolkit.data.prompts import ExemplarPool
 from toolkit.io import read_jsonl, write_jsonl

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
@@ -19,49 +18,6 @@ from toolkit.probe.types import PromptAnswers
 ITEM = QAItem(id="x-1", question="What color is the alpha bravo?", answer="amber", relation="color",
               split="train", aliases=("orange",))
 CFG = ProbeConfig(num_exemplar_sets=2, shots=2, samples=3, engine="reference")
-
-
-def train_memoriser(model_dir: Path, facts: list[QAItem], pool: ExemplarPool, config: ProbeConfig,
-                    steps: int = 120, lr: float = 1e-2) -> None:
-    """Fine-tune the tiny Llama in `model_dir` (in place) on the exact probe prompts of `facts`,
-    loss on the answer only (" answer\\n"). A plain AdamW loop: ~10 s on one CPU thread."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a 64-wide model: more threads only add contention on 2 cores
-    try:
-        _train(model_dir, facts, pool, config, steps, lr)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _train(model_dir, facts, pool, config, steps, lr) -> None:
-    import torch
-
-    from toolkit.models import ModelSpec, load_model
-
-    model, tok = load_model(ModelSpec(source=str(model_dir)))
-    prompts = [(r.text, f" {it.answer}\n") for it in facts for r in build_requests(it, pool, config)]
-    ids = [tok(p + a, add_special_tokens=False).input_ids for p, a in prompts]
-    answer_lens = [len(i) - len(tok(p, add_special_tokens=False).input_ids) for i, (p, _) in zip(ids, prompts)]
-    width = max(map(len, ids))
-    input_ids = torch.full((len(ids), width), tok.pad_token_id)
-    labels = torch.full((len(ids), width), -100)
-    mask = torch.zeros((len(ids), width), dtype=torch.long)
-    for row, (seq, n_answer) in enumerate(zip(ids, answer_lens)):  # left padding, like generation
-        input_ids[row, width - len(seq):] = torch.tensor(seq)
-        mask[row, width - len(seq):] = 1
-        labels[row, width - n_answer:] = torch.tensor(seq[-n_answer:])
-    torch.manual_seed(0)
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    for _ in range(steps):
-        loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-    assert loss.item() < 0.1, f"memoriser did not converge (loss {loss.item():.3f})"
-    model.save_pretrained(model_dir)
 
 
 # ---------------------------------------------------------------- the four category rules
@@ -157,7 +113,7 @@ def memorised(tmp_path_factory):
     config = ProbeConfig(num_exemplar_sets=3, shots=2, samples=4, max_new_tokens=8, engine="reference")
     facts = [it for it in items if it.split == "train"]
     model_dir = tiny.build_model_dir(tmp_path_factory.mktemp("memoriser"))
-    train_memoriser(model_dir, facts, pool, config)
+    tiny.train_memoriser(model_dir, facts, pool, config)
     return model_dir, items, pool, config, facts
 
 

@@ -77,3 +77,47 @@ def build_model_dir(out_dir: Path, seed: int = 0, hidden: int = 64, layers: int 
     torch.manual_seed(seed)
     LlamaForCausalLM(config).save_pretrained(out_dir)
     return out_dir
+
+
+def train_memoriser(model_dir: Path, facts: list[QAItem], pool, config,
+                    steps: int = 120, lr: float = 1e-2) -> None:
+    """Fine-tune the tiny Llama in `model_dir` (in place) on the exact probe prompts of `facts`,
+    loss on the answer only (" answer\\n"). A plain AdamW loop: ~10 s on one CPU thread."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a 64-wide model: more threads only add contention on 2 cores
+    try:
+        _train(model_dir, facts, pool, config, steps, lr)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(model_dir, facts, pool, config, steps, lr) -> None:
+    import torch
+
+    from toolkit.models import ModelSpec, load_model
+    from toolkit.probe.slick import build_requests
+
+    model, tok = load_model(ModelSpec(source=str(model_dir)))
+    prompts = [(r.text, f" {it.answer}\n") for it in facts for r in build_requests(it, pool, config)]
+    ids = [tok(p + a, add_special_tokens=False).input_ids for p, a in prompts]
+    answer_lens = [len(i) - len(tok(p, add_special_tokens=False).input_ids) for i, (p, _) in zip(ids, prompts)]
+    width = max(map(len, ids))
+    input_ids = torch.full((len(ids), width), tok.pad_token_id)
+    labels = torch.full((len(ids), width), -100)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for row, (seq, n_answer) in enumerate(zip(ids, answer_lens)):  # left padding, like generation
+        input_ids[row, width - len(seq):] = torch.tensor(seq)
+        mask[row, width - len(seq):] = 1
+        labels[row, width - n_answer:] = torch.tensor(seq[-n_answer:])
+    torch.manual_seed(0)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    for _ in range(steps):
+        loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert loss.item() < 0.1, f"memoriser did not converge (loss {loss.item():.3f})"
+    model.save_pretrained(model_dir)

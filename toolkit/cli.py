@@ -17,10 +17,16 @@ class UsageError(ValueError):
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
+    from toolkit.config import ConfigError
     from toolkit.data.schema import DataError
+    from toolkit.gradual.selection import SelectionError
     from toolkit.models import ModelError
+    from toolkit.probe.slick import ProbeConfigError
+    from toolkit.report.render import ReportError
+    from toolkit.train.config import TrainConfigError
 
-    return (DataError, ModelError, UsageError, FileNotFoundError)
+    return (DataError, ModelError, UsageError, ConfigError, ProbeConfigError, TrainConfigError,
+            SelectionError, ReportError, FileNotFoundError)
 
 
 # ---------------------------------------------------------------- data
@@ -71,6 +77,10 @@ def cmd_doctor(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from toolkit.gradual.cli import add_report_parser, add_run_parser
+    from toolkit.probe.cli import add_probe_parser
+    from toolkit.train.launch import add_train_parser
+
     parser = argparse.ArgumentParser(
         prog="gradual",
         description="Knowledge-aware fine-tuning: SliCK probing, DeepSpeed training, Gradual Learning.")
@@ -87,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("path", type=Path, help="file (jsonl/json/csv/parquet) or directory")
     validate.add_argument("--split", action="append", help="only this split (repeatable)")
     validate.set_defaults(func=cmd_data_validate)
+    add_probe_parser(sub)
+    add_train_parser(sub)
+    add_run_parser(sub)
+    add_report_parser(sub)
 
     doctor = sub.add_parser("doctor", help="report versions, devices, attention backend, embedded model")
     doctor.add_argument("--json", action="store_true", help="machine-readable output")

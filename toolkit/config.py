@@ -49,6 +49,10 @@ def coerce(key: str, value: Any, kind: Any, source: str = "config") -> Any:
         inner = args[0] if args else str
         converted = [coerce(key, v, inner, source) for v in items]
         return tuple(converted) if origin is tuple else converted
+    if kind is dict or origin is dict:  # passed through; its consumer validates the keys
+        if not isinstance(value, dict):
+            fail("must be a mapping")
+        return dict(value)
     if dataclasses.is_dataclass(kind):
         if not isinstance(value, dict):
             fail("must be a mapping")

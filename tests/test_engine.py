@@ -1,0 +1,262 @@
+"""FastEngine (toolkit/probe/engine.py): same greedy answers as the HF-generate reference, samples from
+the right distribution, independent of batching and of every feature flag."""
+import collections
+import random
+
+import pytest
+import torch
+
+from tests import tiny
+from toolkit.data.matching import extract_answer
+from toolkit.models import load_tokenizer, newline_token_ids
+from toolkit.probe.engine import FastEngine, gumbel_noise, mix64, to_int64
+from toolkit.probe.reference import ReferenceEngine
+from toolkit.probe.types import PromptRequest, SamplingConfig
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tiny_model_dir):
+    """The tiny Llama re-initialised with larger weights: at the default init scale a random model
+    answers every prompt with the same token, which would make the identity checks weak."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    config.initializer_range = 0.3
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+    return model, load_tokenizer(str(tiny_model_dir))
+
+
+@pytest.fixture
+def stoppy_lm(tiny_lm):
+    """The tiny model with its stop tokens (newlines, EOS) pushed up, so rows stop at varied steps."""
+    model, tokenizer = tiny_lm
+    bias = torch.zeros(len(tokenizer))
+    bias[newline_token_ids(tokenizer) + [tokenizer.eos_token_id]] = 2.0
+    handle = model.lm_head.register_forward_hook(lambda module, args, out: out + bias)
+    yield model, tokenizer
+    handle.remove()
+
+
+def tiny_requests(count: int, start: int = 0) -> list[PromptRequest]:
+    """Few-shot prompts with 0-3 exemplars: lengths vary, so batches are left padded."""
+    items = tiny.synthetic_items()
+    out = []
+    for i in range(start, start + count):
+        shots = items[i + 1:i + 1 + i % 4]
+        text = "".join(f"Q: {s.question}\nA: {s.answer}\n\n" for s in shots) + f"Q: {items[i].question}\nA:"
+        out.append(PromptRequest(question_id=items[i].id, prompt_index=i % 3, text=text))
+    return out
+
+
+def chi_square_p_value(observed: dict, expected_probs: dict, n: int) -> float:
+    """Pearson goodness of fit; cells with small expectations are pooled."""
+    cells = sorted(expected_probs, key=expected_probs.get, reverse=True)
+    stat, pooled_obs, pooled_exp, df = 0.0, 0, 0.0, 0
+    for c in cells:
+        if expected_probs[c] * n >= 5:
+            stat += (observed.get(c, 0) - expected_probs[c] * n) ** 2 / (expected_probs[c] * n)
+            df += 1
+        else:
+            pooled_obs, pooled_exp = pooled_obs + observed.get(c, 0), pooled_exp + expected_probs[c] * n
+    if pooled_exp > 0:
+        stat += (pooled_obs - pooled_exp) ** 2 / pooled_exp
+        df += 1
+    assert set(observed) <= set(expected_probs), "an answer the model cannot produce was sampled"
+    return float(torch.special.gammaincc(torch.tensor((df - 1) / 2, dtype=torch.float64),
+                                         torch.tensor(stat / 2, dtype=torch.float64)))
+
+
+# ------------------------------------------------------------------ the counter-based RNG
+
+
+def test_mix64_matches_uint64_splitmix():
+    mask = (1 << 64) - 1
+
+    def reference(x):
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
+        return x ^ (x >> 31)
+
+    rng = random.Random(0)
+    values = [0, 1, 2 ** 63 - 1, 2 ** 63, 2 ** 64 - 1] + [rng.getrandbits(64) for _ in range(200)]
+    got = mix64(torch.tensor([to_int64(v) for v in values])).tolist()
+    assert got == [to_int64(reference(v)) for v in values]
+
+
+def test_gumbel_noise_is_keyed_by_token_id_and_has_gumbel_moments():
+    keys = torch.tensor([to_int64(2 ** 64 - 5), 7])
+    ids = torch.tensor([[3, 10, 99], [3, 10, 99]])
+    noise = gumbel_noise(keys, torch.tensor(4), ids)
+    # Candidate order does not matter: the noise belongs to (key, step, token id).
+    assert torch.equal(gumbel_noise(keys, torch.tensor(4), ids.flip(-1)), noise.flip(-1))
+    assert not torch.equal(gumbel_noise(keys, torch.tensor(5), ids), noise)
+    assert not torch.equal(noise[0], noise[1])
+    big = gumbel_noise(torch.arange(200), torch.tensor(0), torch.arange(1000).expand(200, 1000))
+    assert abs(big.mean().item() - 0.5772) < 0.01 and abs(big.var().item() - 1.6449) < 0.05
+
+
+# ------------------------------------------------------------------ greedy = the reference
+
+
+def test_greedy_matches_reference_on_tiny_model(tiny_lm):
+    model, tokenizer = tiny_lm
+    requests = tiny_requests(20)
+    cfg = SamplingConfig(num_samples=3, max_new_tokens=8)
+    fast = FastEngine(model, tokenizer, cfg, max_batch_prompts=6).generate(requests)
+    ref = ReferenceEngine(model, tokenizer, cfg, batch_size=7).generate(requests)
+    assert [(a.greedy, a.greedy_tokens) for a in fast] == [(a.greedy, a.greedy_tokens) for a in ref]
+    assert len({a.greedy for a in fast}) > 5  # arbitrary tokens, but varied ones
+
+
+def test_stops_match_reference_and_finished_rows_are_compacted(stoppy_lm):
+    model, tokenizer = stoppy_lm
+    requests = tiny_requests(12)
+    cfg = SamplingConfig(num_samples=8, max_new_tokens=8)
+    engine = FastEngine(model, tokenizer, cfg, max_batch_prompts=12, compact_below=1.0)
+    fast = engine.generate(requests)
+    ref = ReferenceEngine(model, tokenizer, cfg, batch_size=12).generate(requests)
+    assert [(a.greedy, a.greedy_tokens) for a in fast] == [(a.greedy, a.greedy_tokens) for a in ref]
+    counts = [c for a in fast for c in [a.greedy_tokens, *a.sample_tokens]]
+    assert all(1 <= c <= cfg.max_new_tokens for c in counts)
+    assert min(counts) < cfg.max_new_tokens and max(counts) == cfg.max_new_tokens
+    assert all("\n" not in s for a in fast for s in [a.greedy, *a.samples])
+    stats = engine.last_stats
+    assert stats["compactions"] > 0
+    assert stats["decode_rows"] < stats["decode_steps"] * len(counts)  # dead rows cost nothing
+    assert stats["generated_tokens"] == sum(counts)
+
+
+@pytest.mark.timeout(120)
+def test_smollm2_capitals_match_reference(smollm2):
+    model, tokenizer = smollm2
+    shots = "".join(f"Q: What is the capital of {c}?\nA: {a}\n\n"
+                    for c, a in [("Italy", "Rome"), ("Spain", "Madrid"), ("Germany", "Berlin"), ("Egypt", "Cairo")])
+    questions = {"France": "Paris", "Japan": "Tokyo", "Russia": "Moscow", "the United Kingdom": "London"}
+    requests = [PromptRequest(c, 0, shots + f"Q: What is the capital of {c}?\nA:") for c in questions]
+    cfg = SamplingConfig(num_samples=4, max_new_tokens=8)
+    fast = FastEngine(model, tokenizer, cfg).generate(requests)
+    ref = ReferenceEngine(model, tokenizer, SamplingConfig(num_samples=0, max_new_tokens=8)).generate(requests)
+    assert [a.greedy for a in fast] == [a.greedy for a in ref] == list(questions.values())
+    assert [a.greedy_tokens for a in fast] == [a.greedy_tokens for a in ref]
+    assert all(len(a.samples) == 4 and all("\n" not in s for s in a.samples) for a in fast)
+
+
+# ------------------------------------------------------------------ sampling distribution
+
+
+def exact_answer_distribution(model, tokenizer, prompt: str, cfg: SamplingConfig) -> dict[str, float]:
+    """P(answer) by enumerating every top-k continuation up to max_new_tokens (small k only)."""
+    stop = set(newline_token_ids(tokenizer)) | {tokenizer.eos_token_id}
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    probs: dict[str, float] = collections.defaultdict(float)
+    frontier = [([], 1.0)]
+    for step in range(cfg.max_new_tokens):
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt_ids + seq for seq, _ in frontier])).logits[:, -1].float()
+        values, ids = logits.topk(cfg.top_k, dim=-1)
+        step_probs = torch.softmax(values / cfg.temperature, dim=-1)
+        nxt = []
+        for (seq, p), row_ids, row_p in zip(frontier, ids.tolist(), step_probs.tolist()):
+            for t, q in zip(row_ids, row_p):
+                if t in stop or step == cfg.max_new_tokens - 1:
+                    probs[extract_answer(tokenizer.decode(seq + [t], skip_special_tokens=True))] += p * q
+                else:
+                    nxt.append((seq + [t], p * q))
+        frontier = nxt
+    return dict(probs)
+
+
+def test_sampled_answers_follow_the_exact_distribution(tiny_lm):
+    model, tokenizer = tiny_lm
+    cfg = SamplingConfig(num_samples=3000, temperature=0.7, top_k=3, max_new_tokens=3, seed=11)
+    request = tiny_requests(1, start=5)[0]
+    expected = exact_answer_distribution(model, tokenizer, request.text, cfg)
+    assert len(expected) > 10
+    answers = FastEngine(model, tokenizer, cfg).generate([request])[0]
+    p_fast = chi_square_p_value(collections.Counter(answers.samples), expected, cfg.num_samples)
+    assert p_fast > 1e-3, p_fast
+    # The oracle agrees with the same enumeration: both engines draw from one distribution.
+    torch.manual_seed(0)
+    ref = ReferenceEngine(model, tokenizer, cfg).generate([request])[0]
+    assert chi_square_p_value(collections.Counter(ref.samples), expected, cfg.num_samples) > 1e-3
+
+
+def test_top_k_1_sampling_equals_greedy(tiny_lm):
+    model, tokenizer = tiny_lm
+    for answers in FastEngine(model, tokenizer, SamplingConfig(num_samples=4, top_k=1, max_new_tokens=6)
+                              ).generate(tiny_requests(6)):
+        assert answers.samples == [answers.greedy] * 4
+        assert answers.sample_tokens == [answers.greedy_tokens] * 4
+
+
+def test_no_samples(tiny_lm):
+    model, tokenizer = tiny_lm
+    requests = tiny_requests(5)
+    greedy_only = FastEngine(model, tokenizer, SamplingConfig(num_samples=0, temperature=0.0, max_new_tokens=5)
+                             ).generate(requests)
+    with_samples = FastEngine(model, tokenizer, SamplingConfig(num_samples=2, max_new_tokens=5)).generate(requests)
+    assert all(a.samples == [] and a.sample_tokens == [] for a in greedy_only)
+    assert [a.greedy for a in greedy_only] == [a.greedy for a in with_samples]
+    assert FastEngine(model, tokenizer, SamplingConfig()).generate([]) == []
+
+
+# ------------------------------------------------------------------ determinism and batch invariance
+
+
+def test_samples_do_not_depend_on_batching_or_flags(stoppy_lm):
+    model, tokenizer = stoppy_lm
+    cfg = SamplingConfig(num_samples=6, max_new_tokens=6, seed=3)
+    target = tiny_requests(1, start=7)[0]
+    others = tiny_requests(9, start=20)
+    alone = FastEngine(model, tokenizer, cfg).generate([target])[0]
+    assert len(set(alone.samples)) > 1
+    variants = [
+        (dict(max_batch_prompts=4), others[:5] + [target] + others[5:]),
+        (dict(max_batch_prompts=10, bucket_by_length=False), [target] + others),
+        (dict(max_batch_prompts=3, fan_out_kv=False), others[::-1] + [target]),
+        (dict(max_batch_prompts=10, compact_below=1.0), others + [target]),
+        (dict(max_batch_prompts=10, compact_below=0.0, compile_decode=True), others[3:] + [target]),
+    ]
+    for flags, requests in variants:
+        answers = FastEngine(model, tokenizer, cfg, **flags).generate(requests)
+        assert answers[requests.index(target)] == alone, flags
+    # Another seed, or another prompt index, gives other samples.
+    moved = FastEngine(model, tokenizer, SamplingConfig(num_samples=6, max_new_tokens=6, seed=4)).generate([target])
+    assert moved[0].samples != alone.samples
+
+
+def test_all_flag_combinations_give_identical_answers(tiny_lm):
+    model, tokenizer = tiny_lm
+    cfg = SamplingConfig(num_samples=4, max_new_tokens=5)
+    requests = tiny_requests(10)
+    base = FastEngine(model, tokenizer, cfg, max_batch_prompts=4).generate(requests)
+    for fan_out in (True, False):
+        for bucket in (True, False):
+            engine = FastEngine(model, tokenizer, cfg, max_batch_prompts=4, fan_out_kv=fan_out,
+                                bucket_by_length=bucket)
+            assert engine.generate(requests) == base, (fan_out, bucket)
+
+
+def test_compile_flag_is_off_on_cpu(tiny_lm):
+    model, tokenizer = tiny_lm
+    assert not FastEngine(model, tokenizer, SamplingConfig(), compile_decode=True).compile_decode
+
+
+# ------------------------------------------------------------------ the work done
+
+
+def test_prefill_once_per_prompt_with_fan_out(tiny_lm):
+    model, tokenizer = tiny_lm
+    cfg = SamplingConfig(num_samples=5, max_new_tokens=3)
+    requests = tiny_requests(7)
+    prompt_tokens = sum(len(tokenizer(r.text, add_special_tokens=False)["input_ids"]) for r in requests)
+    fan_out = FastEngine(model, tokenizer, cfg, max_batch_prompts=3)
+    fan_out.generate(requests)
+    per_stream = FastEngine(model, tokenizer, cfg, max_batch_prompts=3, fan_out_kv=False)
+    per_stream.generate(requests)
+    assert fan_out.last_stats["prefill_tokens"] == prompt_tokens
+    assert per_stream.last_stats["prefill_tokens"] == (1 + cfg.num_samples) * prompt_tokens
+    stats = fan_out.last_stats
+    assert stats["prompts"] == 7 and stats["answers"] == 42 and stats["batches"] == 3
+    assert stats["decode_steps"] <= 3 * (cfg.max_new_tokens - 1) and stats["seconds"] > 0

@@ -1,0 +1,326 @@
+"""Fast checks of the trainer's front end: config + overrides, ds_config resolution, batch arithmetic,
+hostfiles, the batch plan, SFT tokenisation, the dry run, `gradual train` and the launcher scripts.
+No process group is started here (the real launches are in test_train_deepspeed.py)."""
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+os.environ.setdefault("GRADUAL_CACHE_DIR", str(REPO / ".cache" / "gradual"))
+
+from toolkit.data.schema import DataError  # noqa: E402
+from toolkit.train.config import TrainConfigError, load_config  # noqa: E402
+from toolkit.train.data import IGNORE_INDEX, BatchPlan, encode_sft  # noqa: E402
+from toolkit.train.dsconfig import (batch_arithmetic, memory_estimate, read_hostfile, resolve,  # noqa: E402
+                                    world_size_for)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_model_dir, synthetic_items):
+    d = tmp_path_factory.mktemp("train-config")
+    rows = [it.to_dict() for it in synthetic_items if it.split in ("train", "dev")][:24]
+    for i, row in enumerate(rows):
+        row["category"] = ("HighlyKnown", "Unknown")[i % 2]
+    (d / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (d / "cfg.yaml").write_text(f"model: {tiny_model_dir}\ndata: {d / 'data.jsonl'}\noutput_dir: {d / 'out'}\n"
+                                "micro_batch_size: 2\nepochs: 1\nlr: 1.0e-3\n")
+    return d
+
+
+def cfg_with(setup, *sets, **extra):
+    return load_config(setup / "cfg.yaml", list(sets), extra)
+
+
+# ---------------------------------------------------------------- config and overrides
+
+
+def test_yaml_and_overrides_are_typed(setup):
+    cfg = cfg_with(setup, "lr=1e-4", "gradient_checkpointing=true", "categories=MaybeKnown,Unknown",
+                   "dev_split=null", "zero_stage=1", "betas=0.8,0.95")
+    assert cfg.lr == 1e-4 and cfg.gradient_checkpointing is True and cfg.zero_stage == 1
+    assert cfg.categories == ["MaybeKnown", "Unknown"] and cfg.dev_split is None and cfg.betas == [0.8, 0.95]
+    assert cfg.micro_batch_size == 2 and cfg.grad_clip == 1.0  # YAML value; explicit default clipping
+    assert {"lr", "micro_batch_size", "zero_stage"} <= cfg.explicit and "grad_clip" not in cfg.explicit
+    assert cfg_with(setup, resume=True).resume is True
+    assert cfg_with(setup, resume="/x/ckpt").resume_dir == Path("/x/ckpt")
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["learning_rate=1"], "unknown key 'learning_rate'"),
+    (["lr=fast"], "lr='fast' must be a number"),
+    (["epochs=1.5"], "epochs='1.5' must be an integer"),
+    (["optimizer=sgd"], "optimizer='sgd' must be one of"),
+    (["grad_clip=-1"], "grad_clip=-1.0 must be >= 0"),
+    (["zero_stage=3"], "ZeRO-3 is not supported"),
+    (["offload=true"], "needs optimizer: deepspeed_adam"),
+    (["nokey"], "--set expects KEY=VALUE"),
+])
+def test_bad_config_values_name_the_key(setup, sets, message):
+    with pytest.raises(TrainConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        cfg_with(setup, *sets)
+
+
+def test_unknown_yaml_key_and_missing_required(tmp_path):
+    (tmp_path / "a.yaml").write_text("model: m\ndata: d\noutput_dir: o\nbatch: 4\n")
+    with pytest.raises(TrainConfigError, match="unknown key 'batch'"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "b.yaml").write_text("data: d\noutput_dir: o\n")
+    with pytest.raises(TrainConfigError, match="'model' is required"):
+        load_config(tmp_path / "b.yaml")
+    with pytest.raises(TrainConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+# ---------------------------------------------------------------- ds_config and batch arithmetic
+
+
+@pytest.mark.parametrize("name", ["zero1", "zero2", "zero2_offload"])
+@pytest.mark.parametrize("on_gpu", [False, True])
+def test_shipped_ds_configs_resolve(setup, name, on_gpu):
+    cfg, ds = resolve(cfg_with(setup, f"ds_config={name}"), json.loads((REPO / "ds_configs" / f"{name}.json")
+                      .read_text()), world_size=2, on_gpu=on_gpu)
+    assert "auto" not in json.dumps(ds)
+    assert ds["train_batch_size"] == 4 and ds["train_micro_batch_size_per_gpu"] == 2
+    assert ds["gradient_accumulation_steps"] == 1 and ds["gradient_clipping"] == 1.0
+    assert ds["bf16"]["enabled"] is on_gpu  # bf16 on GPU, fp32 on CPU
+    assert ds["zero_optimization"]["stage"] == (1 if name == "zero1" else 2)
+    if name == "zero2_offload":  # its optimizer section picks DeepSpeed's Adam (CPUAdam with offload)
+        assert cfg.optimizer == "deepspeed_adam" and cfg.offload
+        assert ds["optimizer"]["params"]["lr"] == 1e-3 and ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+
+
+def _resolve(setup, ds: dict, *sets, world=2):
+    return resolve(cfg_with(setup, *sets), ds, world_size=world, on_gpu=False)
+
+
+def test_explicit_ds_values_fill_defaults_and_conflicts_are_named(setup):
+    cfg, ds = _resolve(setup, {"gradient_clipping": 0.5, "train_batch_size": 16})
+    assert cfg.grad_clip == 0.5 and cfg.gradient_accumulation_steps == 4 and ds["gradient_accumulation_steps"] == 4
+    with pytest.raises(TrainConfigError, match=r"gradient_clipping=0\.5 conflicts with the training config's grad_clip=0\.0"):
+        _resolve(setup, {"gradient_clipping": 0.5}, "grad_clip=0")
+    cfg, ds = _resolve(setup, {"zero_optimization": {"stage": 2}}, "zero_stage=1")  # an override, not a conflict
+    assert ds["zero_optimization"]["stage"] == 1
+    cfg, ds = _resolve(setup, {}, "grad_clip=0", "optimizer=adamw_8bit")
+    assert ds["gradient_clipping"] == 0.0 and ds["zero_allow_untested_optimizer"] is True
+
+
+@pytest.mark.parametrize("ds, sets, message", [
+    ({"bogus_key": 1}, [], "unknown key 'bogus_key'"),
+    ({"zeroOptimization": {}}, [], "unknown key 'zeroOptimization' (did you mean 'zero_optimization'?)"),
+    ({"zero_optimization": {"stage": 2, "bogus_sub": 1}}, [], "rejected by DeepSpeed: 1 validation error"),
+    ({"scheduler": {"type": "WarmupLR"}}, [], "the trainer owns the learning-rate schedule"),
+    ({"fp16": {"enabled": True}}, [], "fp16 is not supported"),
+    ({"optimizer": {"type": "AdamW"}}, ["optimizer=adamw"], "has an 'optimizer' section"),
+    ({"zero_optimization": {"stage": 2, "reduce_bucket_size": "auto"}}, [], "'zero_optimization.reduce_bucket_size'"),
+    ({"train_batch_size": 6}, [], "train_batch_size=6 is not divisible by micro_batch_size=2 x world size 2"),
+    ({"zero_optimization": {"stage": 0, "offload_optimizer": {"device": "cpu"}}}, ["optimizer=deepspeed_adam"],
+     "offload needs ZeRO stage 1 or 2"),
+])
+def test_bad_ds_configs_fail_with_one_clear_error(setup, ds, sets, message):
+    with pytest.raises(TrainConfigError) as err:
+        _resolve(setup, ds, *sets)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_batch_arithmetic(setup):
+    assert batch_arithmetic(cfg_with(setup, "gradient_accumulation_steps=3"), 4) == (2, 3, 24)
+    assert batch_arithmetic(cfg_with(setup, "train_batch_size=16"), 2) == (2, 4, 16)
+    with pytest.raises(TrainConfigError, match="not divisible"):
+        batch_arithmetic(cfg_with(setup, "train_batch_size=6"), 2)
+    with pytest.raises(TrainConfigError, match=r"train_batch_size=8 != micro_batch_size=2 x gradient_accumulation_steps=1"):
+        batch_arithmetic(cfg_with(setup, "train_batch_size=8", "gradient_accumulation_steps=1"), 2)
+
+
+def test_hostfile_and_world_size(tmp_path):
+    (tmp_path / "h").write_text("# two nodes\nworker-0 slots=8\nworker-1 slots=8  # comment\n")
+    hosts = read_hostfile(tmp_path / "h")
+    assert dict(hosts) == {"worker-0": 8, "worker-1": 8}
+    assert world_size_for(hosts, None, None) == 16 and world_size_for(hosts, 4, 1) == 4
+    (tmp_path / "bad").write_text("worker-0 slots=8\nworker-1 gpus=8\n")
+    with pytest.raises(TrainConfigError, match=r"bad:2: expected '<host> slots=<n>'"):
+        read_hostfile(tmp_path / "bad")
+
+
+def test_memory_estimate_follows_zero_stages():
+    n = 1_000_000_000
+    z = {s: memory_estimate(n, s, 8, True, "adamw", False) for s in (0, 1, 2)}
+    assert z[0]["total"] > z[1]["total"] > z[2]["total"]
+    assert z[1]["optimizer"] == n * 12 / 8 and z[2]["gradients"] == n * 2 / 8  # ZeRO paper: K = 12
+    off = memory_estimate(n, 2, 8, True, "deepspeed_adam", True)
+    assert off["optimizer"] == 0 and off["cpu_offload"] == n * 12 / 8
+    assert memory_estimate(n, 1, 8, True, "adamw_8bit", False)["optimizer"] == n * 6 / 8
+
+
+# ---------------------------------------------------------------- data
+
+
+def test_batch_plan_gives_every_rank_the_same_batches():
+    two_ranks, one_rank = BatchPlan(18, 2, 1, 2, seed=0), BatchPlan(18, 2, 2, 1, seed=0)
+    assert two_ranks.steps_per_epoch == 5  # 18 items, global batch 4: the last batch wraps around
+    order = two_ranks.epoch_order(0)
+    assert len(order) == 20 and sorted(set(order)) == list(range(18))
+    assert order == one_rank.epoch_order(0) and order != two_ranks.epoch_order(1)
+    for step in range(5):
+        g = two_ranks.global_indices(0, step)
+        for j in range(2):  # rank j of a 2-rank world == accumulation step j of a single process
+            assert two_ranks.micro_indices(g, 0, j) == one_rank.micro_indices(g, j, 0)
+            assert len(two_ranks.micro_indices(g, 0, j)) == 2
+
+
+def test_sft_tokenisation_masks_the_prompt(tiny_model_dir, synthetic_items):
+    from toolkit.models import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    item = synthetic_items[0]
+    ex = encode_sft(tok, item, max_len=256)
+    n_prompt = ex.labels.count(IGNORE_INDEX)
+    assert tok.decode(ex.input_ids[:n_prompt]) == f"Answer the following question. {item.question}\n"
+    assert tok.decode(ex.input_ids[n_prompt:]) == f" {item.answer}{tok.eos_token}"
+    assert list(ex.labels[n_prompt:]) == list(ex.input_ids[n_prompt:]) and ex.labels[-1] == tok.eos_token_id
+    short = encode_sft(tok, item, max_len=n_prompt)  # the prompt loses its start, the answer stays
+    assert short.truncated and len(short.input_ids) == n_prompt and short.labels[-ex.target_tokens:] == ex.labels[-ex.target_tokens:]
+
+
+def test_lr_schedule_warms_up_then_decays():
+    from toolkit.train.strategy import lr_lambda
+
+    f = lr_lambda(10, 2, "linear")
+    assert [round(f(s), 3) for s in range(10)] == [0.5, 1.0, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125]
+    assert lr_lambda(10, 0, "constant")(9) == 1.0 and lr_lambda(10, 0, "cosine")(5) == pytest.approx(0.5)
+
+
+# ---------------------------------------------------------------- prepare (all checks before init) and dry run
+
+
+def test_prepare_errors_before_any_process_group(setup, tmp_path):
+    from toolkit.train.plan import prepare
+
+    with pytest.raises(DataError, match="no such file"):
+        prepare(cfg_with(setup, f"data={tmp_path / 'nope.jsonl'}"), 2, on_gpu=False)
+    with pytest.raises(TrainConfigError, match="no DeepSpeed checkpoint"):
+        prepare(cfg_with(setup, resume=str(tmp_path)), 2, on_gpu=False)
+    with pytest.raises(DataError, match="no training items in categories"):
+        prepare(cfg_with(setup, "categories=MaybeKnown"), 2, on_gpu=False)
+    ckpt = tmp_path / "out" / "checkpoints"
+    (ckpt / "step000005").mkdir(parents=True)
+    (ckpt / "latest").write_text("step000005")
+    with pytest.raises(TrainConfigError, match="already holds checkpoints"):
+        prepare(cfg_with(setup, f"output_dir={tmp_path / 'out'}"), 2, on_gpu=False)
+    saved = cfg_with(setup).to_dict() | {"lr": 0.5, "zero_stage": 2, "train_batch_size": 4,
+                                         "gradient_accumulation_steps": 1}
+    (ckpt / "step000005" / "trainer_state.json").write_text(json.dumps({"config": saved, "world_size": 2}))
+    with pytest.raises(TrainConfigError, match="resume: lr was 0.5"):
+        prepare(cfg_with(setup, f"output_dir={tmp_path / 'out'}", resume=True), 2, on_gpu=False)
+
+
+def test_dry_run_prints_the_setup(setup, capsys):
+    from toolkit.train.__main__ import main
+
+    assert main(["--config", str(setup / "cfg.yaml"), "--dry-run", "--world-size", "2",
+                 "--set", "gradient_accumulation_steps=2", "--set", "categories=HighlyKnown"]) == 0
+    out = capsys.readouterr().out
+    assert "train_batch_size 8 = micro_batch_size 2 x gradient_accumulation_steps 2 x world size 2" in out
+    assert "labels:    [-100" in out and "prompt (" in out and "ZeRO-2:" in out and "<- chosen" in out
+    assert "training items per category: HighlyKnown=" in out and '"gradient_clipping": 1.0' in out
+    assert main(["--config", str(setup / "cfg.yaml"), "--dry-run", "--set", "micro_batch_size=0"]) == 2
+    assert capsys.readouterr().err.strip() == "error: training config: micro_batch_size=0 must be >= 1"
+
+
+# ---------------------------------------------------------------- gradual train and the launcher scripts
+
+
+def _train_args(*argv):
+    import argparse
+
+    from toolkit.train.launch import add_train_parser
+
+    parser = argparse.ArgumentParser(prog="gradual")
+    add_train_parser(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["train", *argv])
+
+
+def test_gradual_train_builds_the_launcher_command(setup, tmp_path):
+    from toolkit.train.launch import build_command
+
+    cmd, world, _ = build_command(_train_args("--config", "c.yaml", "--num-accelerators", "2", "--set", "lr=1"), False)
+    assert cmd[1:5] == ["--num_accelerators", "2", "--master_port", "29500"] and world == 2
+    assert cmd[-6:] == ["--module", "toolkit.train", "--config", str(Path("c.yaml").resolve()), "--set", "lr=1"]
+    (tmp_path / "hosts").write_text("a slots=8\nb slots=8\n")
+    cmd, world, _ = build_command(_train_args("--config", "c.yaml", "--hostfile", str(tmp_path / "hosts"),
+                                              "--node-rank", "1", "--master-addr", "10.0.0.1", "--resume"), True)
+    assert world == 16 and "--no_ssh" in cmd and cmd[cmd.index("--node_rank") + 1] == "1" and cmd[-1] == "--resume"
+    cmd, world, _ = build_command(_train_args("--config", "c.yaml", "--num-gpus", "4"), True)
+    assert cmd[1:3] == ["--num_gpus", "4"] and world == 4
+    with pytest.raises(TrainConfigError, match="--node-rank needs --hostfile"):
+        build_command(_train_args("--config", "c.yaml", "--node-rank", "0"), False)
+
+
+def test_gradual_train_validates_before_launching(setup, monkeypatch, capsys):
+    import toolkit.train.launch as launch
+
+    monkeypatch.setattr(launch.subprocess, "call", lambda *a, **k: pytest.fail("launched despite bad input"))
+    args = _train_args("--config", str(setup / "cfg.yaml"), "--num-accelerators", "2", "--set", "train_batch_size=6")
+    with pytest.raises(TrainConfigError, match="not divisible"):
+        args.func(args)
+    args = _train_args("--config", str(setup / "cfg.yaml"), "--num-accelerators", "2", "--dry-run")
+    assert args.func(args) == 0
+    assert "--num_accelerators 2" in capsys.readouterr().out
+    monkeypatch.setattr(launch.subprocess, "call", lambda cmd, env: 7)
+    args = _train_args("--config", str(setup / "cfg.yaml"), "--num-accelerators", "2")
+    assert args.func(args) == 7
+    assert "[gradual train] " in capsys.readouterr().err
+
+
+def test_gradual_train_bad_input_is_one_line_and_exit_2(setup, capsys):
+    from toolkit.cli import main
+
+    assert main(["train", "--config", str(setup / "cfg.yaml"), "--num-accelerators", "2",
+                 "--set", "train_batch_size=6"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: batch arithmetic: train_batch_size=6") and "\n" not in err
+
+
+@pytest.mark.parametrize("script, env, expect", [
+    ("train_single_node.sh", {"NUM_GPUS": "8"}, "--num_gpus 8 --master_port 29500 --module toolkit.train"),
+    ("train_cpu.sh", {}, "--num_accelerators 2 --master_port 29500 --module toolkit.train"),
+    ("train_node.sh", {"NODE_RANK": "1", "MASTER_ADDR": "10.0.0.1", "HOSTFILE": "hosts"},
+     "--hostfile hosts --no_ssh --node_rank 1 --master_addr 10.0.0.1 --master_port 29500"),
+    ("train_multi_node.sh", {"HOSTFILE": "hosts", "MASTER_ADDR": "10.0.0.1"},
+     "--hostfile hosts --master_port 29500 --launcher pdsh --master_addr 10.0.0.1"),
+])
+def test_launcher_scripts_print_the_resolved_command(setup, tmp_path, script, env, expect):
+    (tmp_path / "hosts").write_text("a slots=1\nb slots=1\n")
+    run = subprocess.run(["bash", str(REPO / "launchers" / script), str(setup / "cfg.yaml"), "--set", "lr=1e-4"],
+                         cwd=tmp_path, env={**os.environ, "PRINT_ONLY": "1", **env}, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert expect in run.stderr and f"--config {setup / 'cfg.yaml'} --set lr=1e-4" in run.stderr
+    if script == "train_multi_node.sh":  # environment propagation to the other nodes
+        assert "TORCH_EXTENSIONS_DIR=" in (tmp_path / ".deepspeed_env").read_text()
+
+
+def test_launcher_scripts_reject_missing_settings(setup, tmp_path):
+    (tmp_path / "hosts").write_text("a slots=1\n")
+    run = subprocess.run(["bash", str(REPO / "launchers" / "train_node.sh"), str(setup / "cfg.yaml")], cwd=tmp_path,
+                         env={**os.environ, "HOSTFILE": "hosts"}, capture_output=True, text=True)
+    assert run.returncode == 2 and "error: set NODE_RANK" in run.stderr
+    assert subprocess.run(["bash", "-n", str(REPO / "launchers" / "train_slurm.sbatch")]).returncode == 0
+
+
+# ---------------------------------------------------------------- evaluation (no process group)
+
+
+def test_evaluate_without_a_process_group(tiny_model_dir, synthetic_items):
+    from toolkit.models import ModelSpec, load_model
+    from toolkit.train.evaluate import evaluate
+
+    model, tok = load_model(ModelSpec(source=str(tiny_model_dir)))
+    items = [it for it in synthetic_items if it.split == "dev"][:6]
+    result = evaluate(model, tok, items, batch_size=4, max_new_tokens=4,
+                      categories={items[0].id: "Unknown"})
+    assert result.count == 6 and set(result.correct) == {it.id for it in items}
+    assert set(result.by_category) <= {"Unknown", "uncategorised"}
+    assert all("\n" not in a for a in result.answers.values())

@@ -1,0 +1,327 @@
+"""Real DeepSpeed runs through the real `deepspeed` launcher: 2 CPU ranks with gloo, a tiny Llama.
+
+Each training launch costs ~20-40 s on 2 cores (mostly imports), so each run is a lazily started,
+module-scoped result that several tests inspect. Losses come from <output_dir>/losses.jsonl."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))  # JIT ops built once
+os.environ.setdefault("GRADUAL_CACHE_DIR", str(REPO / ".cache" / "gradual"))
+DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
+TIMEOUT = 300
+TIMINGS: dict[str, float] = {}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(cmd, log: Path, env=None) -> subprocess.Popen:
+    fh = open(log, "w")
+    return subprocess.Popen(cmd, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, **(env or {})})
+
+
+def finish(proc: subprocess.Popen, log: Path, timeout=TIMEOUT) -> tuple[int, str]:
+    try:
+        rc = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher's own process group: its ranks go too
+        proc.wait()
+        pytest.fail(f"launch timed out after {timeout}s (a hang?); log {log}:\n{log.read_text()[-3000:]}")
+    return rc, log.read_text()
+
+
+def ds_train(config: Path, out: Path, *sets: str, procs: int = 2, extra=()) -> list[str]:
+    cmd = [DEEPSPEED, "--num_accelerators", str(procs), "--master_port", str(free_port()),
+           "--module", "toolkit.train", "--config", str(config), "--set", f"output_dir={out}"]
+    for s in sets:
+        cmd += ["--set", s]
+    return cmd + list(extra)
+
+
+def run_ok(name: str, cmd, out: Path) -> Path:
+    tick = time.perf_counter()
+    rc, text = finish(start(cmd, out.parent / f"{name}.log"), out.parent / f"{name}.log")
+    TIMINGS[name] = time.perf_counter() - tick
+    assert rc == 0, f"{name} failed (rc={rc}):\n{text[-4000:]}"
+    return out
+
+
+def losses(out: Path) -> list[float]:
+    return [row["loss"] for row in map(json.loads, (out / "losses.jsonl").read_text().splitlines())]
+
+
+def evals(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "evals.jsonl").read_text().splitlines()]
+
+
+def summary(out: Path) -> dict:
+    return json.loads((out / "train_summary.json").read_text())
+
+
+def max_diff(a, b) -> float:
+    assert len(a) == len(b), (len(a), len(b))
+    return max(abs(x - y) for x, y in zip(a, b))
+
+
+def module_state(ckpt_tag_dir: Path) -> dict:
+    import torch
+
+    return torch.load(ckpt_tag_dir / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+
+
+# ---------------------------------------------------------------- data and runs
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory, tiny_model_dir, synthetic_items):
+    """18 train facts (5 global batches of 4 per epoch: the last one wraps around) and 8 dev items
+    that repeat training facts, so dev accuracy follows what was learned; SliCK categories attached.
+    The learning run: 8 facts, all repeated in dev, so early stopping waits until they are learned."""
+    from tests import tiny
+
+    d = tmp_path_factory.mktemp("ds-train")
+    train = [it for it in synthetic_items if it.split == "train"]
+    cats = ("HighlyKnown", "MaybeKnown", "WeaklyKnown", "Unknown")
+
+    def write(path, items, n_dev):
+        rows = [it.to_dict() for it in items]
+        rows += [{**it.to_dict(), "id": f"dev-{it.id}", "split": "dev"} for it in items[:n_dev]]
+        path.write_text("".join(json.dumps({**r, "category": cats[i % 4]}) + "\n" for i, r in enumerate(rows)))
+
+    write(d / "data.jsonl", train[:18], 8)
+    write(d / "small.jsonl", train[::2][:8], 8)
+    (d / "cfg.yaml").write_text(
+        f"model: {tiny_model_dir}\ndata: {d / 'data.jsonl'}\nds_config: zero2\nmicro_batch_size: 2\n"
+        "epochs: 2\nlr: 3.0e-3\nwarmup_ratio: 0.2\ngrad_clip: 0\neval_batch_size: 8\nprogress: false\n")
+    tiny.build_model_dir(d / "model128", hidden=128)  # memorises a handful of facts in a few dozen steps
+    (d / "learn.yaml").write_text(
+        f"model: {d / 'model128'}\ndata: {d / 'small.jsonl'}\nds_config: zero2\noptimizer: adamw_8bit\n"
+        "micro_batch_size: 2\nepochs: 40\nlr: 2.0e-3\nwarmup_ratio: 0.05\ngrad_clip: 1.0\neval_every_steps: 4\n"
+        "patience: 5\nkeep_last_n: 1\neval_batch_size: 8\nprogress: false\n")
+    return d
+
+
+class Runs:
+    """Each run launched once, on first use."""
+
+    def __init__(self, work: Path):
+        self.w, self.done = work, {}
+
+    def get(self, name: str) -> Path:
+        if name not in self.done:
+            self.done[name] = getattr(self, f"_{name}")(self.w / name)
+        return self.done[name]
+
+    def _single(self, out):  # one process, 2 accumulation steps: the same global batch of 4
+        return run_ok("single", ds_train(self.w / "cfg.yaml", out, "gradient_accumulation_steps=2",
+                                         "zero_stage=0", procs=1), out)
+
+    def _zero1(self, out):  # through `gradual train`, which validates and then starts the launcher
+        cmd = [str(Path(sys.executable).parent / "gradual"), "train", "--config", str(self.w / "cfg.yaml"),
+               "--num-accelerators", "2", "--master-port", str(free_port()), "--set", f"output_dir={out}",
+               "--set", "zero_stage=1"]
+        run_ok("zero1", cmd, out)
+        assert "[gradual train] " in (self.w / "zero1.log").read_text()  # the resolved command, printed
+        return out
+
+    def _zero2(self, out):
+        return run_ok("zero2", ds_train(self.w / "cfg.yaml", out), out)
+
+    def _multinode(self, out):
+        """Two `deepspeed --no_ssh --node_rank r` launches (through launchers/train_node.sh) sharing a
+        hostfile and a loopback master: one CPU rank per simulated node."""
+        (self.w / "hostfile").write_text("node0 slots=1\nnode1 slots=1\n")
+        env = {"HOSTFILE": str(self.w / "hostfile"), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+        cmd = ["bash", str(REPO / "launchers" / "train_node.sh"), str(self.w / "cfg.yaml"), "--set", f"output_dir={out}"]
+        tick = time.perf_counter()
+        procs = [start(cmd, self.w / f"node{r}.log", {**env, "NODE_RANK": str(r)}) for r in (0, 1)]
+        results = [finish(p, self.w / f"node{r}.log") for r, p in enumerate(procs)]
+        TIMINGS["multinode"] = time.perf_counter() - tick
+        for r, (rc, text) in enumerate(results):
+            assert rc == 0, f"node {r} failed:\n{text[-4000:]}"
+        return out
+
+    def _resume(self, out):
+        run_ok("resume-part1", ds_train(self.w / "cfg.yaml", out, "stop_after_epoch=1"), out)
+        (self.w / "part1_summary.json").write_text((out / "train_summary.json").read_text())
+        return run_ok("resume-part2", ds_train(self.w / "cfg.yaml", out, extra=["--resume"]), out)
+
+    def _offload(self, out):  # DeepSpeedCPUAdam on offloaded optimizer states, activations recomputed
+        return run_ok("offload", ds_train(self.w / "cfg.yaml", out, "ds_config=zero2_offload",
+                                          "gradient_checkpointing=true"), out)
+
+    def _learn(self, out):
+        return run_ok("learn", ds_train(self.w / "learn.yaml", out), out)
+
+
+@pytest.fixture(scope="module")
+def runs(work):
+    r = Runs(work)
+    yield r
+    if TIMINGS:
+        print("\nlaunch timings (s): " + json.dumps({k: round(v, 1) for k, v in TIMINGS.items()}), file=sys.stderr)
+
+
+# ---------------------------------------------------------------- equivalence
+
+
+@pytest.mark.slow  # starts (or shares) multi-process training launches
+def test_zero1_and_zero2_match_single_process(runs):
+    single, zero1, zero2 = (losses(runs.get(n)) for n in ("single", "zero1", "zero2"))
+    assert len(single) == 10  # 2 epochs x 5 steps on every rank: nobody ran out early
+    assert max_diff(single, zero1) <= 1e-6 and max_diff(single, zero2) <= 1e-6
+    print(f"\nZeRO-1 bitwise: {single == zero1}, ZeRO-2 bitwise: {single == zero2}", file=sys.stderr)
+    assert single[-1] < single[0]
+    assert summary(runs.get("zero2"))["world_size"] == 2 and summary(runs.get("single"))["world_size"] == 1
+    assert evals(runs.get("single"))[-1]["dev"] == evals(runs.get("zero2"))[-1]["dev"]
+
+
+@pytest.mark.slow  # starts (or shares) multi-process training launches
+def test_two_simulated_nodes_match_one_node(runs):
+    multi, zero2 = runs.get("multinode"), runs.get("zero2")
+    assert max_diff(losses(multi), losses(zero2)) <= 1e-6
+    print(f"\nmulti-node bitwise: {losses(multi) == losses(zero2)}", file=sys.stderr)
+    assert summary(multi)["world_size"] == 2 and (multi / "model" / "config.json").exists()
+
+
+@pytest.mark.slow  # starts (or shares) multi-process training launches
+def test_resume_continues_exactly(runs):
+    resumed, full = runs.get("resume"), runs.get("zero2")
+    part1 = json.loads((runs.w / "part1_summary.json").read_text())
+    assert part1["interrupted"] and part1["epochs_completed"] == 1 and part1["model_dir"] is None
+    assert losses(resumed) == losses(full)  # bitwise: same batches, optimizer, schedule and RNG
+    assert [e["dev"] for e in evals(resumed)] == [e["dev"] for e in evals(full)]
+    assert summary(resumed)["best_step"] == summary(full)["best_step"]
+    import torch
+
+    client = torch.load(resumed / "checkpoints" / summary(resumed)["best_tag"] / "mp_rank_00_model_states.pt",
+                        weights_only=False)  # the client state: progress, early stopping, every rank's RNG
+    assert client["train_state"]["consumed_samples"] == 20 and client["train_state"]["best_tag"]
+    assert len(client["rng"]) == 2 and {"python", "numpy", "torch"} <= client["rng"][1].keys()
+
+    last = sorted(p.name for p in (full / "checkpoints").glob("step*"))[-1]
+    a, b = module_state(full / "checkpoints" / last), module_state(resumed / "checkpoints" / last)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    from safetensors.torch import load_file
+
+    ea, eb = load_file(full / "model" / "model.safetensors"), load_file(resumed / "model" / "model.safetensors")
+    assert all(torch.equal(ea[k], eb[k]) for k in ea)
+
+
+@pytest.mark.slow  # starts (or shares) multi-process training launches
+def test_offload_and_gradient_checkpointing_follow_the_same_trajectory(runs):
+    out = runs.get("offload")
+    ds = json.loads((out / "ds_config.resolved.json").read_text())
+    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu" and ds["optimizer"]["type"] == "AdamW"
+    # DeepSpeedCPUAdam's vectorised update rounds differently from torch AdamW: close, not bitwise
+    assert max_diff(losses(out), losses(runs.get("zero2"))) < 1e-4
+
+
+# ---------------------------------------------------------------- export
+
+
+@pytest.mark.slow  # starts (or shares) multi-process training launches
+def test_exported_model_reloads_with_the_same_logits(runs):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = runs.get("zero2")
+    ref = torch.load(out / "export_check.pt")
+    model = AutoModelForCausalLM.from_pretrained(out / "model", dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(input_ids=ref["input_ids"]).logits
+    assert (logits - ref["logits"]).abs().max().item() <= 1e-6
+    tok = AutoTokenizer.from_pretrained(out / "model")
+    assert tok.eos_token_id == model.config.eos_token_id and model.config.use_cache
+    best = summary(out)["best_tag"]
+    state = module_state(out / "checkpoints" / best)  # the export is the best checkpoint's weights
+    exported = model.state_dict()
+    assert all(torch.equal(state[k], exported[k]) for k in state)
+
+
+# ---------------------------------------------------------------- 8-bit AdamW, early stopping, learning
+
+
+@pytest.mark.slow  # starts (or shares) multi-process training launches
+def test_bnb_adamw8bit_under_zero2_trains(runs):
+    import torch
+
+    out = runs.get("learn")
+    curve = losses(out)
+    assert sum(curve[-5:]) / 5 < 0.3 * sum(curve[:5]) / 5
+    ds = json.loads((out / "ds_config.resolved.json").read_text())
+    assert ds["zero_optimization"]["stage"] == 2 and ds["zero_allow_untested_optimizer"] is True
+    tag = summary(out)["best_tag"]
+    optim = torch.load(out / "checkpoints" / tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt", weights_only=False)
+    found = []
+
+    def walk(x):
+        if torch.is_tensor(x):
+            found.append(x.dtype)
+        elif isinstance(x, dict):
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                walk(v)
+    walk(optim["optimizer_state_dict"])
+    assert torch.uint8 in found  # bitsandbytes' quantised Adam moments
+
+
+@pytest.mark.slow  # starts (or shares) multi-process training launches
+def test_early_stopping_keeps_the_best_and_facts_are_learned(runs):
+    out = runs.get("learn")
+    rows, s = evals(out), summary(out)
+    dev = [r["dev"]["accuracy"] for r in rows]
+    best = dev.index(max(dev))  # the first evaluation with the best dev accuracy
+    assert s["best_step"] == rows[best]["step"] and s["best_dev_accuracy"] == max(dev)
+    if s["stopped_early"]:
+        assert len(rows) - 1 - best == 5  # patience: 5 evaluations without improvement
+    assert max(r["train"]["accuracy"] for r in rows) == 1.0  # every training fact learned
+    assert set(rows[-1]["train"]["by_category"]) == {"HighlyKnown", "MaybeKnown", "WeaklyKnown", "Unknown"}
+    tags = sorted(p.name for p in (out / "checkpoints").glob("step*"))
+    assert s["best_tag"] in tags and len(tags) <= 2  # keep_last_n=1 plus the best
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    # the exported model is the best one: it scores the best dev accuracy again
+    from toolkit.data.loading import load_qa
+    from toolkit.models import ModelSpec, load_model
+    from toolkit.train.evaluate import evaluate
+
+    model, tok = load_model(ModelSpec(source=str(out / "model")))
+    dev_items = load_qa(runs.w / "small.jsonl", splits=("dev",))
+    assert evaluate(model, tok, dev_items, batch_size=8, max_new_tokens=16).accuracy == max(dev)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("case", ["unknown_ds_key", "batch_arithmetic", "missing_data", "resume_without_checkpoint"])
+def test_bad_input_fails_fast_with_one_error(work, tmp_path, case):
+    (tmp_path / "bad_ds.json").write_text(json.dumps({"train_batch_size": "auto", "gradient_clipping": "auto",
+                                                      "zero_optimization": {"stage": 2}, "zero_optimisation": {}}))
+    sets, extra, expect = {
+        "unknown_ds_key": ([f"ds_config={tmp_path / 'bad_ds.json'}"], [], "unknown key 'zero_optimisation'"),
+        "batch_arithmetic": (["train_batch_size=6"], [], "train_batch_size=6 is not divisible by micro_batch_size=2"),
+        "missing_data": ([f"data={tmp_path / 'nope.jsonl'}"], [], "nope.jsonl: no such file or directory"),
+        "resume_without_checkpoint": ([], ["--resume", str(tmp_path)], "no DeepSpeed checkpoint in"),
+    }[case]
+    tick = time.perf_counter()
+    rc, text = finish(start(ds_train(work / "cfg.yaml", tmp_path / "out", *sets, extra=extra), tmp_path / "log"),
+                      tmp_path / "log", timeout=120)
+    TIMINGS[f"error:{case}"] = time.perf_counter() - tick
+    errors = [line for line in text.splitlines() if line.startswith("error:")]
+    assert rc == 2 and len(errors) == 1 and expect in errors[0], text[-3000:]
+    assert "Traceback" not in text and not (tmp_path / "out").exists()

@@ -1,0 +1,83 @@
+"""`gradual run` (the whole schedule) and `gradual report` (re-render a run's report)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def add_run_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "run", help="the two-stage Gradual Learning schedule end to end (the main job)",
+        description="Probe the base model, train stage 1 on partially known facts, re-probe, train stage 2 on "
+                    "upgraded facts with replay, re-probe, evaluate M0/M1/M2 (and baselines) on test, write "
+                    "metrics.json and a report. Every step is skipped on re-run once complete. With no "
+                    "arguments: the 'default' preset (real SmolLM2-135M, built-in real-facts benchmark, CPU).")
+    p.add_argument("config", nargs="?", type=Path, help="pipeline config (YAML); default: the chosen preset")
+    p.add_argument("--preset", help="start from a preset: default (CPU, minutes) or paper (GPU cluster)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set probe.samples=8 --set train.options.lr=1e-5")
+    p.add_argument("--out", type=Path, help="run directory (default: runs/<preset>)")
+    p.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2")
+    p.add_argument("--baselines", help="'all' or a comma-separated list: natural, known_only, no_replay, "
+                                       "upgraded_only, remained_maybe")
+    p.add_argument("--dry-run", action="store_true", help="validate the config, print it resolved, and exit")
+    p.set_defaults(func=cmd_run)
+
+
+def add_report_parser(subparsers) -> None:
+    p = subparsers.add_parser("report", help="render RUN_DIR/report (HTML + Markdown) from RUN_DIR/metrics.json")
+    p.add_argument("run_dir", type=Path)
+    p.set_defaults(func=cmd_report)
+
+
+def _resolve(args):
+    from .config import load_pipeline_config
+
+    overrides = list(args.overrides)
+    if args.seeds:
+        overrides.append(f"seeds={args.seeds}")
+    if args.baselines:
+        overrides.append(f"baselines={args.baselines}")
+    return load_pipeline_config(args.config, overrides, preset=args.preset)
+
+
+def headline(metrics: dict) -> list[str]:
+    lines = []
+    for seed, m in metrics["seeds"].items():
+        acc = m["test_accuracy"]
+        k, f = m["knowledge_acquired"], m["forgetting"]["M2"]
+        lines.append(f"seed {seed}: test accuracy " + ", ".join(
+            f"{name} {a['overall']['accuracy']:.1%}" for name, a in acc.items()))
+        lines.append(f"  HighlyKnown train items: {k['highly_known_one_stage']} after stage 1 -> "
+                     f"{k['highly_known_two_stage']} after stage 2 (relative gain {k['relative_gain']:+.1%})")
+        lines.append(f"  forgetting: {f['dropped']} of {f['base_highly_known']} base HighlyKnown items dropped")
+        d = m["comparisons"]["M2 vs M1 (two stages vs one)"]
+        verdict = "significant" if d["low"] > 0 or d["high"] < 0 else "not significant"
+        lines.append(f"  two stages vs one on test: {d['difference']:+.1%} "
+                     f"[{d['low']:+.1%}, {d['high']:+.1%}] ({verdict})")
+    return lines
+
+
+def cmd_run(args) -> int:
+    from toolkit import config as cfglib
+
+    from .pipeline import Pipeline
+
+    cfg = _resolve(args)
+    out = args.out or Path("runs") / cfg.preset
+    if args.dry_run:
+        print(json.dumps(cfglib.to_dict(cfg), indent=2))
+        print(f"config ok; the run would write to {out}")
+        return 0
+    metrics = Pipeline(cfg, out).run()
+    print("\n".join(headline(metrics)))
+    print(f"report: {out / 'report' / 'report.html'} (and report.md); metrics: {out / 'metrics.json'}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from toolkit.report.render import render_report
+
+    paths = render_report(args.run_dir)
+    print(f"report: {paths['html']} and {paths['markdown']} ({len(paths['figures'])} figures)")
+    return 0

@@ -1,0 +1,304 @@
+"""The Gradual Learning schedule as resumable steps (design.md section 4).
+
+RUN_DIR/
+  config.json                 the resolved config; a re-run must match it
+  state/<step>.json           written when a step completes (wall time, summary): re-runs skip it
+  data/full/, data/subset/    the QA data (built-in benchmark unless data.path is set), the capped subset
+  seed-<s>/probe/<model>-<split>/   probe outputs (Ray actors; finished shards survive an interrupt)
+  seed-<s>/<stage>/data/      the stage's training set (+ dev for early stopping, + base categories)
+  seed-<s>/<stage>/train/     trainer output (DeepSpeed checkpoints resume an interrupted stage; model/)
+  seed-<s>/eval/<model>.jsonl test answers and exact match per item
+  metrics.json, report/       written last
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+from toolkit import config as cfglib
+from toolkit.config import ConfigError
+from toolkit.data.loading import load_qa
+from toolkit.data.prompts import stable_seed
+from toolkit.data.schema import SPLITS, QAItem
+from toolkit.io import read_jsonl, write_json, write_jsonl, write_text
+
+from .config import PipelineConfig
+from .selection import BASELINES, SelectionConfig, baseline_items, stage1_items, stage2_items
+
+log = logging.getLogger("toolkit.gradual")
+EMBEDDED = "smollm2"
+# Settings that change how a step runs, not what it computes: a resumed run may change them.
+EXECUTION_KEYS = {"probe": ("num_actors", "cpus_per_actor", "gpus_per_actor", "ray_address"),
+                  "train": ("num_accelerators", "num_gpus", "hostfile", "eval_batch_size")}
+
+
+class PipelineError(RuntimeError):
+    """A step failed; the message names the step and where its log is."""
+
+
+def _comparable(config: dict) -> dict:
+    out = json.loads(json.dumps(config))
+    for section, keys in EXECUTION_KEYS.items():
+        for key in keys:
+            out.get(section, {}).pop(key, None)
+    return out
+
+
+def balanced_subset(items: list[QAItem], cap: int | None, seed: int) -> list[QAItem]:
+    """Up to `cap` items, a seeded shuffle interleaved across relations so every relation is present."""
+    if cap is None or cap >= len(items):
+        return sorted(items, key=lambda it: it.id)
+    by_relation: dict[str, list[QAItem]] = {}
+    for it in sorted(items, key=lambda it: stable_seed("subset", seed, it.id)):
+        by_relation.setdefault(it.relation, []).append(it)
+    queues = [by_relation[r] for r in sorted(by_relation)]
+    picked: list[QAItem] = []
+    while len(picked) < cap:
+        for queue in queues:
+            if queue and len(picked) < cap:
+                picked.append(queue.pop(0))
+    return sorted(picked, key=lambda it: it.id)
+
+
+def read_categories(probe_dir: Path) -> dict[str, str]:
+    return {row["id"]: row["category"] for row in read_jsonl(probe_dir / "categories.jsonl")}
+
+
+class Pipeline:
+    def __init__(self, cfg: PipelineConfig, run_dir: str | Path, echo: Callable[[str], None] = print):
+        self.cfg, self.run_dir, self.echo = cfg, Path(run_dir), echo
+        self.full_data = Path(cfg.data.path) if cfg.data.path else self.run_dir / "data" / "full"
+        self.subset = self.run_dir / "data" / "subset"
+
+    # ------------------------------------------------------------ bookkeeping
+
+    def _lock_config(self) -> None:
+        path = self.run_dir / "config.json"
+        current = cfglib.to_dict(self.cfg)
+        if path.exists():
+            old = _comparable(json.loads(path.read_text(encoding="utf-8")))
+            new = _comparable(current)
+            if old != new:
+                diffs = _diff_keys(old, new)
+                raise ConfigError(f"{self.run_dir} holds a run with another config ({', '.join(diffs[:4])} "
+                                  f"differ); use another --out")
+        write_json(path, current)
+
+    def step(self, name: str, fn: Callable[[], dict]) -> dict:
+        """Run `fn` unless its completion marker exists; record wall time and its summary."""
+        marker = self.run_dir / "state" / f"{name}.json"
+        if marker.exists():
+            self.echo(f"[skip] {name} (done)")
+            return json.loads(marker.read_text(encoding="utf-8"))["summary"]
+        self.echo(f"[step] {name}")
+        start = time.perf_counter()
+        summary = fn() or {}
+        wall = time.perf_counter() - start
+        write_json(marker, {"step": name, "wall_s": wall, "summary": summary})
+        self.echo(f"[done] {name} in {wall:.1f}s")
+        return summary
+
+    # ------------------------------------------------------------ data
+
+    def prepare_data(self) -> dict:
+        if self.cfg.data.path is None and not (self.full_data / "stats.json").exists():
+            from toolkit.data.facts import build_facts
+
+            build_facts(self.full_data, seed=0)
+        items = load_qa(self.full_data)
+        caps = {"train": self.cfg.data.train_items, "dev": self.cfg.data.dev_items, "test": self.cfg.data.test_items}
+        counts = {}
+        for split in SPLITS:
+            chosen = balanced_subset([it for it in items if it.split == split], caps[split], self.cfg.data.subset_seed)
+            write_jsonl(self.subset / f"{split}.jsonl", [it.to_dict() for it in chosen])
+            counts[split] = len(chosen)
+        return {"items": counts, "source": str(self.full_data)}
+
+    # ------------------------------------------------------------ probing
+
+    def probe(self, seed_dir: Path, name: str, model: str | None, split: str, seed: int) -> dict:
+        from toolkit.probe.runner import RunConfig as ProbeRun
+        from toolkit.probe.runner import run_probe
+
+        p = self.cfg.probe
+        out = seed_dir / "probe" / f"{name}-{split}"
+        run = ProbeRun(data=str(self.subset), out=str(out), model=model, split=split,
+                       exemplar_data=str(self.full_data), exemplar_split="dev", shard_size=p.shard_size,
+                       num_actors=p.num_actors, cpus_per_actor=p.cpus_per_actor,
+                       gpus_per_actor=p.gpus_per_actor, ray_address=p.ray_address)
+        summary = run_probe(run, p.probe_config(seed))
+        keys = ("counts", "questions_per_s", "answers_per_s", "generated_tokens_per_s", "wall_s")
+        return {"dir": str(out), **{k: summary[k] for k in keys}}
+
+    # ------------------------------------------------------------ training
+
+    def select(self, stage_dir: Path, c0: dict[str, str], parts: dict[str, list[str]]) -> dict[str, int]:
+        """Write the stage's training set (the union of `parts`) with dev and base categories."""
+        train_ids = sorted({i for ids in parts.values() for i in ids})
+        train = {it.id: it for it in load_qa(self.subset, splits=("train",))}
+        dev = load_qa(self.subset, splits=("dev",))
+        data_dir = stage_dir / "data"
+        write_jsonl(data_dir / "train.jsonl", [train[i].to_dict() for i in train_ids])
+        write_jsonl(data_dir / "dev.jsonl", [it.to_dict() for it in dev])
+        write_json(data_dir / "categories.json", {i: c0[i] for i in train_ids})
+        sizes = {k: len(v) for k, v in parts.items()}
+        write_json(data_dir / "selection.json", sizes)
+        return sizes
+
+    def train(self, stage_dir: Path, model: str, train_ids: list[str], seed: int, lr_factor: float = 1.0) -> dict:
+        """Launch the DeepSpeed trainer on the stage's data; returns its summary (with model_dir)."""
+        if not train_ids:
+            self.echo(f"  no training items for {stage_dir.name}: the stage is skipped, its model is its input")
+            return {"skipped": True, "model_dir": model}
+        _release_ray()  # probing and training take turns on the same devices
+        t = self.cfg.train
+        options = dict(t.options)
+        if lr_factor != 1.0:
+            from toolkit.train.config import build_config
+
+            base_lr = build_config({**options, "model": "-", "data": "-", "output_dir": "-"}).lr
+            options["lr"] = base_lr * lr_factor
+        out = stage_dir / "train"
+        train_cfg = {**options, "model": model, "data": str(stage_dir / "data"), "output_dir": str(out),
+                     "seed": seed, "categories_file": str(stage_dir / "data" / "categories.json")}
+        config_path = stage_dir / "train.yaml"
+        write_text(config_path, yaml.safe_dump(train_cfg, sort_keys=True))
+        cmd = [sys.executable, "-m", "toolkit.cli", "train", "--config", str(config_path)]
+        if t.num_accelerators:
+            cmd += ["--num-accelerators", str(t.num_accelerators)]
+        if t.num_gpus:
+            cmd += ["--num-gpus", str(t.num_gpus)]
+        if t.hostfile:
+            cmd += ["--hostfile", t.hostfile]
+        if (out / "checkpoints" / "latest").exists():
+            cmd.append("--resume")  # an interrupted stage continues from its last checkpoint
+        _run_logged(cmd, stage_dir / "train.log", self.echo)
+        return json.loads((out / "train_summary.json").read_text(encoding="utf-8"))
+
+    # ------------------------------------------------------------ evaluation
+
+    def evaluate(self, seed_dir: Path, name: str, model: str | None) -> dict:
+        from toolkit.models import ModelSpec, load_model
+        from toolkit.train.evaluate import evaluate
+
+        _release_ray()
+        test = load_qa(self.subset, splits=("test",))
+        max_new = self.cfg.probe.max_new_tokens
+        loaded, tokenizer = load_model(ModelSpec(source=model))
+        result = evaluate(loaded, tokenizer, test, batch_size=self.cfg.train.eval_batch_size, max_new_tokens=max_new)
+        write_jsonl(seed_dir / "eval" / f"{name}.jsonl",
+                    [{"id": it.id, "answer": result.answers[it.id], "correct": result.correct[it.id]} for it in test])
+        return {"accuracy": result.accuracy, "count": result.count}
+
+    # ------------------------------------------------------------ the schedule
+
+    def run_seed(self, seed: int) -> None:
+        cfg = self.cfg.for_seed(seed)
+        sel: SelectionConfig = cfg.selection
+        sd = self.run_dir / f"seed-{seed}"
+        base = cfg.model or EMBEDDED
+        s = f"seed{seed}"
+        for split in cfg.probe.splits:
+            self.step(f"{s}.probe_m0_{split}", lambda split=split: self.probe(sd, "m0", cfg.model, split, seed))
+        c0 = read_categories(sd / "probe" / "m0-train")
+
+        stage1 = stage1_items(c0, sel)
+        self.step(f"{s}.select_stage1", lambda: self.select(sd / "stage1", c0, {"stage1": stage1}))
+        m1 = self.step(f"{s}.train_stage1", lambda: self.train(sd / "stage1", base, stage1, seed))["model_dir"]
+        self.step(f"{s}.probe_m1_train", lambda: self.probe(sd, "m1", m1, "train", seed))
+        c1 = read_categories(sd / "probe" / "m1-train")
+
+        parts = stage2_items(c0, c1, sel)
+        stage2 = sorted({i for ids in parts.values() for i in ids})
+        self.step(f"{s}.select_stage2", lambda: self.select(sd / "stage2", c0, parts))
+        m2 = self.step(f"{s}.train_stage2", lambda: self.train(sd / "stage2", m1, stage2, seed,
+                                                               cfg.train.stage2_lr_factor))["model_dir"]
+        self.step(f"{s}.probe_m2_train", lambda: self.probe(sd, "m2", m2, "train", seed))
+
+        models = {"M0": cfg.model, "M1": m1, "M2": m2}
+        for name in cfg.baselines:
+            models[name] = self.step(f"{s}.baseline_{name}", lambda name=name: self._baseline(
+                sd, name, c0, c1, base, m1, seed, sel))["model_dir"]
+        for name, model in models.items():
+            self.step(f"{s}.evaluate_{name}", lambda name=name, model=model: self.evaluate(sd, name, model))
+
+    def _baseline(self, sd: Path, name: str, c0, c1, base: str, m1: str, seed: int, sel: SelectionConfig) -> dict:
+        stage_dir = sd / f"baseline-{name}"
+        if name in BASELINES:  # one stage from the base model
+            ids = baseline_items(name, c0, sel)
+            self.select(stage_dir, c0, {name: ids})
+            return self.train(stage_dir, base, ids, seed)
+        parts = stage2_items(c0, c1, dataclasses.replace(sel, stage2_strategy=name))  # an ablation, from M1
+        self.select(stage_dir, c0, parts)
+        ids = sorted({i for v in parts.values() for i in v})
+        return self.train(stage_dir, m1, ids, seed, self.cfg.train.stage2_lr_factor)
+
+    def run(self) -> dict:
+        from toolkit.report.collect import collect_metrics
+        from toolkit.report.render import render_report
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_config()
+        if self.cfg.notes:
+            self.echo(f"[preset {self.cfg.preset}] {self.cfg.notes}")
+        self.step("data", self.prepare_data)
+        for seed in self.cfg.seeds:
+            self.run_seed(seed)
+        _release_ray()
+        metrics = collect_metrics(self.run_dir, self.cfg.seeds, self.cfg.baselines, run_info=self._run_info())
+        write_json(self.run_dir / "metrics.json", metrics)
+        render_report(self.run_dir)
+        return metrics
+
+    def _run_info(self) -> dict:
+        c = self.cfg
+        return {"preset": c.preset, "model": c.model or EMBEDDED, "data": str(self.full_data),
+                "seeds": list(c.seeds), "probe": f"N_ex={c.probe.num_exemplar_sets} k={c.probe.shots} "
+                f"n={c.probe.samples} T={c.probe.temperature} top-k={c.probe.top_k}",
+                "stage-1 categories": ",".join(c.selection.stage1_categories),
+                "stage-2 strategy": c.selection.stage2_strategy, "replay ratio": c.selection.replay_ratio,
+                "stage-2 lr factor": c.train.stage2_lr_factor}
+
+
+def _diff_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    keys = sorted(set(old) | set(new))
+    out = []
+    for k in keys:
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _diff_keys(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}")
+    return out
+
+
+def _release_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def _run_logged(cmd: list[str], log_path: Path, echo: Callable[[str], None]) -> None:
+    """Run a launcher command, teeing its output to `log_path`; show our own lines and errors."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    echo(f"  $ {' '.join(cmd)}   (log: {log_path})")
+    with open(log_path, "a", encoding="utf-8") as fh:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        tail: list[str] = []
+        for line in proc.stdout:
+            fh.write(line)
+            tail = (tail + [line.rstrip()])[-20:]
+            if "toolkit." in line or "error" in line.lower():
+                echo("  | " + line.rstrip())
+        code = proc.wait()
+    if code != 0:
+        raise PipelineError(f"training failed (exit {code}); last lines:\n" + "\n".join(tail) + f"\nfull log: {log_path}")

@@ -1,0 +1,261 @@
+"""The fast sampling engine: the SliCK probe's hot loop (design.md section 2).
+
+Per batch of prompts: one left-padded prefill per prompt, its KV cache fanned out to the prompt's
+1 + n decode streams (greedy row + n sampled rows), then ONE batched decode step for all streams of
+all prompts, repeated until every row has stopped (newline / EOS) or max_new_tokens is reached.
+Finished rows are compacted away so that late steps only pay for live rows.
+
+Sampling is Gumbel-max with counter-based noise: the noise for (row key, step, token id) is a pure
+integer hash, with row key = stable_seed(seed, question_id, prompt_index, sample_index). A sampled
+answer therefore depends only on its key and the model's logits, never on batch composition,
+bucketing, compaction or the process that ran it (up to floating-point ties in the logits).
+"""
+from __future__ import annotations
+
+import time
+from typing import Sequence
+
+import torch
+from transformers import DynamicCache, StaticCache
+
+from toolkit.data.matching import extract_answer
+from toolkit.data.prompts import stable_seed
+from toolkit.models import newline_token_ids
+
+from .types import PromptAnswers, PromptRequest, SamplingConfig
+
+# splitmix64 constants as signed int64: torch int64 arithmetic wraps around, i.e. it is uint64
+# arithmetic bit for bit, as long as right shifts are made logical (torch's >> is arithmetic).
+_GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
+_MUL1 = 0xBF58476D1CE4E5B9 - (1 << 64)
+_MUL2 = 0x94D049BB133111EB - (1 << 64)
+
+
+def to_int64(u: int) -> int:
+    """A uint64 Python int as the int64 with the same bits."""
+    return u - (1 << 64) if u >= 1 << 63 else u
+
+
+def _shr(x: torch.Tensor, s: int) -> torch.Tensor:
+    return (x >> s) & ((1 << (64 - s)) - 1)
+
+
+def mix64(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64's output function on int64 tensors (same bits as the uint64 reference)."""
+    x = (x ^ _shr(x, 30)) * _MUL1
+    x = (x ^ _shr(x, 27)) * _MUL2
+    return x ^ _shr(x, 31)
+
+
+def gumbel_noise(row_keys: torch.Tensor, step: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """Gumbel(0, 1) noise (float64) for each row's candidate tokens, a pure function of
+    (row key, step, token id): the step-th output of the row's splitmix64 stream seeds a second
+    stream indexed by token id. Keying by token id (not by top-k rank) keeps it order-free."""
+    stream = mix64(row_keys + (step + 1) * _GOLDEN)
+    bits = mix64(stream[:, None] + (token_ids + 1) * _GOLDEN)
+    uniform = (_shr(bits, 11).double() + 0.5) * 2.0 ** -53  # 53 bits -> (0, 1), never 0 or 1
+    return -torch.log(-torch.log(uniform))
+
+
+class FastEngine:
+    """Engine protocol implementation; the feature flags exist so the benchmark can switch the
+    optimisations off one at a time. Answers are identical under every flag combination."""
+
+    def __init__(self, model, tokenizer, config: SamplingConfig, max_batch_prompts: int = 16, *,
+                 fan_out_kv: bool = True, bucket_by_length: bool = True, compile_decode: bool = False,
+                 compact_below: float = 0.5):
+        if max_batch_prompts < 1:
+            raise ValueError(f"max_batch_prompts must be >= 1, got {max_batch_prompts}")
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.max_batch_prompts = max_batch_prompts
+        self.fan_out_kv, self.bucket_by_length = fan_out_kv, bucket_by_length
+        self.compact_below = compact_below  # compact when live rows <= this fraction of the batch
+        self.device = next(model.parameters()).device
+        self.stop_ids = sorted({*newline_token_ids(tokenizer), tokenizer.eos_token_id})
+        self._stop_set = set(self.stop_ids)
+        self._stop_tensor = torch.tensor(self.stop_ids, device=self.device)
+        # CUDA graphs remove per-step launch overhead on GPU; on CPU there is nothing to gain.
+        self.compile_decode = compile_decode and self.device.type == "cuda"
+        self._step = (torch.compile(self._decode_step, mode="reduce-overhead")
+                      if self.compile_decode else self._decode_step)
+        self._cache: StaticCache | None = None  # preallocated, reused across batches and calls
+        self._buffers: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.last_stats: dict = {}
+
+    # ------------------------------------------------------------------ public
+
+    @torch.inference_mode()
+    def generate(self, requests: Sequence[PromptRequest]) -> list[PromptAnswers]:
+        start = time.perf_counter()
+        streams = 1 + self.config.num_samples
+        self.last_stats = dict(prompts=len(requests), answers=len(requests) * streams, batches=0,
+                               prefill_tokens=0, prefill_padded_tokens=0, generated_tokens=0,
+                               decode_steps=0, decode_rows=0, compactions=0)
+        if not requests:
+            return []
+        ids = self.tokenizer([r.text for r in requests], add_special_tokens=False)["input_ids"]
+        order = list(range(len(requests)))
+        if self.bucket_by_length:  # neighbours in length share a batch: little padding
+            order.sort(key=lambda i: len(ids[i]))
+        # The static cache is sized once for the largest batch and the longest prompt.
+        capacity = (min(len(requests), self.max_batch_prompts) * streams,
+                    max(map(len, ids)) + self.config.max_new_tokens)
+        results: list[PromptAnswers | None] = [None] * len(requests)
+        for s in range(0, len(order), self.max_batch_prompts):
+            chunk = order[s:s + self.max_batch_prompts]
+            batch = self._run_batch([requests[i] for i in chunk], [ids[i] for i in chunk], capacity)
+            for i, answers in zip(chunk, batch):
+                results[i] = answers
+        self.last_stats["generated_tokens"] = sum(a.total_tokens for a in results)
+        self.last_stats["seconds"] = time.perf_counter() - start
+        return results
+
+    # ------------------------------------------------------------------ one batch
+
+    def _run_batch(self, reqs: list[PromptRequest], ids: list[list[int]],
+                   capacity: tuple[int, int]) -> list[PromptAnswers]:
+        cfg, dev, stats = self.config, self.device, self.last_stats
+        streams, n_prompts = 1 + cfg.num_samples, len(reqs)
+        rows = n_prompts * streams  # prompt-major: stream 0 is greedy, stream 1 + j is sample j
+        prompt_of = torch.arange(n_prompts, device=dev).repeat_interleave(streams)
+        greedy = torch.arange(rows, device=dev) % streams == 0
+        keys = torch.tensor([to_int64(stable_seed(cfg.seed, r.question_id, r.prompt_index, j))
+                             for r in reqs for j in range(-1, cfg.num_samples)], device=dev)
+        lengths = torch.tensor([len(x) for x in ids], device=dev)[prompt_of]
+        plen = max(map(len, ids))
+
+        # Prefill each prompt once, then copy its KV into every one of its streams' cache rows.
+        # With fan-out off every stream is prefilled on its own, as generate(num_return_sequences) does.
+        prefill_of = prompt_of.tolist() if not self.fan_out_kv else list(range(n_prompts))
+        logits, prompt_cache, mask = self._prefill([ids[i] for i in prefill_of], plen)
+        src = prompt_of if self.fan_out_kv else torch.arange(rows, device=dev)
+        self._load_cache(prompt_cache, src, plen, capacity)
+        kv_mask = torch.zeros(rows, self._cache.get_max_length(), dtype=torch.bool, device=dev)
+        kv_mask[:, :plen] = mask[src]
+        stats["batches"] += 1
+        stats["prefill_tokens"] += int(mask.sum())
+        stats["prefill_padded_tokens"] += mask.numel()
+
+        out = torch.full((rows, cfg.max_new_tokens), self.tokenizer.pad_token_id, device=dev)
+        row_ids = torch.arange(rows, device=dev)  # original row of each live batch row
+        tokens = self._pick(logits[src], keys, greedy, torch.zeros((), dtype=torch.long, device=dev))
+        out[:, 0] = tokens
+        alive = ~torch.isin(tokens, self._stop_tensor)
+        for step in range(1, cfg.max_new_tokens):
+            n_alive = int(alive.sum())
+            if n_alive == 0:
+                break
+            if n_alive <= self.compact_below * len(row_ids):
+                keep = self._rows_to_keep(alive)
+                if len(keep) < len(row_ids):
+                    row_ids, tokens, keys, greedy, lengths, kv_mask, alive = (
+                        t[keep] for t in (row_ids, tokens, keys, greedy, lengths, kv_mask, alive))
+                    self._select_rows(keep)
+                    stats["compactions"] += 1
+            kv_mask[:, plen + step - 1] = True  # the slot the fed token is written to
+            if self.compile_decode:
+                torch.compiler.cudagraph_mark_step_begin()
+            tokens = self._step(tokens, lengths + step - 1, kv_mask, keys, greedy,
+                                torch.tensor(step, device=dev)).clone()
+            out[row_ids, step] = tokens
+            alive &= ~torch.isin(tokens, self._stop_tensor)
+            stats["decode_steps"] += 1
+            stats["decode_rows"] += len(row_ids)
+        return self._answers(out.tolist(), streams)
+
+    def _decode_step(self, tokens, positions, kv_mask, keys, greedy, step) -> torch.Tensor:
+        """The one decode step: feed each row's last token, pick each row's next token."""
+        logits = self.model(input_ids=tokens[:, None], position_ids=positions[:, None],
+                            attention_mask=kv_mask[:, None, None, :],  # 4D bool: used as is, no mask building
+                            past_key_values=self._cache, use_cache=True).logits[:, -1]
+        return self._pick(logits, keys, greedy, step)
+
+    def _pick(self, logits, keys, greedy, step) -> torch.Tensor:
+        """Greedy rows: argmax. Sampled rows: argmax(logits/T + Gumbel) over the top-k logits, which
+        is an exact draw from softmax(top-k logits / T)."""
+        logits = logits.float()
+        best = logits.argmax(-1)
+        cfg = self.config
+        if cfg.num_samples == 0:
+            return best
+        if cfg.top_k:
+            values, candidates = logits.topk(min(cfg.top_k, logits.shape[-1]), dim=-1)
+        else:
+            values = logits
+            candidates = torch.arange(logits.shape[-1], device=logits.device).expand_as(logits)
+        scores = values.double() / cfg.temperature + gumbel_noise(keys, step, candidates)
+        sampled = candidates.gather(-1, scores.argmax(-1, keepdim=True)).squeeze(-1)
+        return torch.where(greedy, best, sampled)
+
+    # ------------------------------------------------------------------ prefill and KV cache
+
+    def _prefill(self, prompts: list[list[int]], plen: int):
+        """Left-padded forward of the prompts into a dynamic cache; last-position logits."""
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.tensor([[pad] * (plen - len(p)) + p for p in prompts], device=self.device)
+        mask = torch.tensor([[0] * (plen - len(p)) + [1] * len(p) for p in prompts], device=self.device)
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # as generate() does
+        cache = DynamicCache(config=self.model.config)
+        logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                            past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        return logits, cache, mask.bool()
+
+    def _load_cache(self, prompt_cache: DynamicCache, src: torch.Tensor, plen: int,
+                    capacity: tuple[int, int]) -> None:
+        """Fan the prompt KV out to the decode rows (row r gets prompt row src[r]) in the static cache."""
+        rows, length = capacity
+        first = prompt_cache.layers[0].keys
+        if self._cache is None or self._buffers[0][0].shape[0] < rows or self._cache.get_max_length() < length:
+            # Allocated once, rounded up so later calls can reuse it: a decode step over fixed
+            # buffers is what CUDA graphs can capture.
+            self._cache = StaticCache(config=self.model.config, max_cache_len=-(-length // 64) * 64)
+            if any(self._cache.is_sliding):  # the row/slot bookkeeping assumes full attention layers
+                raise ValueError("FastEngine needs a full-attention model (no sliding-window layers)")
+            self._cache.early_initialization(
+                batch_size=rows, num_heads=[l.keys.shape[1] for l in prompt_cache.layers],
+                head_dim=[l.keys.shape[3] for l in prompt_cache.layers], dtype=first.dtype, device=first.device)
+            self._buffers = [(layer.keys, layer.values) for layer in self._cache.layers]
+        for layer, (k, v), prompt in zip(self._cache.layers, self._buffers, prompt_cache.layers):
+            k[:len(src), :, :plen] = prompt.keys.index_select(0, src)
+            v[:len(src), :, :plen] = prompt.values.index_select(0, src)
+            layer.cumulative_length.fill_(plen)  # decode writes start right after the prompt
+        self._use_rows(len(src))
+
+    def _rows_to_keep(self, alive: torch.Tensor) -> torch.Tensor:
+        keep = alive.nonzero().squeeze(1)
+        if self.compile_decode:  # pad with finished rows to a power of two: few shapes, few CUDA graphs
+            size = min(len(alive), 1 << (len(keep) - 1).bit_length())
+            keep = torch.cat([keep, (~alive).nonzero().squeeze(1)[:size - len(keep)]])
+        return keep
+
+    def _select_rows(self, keep: torch.Tensor) -> None:
+        """Compaction: move the kept rows' KV to the front of the buffers, in place."""
+        for layer, (k, v) in zip(self._cache.layers, self._buffers):
+            k[:len(keep)] = layer.keys.index_select(0, keep)
+            v[:len(keep)] = layer.values.index_select(0, keep)
+        self._use_rows(len(keep))
+
+    def _use_rows(self, n: int) -> None:
+        """Point the cache layers at the first n rows of the buffers (views: same memory)."""
+        for layer, (k, v) in zip(self._cache.layers, self._buffers):
+            layer.keys, layer.values = k[:n], v[:n]
+            if self.compile_decode:
+                torch._dynamo.mark_static_address(layer.keys)
+                torch._dynamo.mark_static_address(layer.values)
+
+    # ------------------------------------------------------------------ answers
+
+    def _answers(self, rows: list[list[int]], streams: int) -> list[PromptAnswers]:
+        """Text up to the first newline; token counts include the stop token (as ReferenceEngine)."""
+        decoded = []
+        for ids in rows:
+            used = next((i + 1 for i, t in enumerate(ids) if t in self._stop_set), len(ids))
+            decoded.append((ids[:used], used))
+        texts = self.tokenizer.batch_decode([ids for ids, _ in decoded], skip_special_tokens=True)
+        answers = []
+        for p in range(0, len(rows), streams):
+            texts_p, used_p = texts[p:p + streams], [u for _, u in decoded[p:p + streams]]
+            answers.append(PromptAnswers(greedy=extract_answer(texts_p[0]), greedy_tokens=used_p[0],
+                                         samples=[extract_answer(t) for t in texts_p[1:]],
+                                         sample_tokens=used_p[1:]))
+        return answers

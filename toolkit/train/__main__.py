@@ -1,0 +1,82 @@
+"""`python -m toolkit.train`: the per-rank entry point that the `deepspeed` launcher starts
+(`deepspeed --num_gpus 8 --module toolkit.train --config train.yaml --set lr=1e-5`).
+
+Every rank validates everything (config, ds_config, batch arithmetic, data, resume directory) before
+deepspeed.init_distributed, so bad input ends every rank with exit code 2 and one error line (from
+rank 0) instead of a hang in the first collective."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+EXIT_BAD_INPUT = 2
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options shared by `python -m toolkit.train` and `gradual train`."""
+    parser.add_argument("--config", help="training config (YAML)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a training config key (repeatable)")
+    parser.add_argument("--ds-config", "--ds_config", dest="ds_config",
+                        help="ds_config path or name (zero1, zero2, zero2_offload)")
+    parser.add_argument("--resume", nargs="?", const=True, default=None, metavar="DIR",
+                        help="continue from the latest checkpoint (in DIR, default <output_dir>/checkpoints)")
+    parser.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
+                        help="validate, print the resolved setup, a tokenised example and the memory estimate; exit")
+
+
+def config_from_args(args):
+    from .config import load_config
+
+    extra = {}
+    if args.ds_config:
+        extra["ds_config"] = args.ds_config
+    if args.resume is not None:
+        extra["resume"] = args.resume
+    return load_config(args.config, args.overrides, extra)
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    from toolkit.data.schema import DataError
+    from toolkit.models import ModelError
+
+    from .config import TrainConfigError
+
+    return (TrainConfigError, DataError, ModelError)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m toolkit.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_run_arguments(parser)
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--world-size", type=int, default=None,
+                        help="ranks to plan for in a dry run outside the launcher (default: $WORLD_SIZE or 1)")
+    args = parser.parse_args(argv)
+    rank = int(os.environ.get("RANK", 0))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    world_size = args.world_size or int(os.environ.get("WORLD_SIZE", 1))
+    try:
+        from .plan import describe, prepare
+
+        plan = prepare(config_from_args(args), world_size)
+        if args.dry_run:
+            if rank == 0:
+                print(describe(plan))
+            return 0
+    except user_errors() as err:
+        if rank == 0:
+            print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+    from .loop import train
+
+    train(plan)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

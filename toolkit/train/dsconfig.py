@@ -1,0 +1,290 @@
+"""ds_config resolution, batch arithmetic, hostfiles and the model-state memory estimate.
+
+Convention (the Hugging Face Trainer's): a value written "auto" in a ds_config is filled from the
+training config; an explicit value is kept, and fills the training config field it maps to, unless
+the user also set that field explicitly to something else (then it is a conflict, named in the
+error). The shipped ds_configs use "auto" for everything the training config owns (batch sizes,
+gradient clipping, bf16, optimizer hyper-parameters) and explicit values for the ZeRO layout.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import re
+from collections import OrderedDict
+from pathlib import Path
+
+from .config import TrainConfig, TrainConfigError, replace
+
+AUTO = "auto"
+# (ds_config path, training config field): one source of truth per number
+MAPPED = ((("train_micro_batch_size_per_gpu",), "micro_batch_size"),
+          (("gradient_accumulation_steps",), "gradient_accumulation_steps"),
+          (("train_batch_size",), "train_batch_size"),
+          (("gradient_clipping",), "grad_clip"),
+          (("zero_optimization", "stage"), "zero_stage"),
+          (("bf16", "enabled"), "bf16"),
+          (("optimizer", "params", "lr"), "lr"),
+          (("optimizer", "params", "betas"), "betas"),
+          (("optimizer", "params", "eps"), "eps"),
+          (("optimizer", "params", "weight_decay"), "weight_decay"))
+# top-level keys DeepSpeedConfig reads through .keys() or outside its constructor
+EXTRA_KNOWN = {"optimizer", "scheduler", "flops_profiler", "autotuning", "activation_checkpointing", "aio",
+               "zenflow", "sequence_parallel_size", "mics_shard_size", "mics_hierarchical_params_gather"}
+
+
+def load_ds_config(path: Path) -> dict:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise TrainConfigError(f"{path}:{err.lineno}: malformed JSON: {err.msg}") from None
+    except OSError as err:
+        raise TrainConfigError(f"cannot read ds_config {path}: {err.strerror}") from None
+    if not isinstance(data, dict):
+        raise TrainConfigError(f"{path}: a ds_config must be a JSON object")
+    return data
+
+
+def _get(d: dict, path: tuple):
+    for key in path:
+        if not isinstance(d, dict) or key not in d:
+            return None
+        d = d[key]
+    return d
+
+
+def _same(a, b) -> bool:
+    return list(a) == list(b) if isinstance(a, (list, tuple)) else a == b
+
+
+def resolve(cfg: TrainConfig, raw: dict, world_size: int, on_gpu: bool, source: str = "ds_config",
+            deepspeed_checks: bool = True) -> tuple[TrainConfig, dict]:
+    """(training config with explicit ds_config values folded in, fully resolved ds_config)."""
+    ds = copy.deepcopy(raw)
+    if "scheduler" in ds:
+        raise TrainConfigError(f"{source}: remove 'scheduler'; the trainer owns the learning-rate "
+                               "schedule (lr, warmup_ratio, lr_scheduler in the training config)")
+    if "optimizer" in ds and cfg.optimizer != "deepspeed_adam":
+        if "optimizer" in cfg.explicit:
+            raise TrainConfigError(f"{source}: has an 'optimizer' section but optimizer={cfg.optimizer} builds "
+                                   "its own; remove the section or set optimizer: deepspeed_adam")
+        cfg = replace(cfg, optimizer="deepspeed_adam")  # the ds_config's explicit choice fills the default
+    if (_get(ds, ("fp16", "enabled")) or False) not in (False, AUTO):
+        raise TrainConfigError(f"{source}: fp16 is not supported (loss scaling); use bf16")
+    zero = ds.setdefault("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise TrainConfigError(f"{source}: 'zero_optimization' must be an object")
+    if zero.get("offload_param"):
+        raise TrainConfigError(f"{source}: offload_param is ZeRO-3 only; use offload_optimizer")
+    if cfg.optimizer == "deepspeed_adam":
+        opt = ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
+        if str(opt.get("type", "")).lower() not in ("adam", "adamw"):
+            raise TrainConfigError(f"{source}: optimizer.type must be Adam or AdamW for deepspeed_adam")
+        opt.setdefault("params", {})
+    # explicit ds_config values fill fields the user left at their defaults
+    fixes = {}
+    for path, name in MAPPED:
+        value = _get(ds, path)
+        if value is None or value == AUTO or (name == "zero_stage" and name in cfg.explicit):
+            continue  # zero_stage is an override: it replaces the ds_config's stage
+        if name in cfg.explicit and not _same(getattr(cfg, name), value):
+            dotted = ".".join(path)
+            raise TrainConfigError(f"{source}: {dotted}={json.dumps(value)} conflicts with the training "
+                                   f"config's {name}={getattr(cfg, name)!r}; set one of them (or \"auto\")")
+        fixes[name] = list(value) if isinstance(value, (list, tuple)) else value
+    offload_device = _get(zero, ("offload_optimizer", "device"))
+    if offload_device not in (None, "none"):
+        if "offload" in cfg.explicit and not cfg.offload:
+            raise TrainConfigError(f"{source}: offload_optimizer is set but the training config says offload=false")
+        fixes["offload"] = True
+    try:
+        cfg = replace(cfg, **fixes)
+    except TypeError as err:
+        raise TrainConfigError(f"{source}: bad value ({err})") from None
+    micro, accum, total = batch_arithmetic(cfg, world_size)
+    stage = 0 if cfg.zero_stage is None else cfg.zero_stage
+    bf16 = on_gpu if cfg.bf16 == AUTO else bool(cfg.bf16)
+    cfg = replace(cfg, gradient_accumulation_steps=accum, train_batch_size=total, zero_stage=stage, bf16=bf16)
+    if cfg.offload and stage < 1:
+        raise TrainConfigError("offload needs ZeRO stage 1 or 2")
+    # write every owned value back: the resolved ds_config has no "auto" left
+    ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"] = micro, accum
+    ds["train_batch_size"], ds["gradient_clipping"] = total, float(cfg.grad_clip)
+    zero["stage"] = stage
+    if cfg.offload and offload_device in (None, "none"):
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
+    ds["bf16"] = {**(ds.get("bf16") or {}), "enabled": bf16}
+    if "fp16" in ds:
+        ds["fp16"] = {**ds["fp16"], "enabled": False}
+    if cfg.optimizer == "deepspeed_adam":
+        ds["optimizer"]["params"].update(lr=cfg.lr, betas=list(cfg.betas), eps=cfg.eps,
+                                         weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw_8bit":
+        if ds.get("zero_allow_untested_optimizer") is False:
+            raise TrainConfigError(f"{source}: adamw_8bit under ZeRO needs zero_allow_untested_optimizer=true")
+        ds["zero_allow_untested_optimizer"] = True
+    _reject_leftover_auto(ds, source)
+    if deepspeed_checks:
+        validate_with_deepspeed(ds, source)
+    return cfg, ds
+
+
+def validate_with_deepspeed(ds: dict, source: str) -> None:
+    """Unknown top-level keys, then DeepSpeed's own parser. Separate from `resolve` because it
+    imports deepspeed (seconds): cheap checks (batch arithmetic, data, resume) fail first."""
+    check_known_keys(ds, source)
+    check_with_deepspeed(ds, source)
+
+
+def batch_arithmetic(cfg: TrainConfig, world_size: int) -> tuple[int, int, int]:
+    """(micro, accumulation, train_batch_size) with train_batch_size = micro x accumulation x world."""
+    micro, accum, total = cfg.micro_batch_size, cfg.gradient_accumulation_steps, cfg.train_batch_size
+    per_step = micro * world_size
+    if total is not None:
+        if total % per_step:
+            raise TrainConfigError(
+                f"batch arithmetic: train_batch_size={total} is not divisible by micro_batch_size={micro} "
+                f"x world size {world_size} (= {per_step})")
+        if accum is not None and accum * per_step != total:
+            raise TrainConfigError(
+                f"batch arithmetic: train_batch_size={total} != micro_batch_size={micro} x "
+                f"gradient_accumulation_steps={accum} x world size {world_size} (= {accum * per_step})")
+        accum = total // per_step
+    accum = accum or 1
+    return micro, accum, micro * accum * world_size
+
+
+def _reject_leftover_auto(d, source, prefix=""):
+    for key, value in (d.items() if isinstance(d, dict) else ()):
+        if value == AUTO:
+            raise TrainConfigError(f"{source}: '{prefix}{key}' is \"auto\", which this trainer cannot fill; "
+                                   "give an explicit value")
+        _reject_leftover_auto(value, source, f"{prefix}{key}.")
+
+
+_KNOWN: set[str] | None = None
+
+
+def known_top_level_keys() -> set[str]:
+    """Every top-level key DeepSpeed 0.19 reads: recorded by running its own config parser once."""
+    global _KNOWN
+    if _KNOWN is None:
+        from deepspeed.runtime.config import DeepSpeedConfig
+
+        class Recorder(dict):
+            seen: set = set()
+
+            def get(self, key, default=None):
+                Recorder.seen.add(key)
+                return super().get(key, default)
+
+            def __contains__(self, key):
+                Recorder.seen.add(key)
+                return super().__contains__(key)
+
+            def __getitem__(self, key):
+                Recorder.seen.add(key)
+                return super().__getitem__(key)
+
+            def __copy__(self):
+                return self
+
+        with _quiet_deepspeed():
+            DeepSpeedConfig(Recorder(train_batch_size=1, zero_optimization={"stage": 2}))
+        _KNOWN = Recorder.seen | EXTRA_KNOWN
+    return _KNOWN
+
+
+def check_known_keys(ds: dict, source: str) -> None:
+    known = known_top_level_keys()
+    for key in ds:
+        if key not in known:
+            close = [k for k in sorted(known) if k.replace("_", "") == key.replace("_", "").lower()]
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise TrainConfigError(f"{source}: unknown key '{key}'{hint}")
+
+
+class _quiet_deepspeed:
+    def __enter__(self):
+        self.logger = logging.getLogger("DeepSpeed")
+        self.level = self.logger.level
+        self.logger.setLevel(logging.WARNING)
+
+    def __exit__(self, *exc):
+        self.logger.setLevel(self.level)
+
+
+def check_with_deepspeed(ds: dict, source: str) -> None:
+    """DeepSpeed's own parser (its sections forbid unknown keys), run before any process group
+    exists: without one it assumes world size 1, so it gets the per-process batch numbers."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    local = dict(ds, train_batch_size=ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"])
+    try:
+        with _quiet_deepspeed():
+            DeepSpeedConfig(local)
+    except Exception as err:  # pydantic ValidationError, AssertionError, ValueError...
+        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip() and "errors.pydantic" not in ln]
+        raise TrainConfigError(f"{source}: rejected by DeepSpeed: {' / '.join(lines[:3])}") from None
+
+
+# ---------------------------------------------------------------- hostfiles and world size
+
+
+def read_hostfile(path) -> "OrderedDict[str, int]":
+    """DeepSpeed's hostfile format: `<host> slots=<n>` per line, '#' comments."""
+    path = Path(path)
+    if not path.is_file():
+        raise TrainConfigError(f"hostfile not found: {path}")
+    hosts: OrderedDict[str, int] = OrderedDict()
+    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        match = re.fullmatch(r"(\S+)\s+slots=(\d+)", line)
+        if not match or int(match[2]) < 1:
+            raise TrainConfigError(f"{path}:{lineno}: expected '<host> slots=<n>' with n >= 1, got '{line}'")
+        if match[1] in hosts:
+            raise TrainConfigError(f"{path}:{lineno}: host '{match[1]}' listed twice")
+        hosts[match[1]] = int(match[2])
+    if not hosts:
+        raise TrainConfigError(f"{path}: the hostfile lists no hosts")
+    return hosts
+
+
+def world_size_for(hosts: dict | None, per_node: int | None, num_nodes: int | None) -> int:
+    """The number of ranks the deepspeed launcher will start (its --num_nodes / --num_gpus rules)."""
+    if not hosts:
+        return per_node or 1
+    slots = list(hosts.values())[: num_nodes or len(hosts)]
+    if num_nodes and num_nodes > len(hosts):
+        raise TrainConfigError(f"--num-nodes {num_nodes} but the hostfile lists {len(hosts)} host(s)")
+    return sum(min(s, per_node) if per_node else s for s in slots)
+
+
+# ---------------------------------------------------------------- memory
+
+
+def memory_estimate(num_params: int, stage: int, world_size: int, bf16: bool, optimizer: str,
+                    offload: bool) -> dict[str, float]:
+    """Model-state bytes per device (the ZeRO paper's accounting; activations come on top):
+    weights replicated; gradients partitioned from stage 2; fp32 master copy + Adam moments
+    (8-bit Adam: 2 bytes) partitioned from stage 1, or held in CPU memory with offload."""
+    width = 2 if bf16 else 4
+    moments = 2 if optimizer == "adamw_8bit" else 8
+    master = 4 if (bf16 or stage >= 1) else 0
+    weights = num_params * width
+    grads = num_params * width / (world_size if stage >= 2 else 1)
+    states = num_params * (master + moments) / (world_size if stage >= 1 else 1)
+    device_states = 0.0 if offload else states
+    return {"weights": weights, "gradients": grads, "optimizer": device_states,
+            "total": weights + grads + device_states, "cpu_offload": states if offload else 0.0}
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n:.0f} B"
+        n /= 1024
+    return f"{n:.1f} TiB"

@@ -1,0 +1,231 @@
+"""The training loop: epochs of global batches, accumulation through engine.backward/step, evaluation
+with early stopping, checkpoints that resume exactly, records, and the final Hugging Face export.
+
+Loss normalisation: every micro-batch's summed token loss is divided by the number of answer tokens
+in the whole global batch (known to every rank from the batch plan) and multiplied by world x
+accumulation, which DeepSpeed divides out again. The gradient is then the token mean over the
+global batch, however it is split across ranks and accumulation steps, and the logged loss is the
+same number for 2 ranks, 1 rank with accumulation, or 2 nodes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from dataclasses import dataclass
+
+from toolkit.io import read_jsonl, write_json, write_jsonl
+from toolkit.models import ModelSpec, load_model, newline_token_ids
+
+from .data import collate
+from .evaluate import evaluate
+from .plan import RunPlan
+from .strategy import DeepSpeedStrategy
+
+log = logging.getLogger("toolkit.train")
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0  # the epoch in progress (== epochs completed at an epoch boundary)
+    step_in_epoch: int = 0  # optimizer steps done in that epoch
+    global_step: int = 0
+    consumed_samples: int = 0  # wrap-around padding included
+    best_metric: float | None = None
+    best_tag: str | None = None
+    best_dir: str | None = None
+    best_step: int | None = None
+    bad_evals: int = 0  # evaluations since the last improvement (early stopping)
+    stopped_early: bool = False
+
+
+class Records:
+    """Rank 0's outputs: losses.jsonl (one row per optimizer step), evals.jsonl and TensorBoard.
+    A resumed run first drops rows past its checkpoint, so the files read as one run."""
+
+    def __init__(self, plan: RunPlan, enabled: bool, resumed_step: int | None):
+        self.enabled, out = enabled, plan.cfg.out
+        self.losses, self.evals, self.writer = out / "losses.jsonl", out / "evals.jsonl", None
+        if not enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        for path in (self.losses, self.evals):
+            rows = read_jsonl(path) if path.exists() and resumed_step is not None else []
+            write_jsonl(path, [r for r in rows if r["step"] <= (resumed_step or 0)])
+        self.writer = SummaryWriter(str(plan.cfg.tensorboard_dir),
+                                    purge_step=None if resumed_step is None else resumed_step + 1)
+
+    def _append(self, path, row: dict) -> None:
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+    def step(self, row: dict) -> None:
+        if self.enabled:
+            self._append(self.losses, row)
+            for key in ("loss", "lr", "grad_norm", "tokens_per_s"):
+                if row.get(key) is not None:
+                    self.writer.add_scalar(f"train/{key}", row[key], row["step"])
+
+    def eval(self, row: dict) -> None:
+        if self.enabled:
+            self._append(self.evals, row)
+            for split in ("dev", "train"):
+                if row.get(split):
+                    self.writer.add_scalar(f"eval/{split}_accuracy", row[split]["accuracy"], row["step"])
+                    for cat, acc in row[split]["by_category"].items():
+                        self.writer.add_scalar(f"{split}_accuracy_by_category/{cat}", acc, row["step"])
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def train(plan: RunPlan) -> dict:
+    strategy = DeepSpeedStrategy(plan.cfg, plan.ds_config)
+    strategy.setup_distributed()
+    try:
+        return _train(plan, strategy)
+    finally:
+        strategy.destroy()
+
+
+def _train(plan: RunPlan, strategy: DeepSpeedStrategy) -> dict:
+    import torch
+    import torch.nn.functional as F
+    from tqdm import tqdm
+
+    cfg, b, rank0 = plan.cfg, plan.batches, strategy.is_rank_0
+    started = time.perf_counter()
+    dtype = "bfloat16" if plan.ds_config["bf16"]["enabled"] else "float32"
+    model, tokenizer = load_model(ModelSpec(source=cfg.model, dtype=dtype, device=str(strategy.device),
+                                            seed=cfg.seed))
+    model.train()
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    engine = strategy.prepare(model, plan.total_steps, plan.warmup_steps)
+    state, last_saved = TrainState(), None
+    if plan.resume_tag:
+        client = strategy.load_checkpoint(cfg.resume_dir, plan.resume_tag)
+        state, last_saved = TrainState(**client["train_state"]), plan.resume_tag
+        if rank0:
+            log.info("resumed from %s/%s at epoch %d, step %d", cfg.resume_dir, plan.resume_tag, state.epoch,
+                     state.global_step)
+    if rank0:
+        cfg.out.mkdir(parents=True, exist_ok=True)
+        write_json(cfg.out / "train_config.resolved.json", cfg.to_dict())
+        write_json(cfg.out / "ds_config.resolved.json", plan.ds_config)
+    records = Records(plan, rank0, state.global_step if plan.resume_tag else None)
+    stop_ids = newline_token_ids(tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    scale = b.world * b.accum  # DeepSpeed divides the gradient by this much (accumulation, averaging)
+    interrupted = False
+
+    def run_eval() -> dict:
+        kwargs = dict(batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens,
+                      categories=plan.categories, stop_ids=stop_ids)
+        dev = evaluate(engine.module, tokenizer, plan.dev_items, **kwargs) if plan.dev_items else None
+        fit = evaluate(engine.module, tokenizer, plan.train_items, **kwargs) if cfg.eval_train else None
+        tag = f"step{state.global_step:06d}"
+        metric = dev.accuracy if dev else None
+        if state.best_tag is None or metric is None or metric > state.best_metric:
+            state.best_metric, state.best_tag, state.best_step, state.bad_evals = metric, tag, state.global_step, 0
+            state.best_dir = str(cfg.checkpoint_dir)
+        else:
+            state.bad_evals += 1
+            state.stopped_early = cfg.patience > 0 and state.bad_evals >= cfg.patience
+        row = {"step": state.global_step, "epoch": state.global_step / b.steps_per_epoch,
+               "dev": dev.summary() if dev else None, "train": fit.summary() if fit else None,
+               "best_step": state.best_step, "bad_evals": state.bad_evals, "stopped_early": state.stopped_early}
+        records.eval(row)
+        if rank0:
+            log.info("step %d: dev accuracy %s, train accuracy %s%s", state.global_step,
+                     f"{dev.accuracy:.4f}" if dev else "-", f"{fit.accuracy:.4f}" if fit else "-",
+                     " (stopping early)" if state.stopped_early else "")
+        return row
+
+    def save() -> str:
+        tag = f"step{state.global_step:06d}"
+        saved = {"train_state": dataclasses.asdict(state), "config": cfg.to_dict(), "world_size": b.world}
+        strategy.save_checkpoint(cfg.checkpoint_dir, tag, client_state=saved, trainer_state={**saved, "tag": tag})
+        keep = {state.best_tag} if state.best_dir == str(cfg.checkpoint_dir) else set()
+        strategy.rotate_checkpoints(cfg.checkpoint_dir, cfg.keep_last_n, keep)
+        return tag
+
+    while state.epoch < cfg.epochs and not state.stopped_early and not interrupted:
+        order = b.epoch_order(state.epoch)
+        bar = tqdm(total=b.steps_per_epoch, initial=state.step_in_epoch, disable=not (rank0 and cfg.progress),
+                   desc=f"epoch {state.epoch + 1}/{cfg.epochs}", dynamic_ncols=True)
+        while state.step_in_epoch < b.steps_per_epoch:
+            indices = b.global_indices(state.epoch, state.step_in_epoch, order)
+            target_tokens = sum(plan.examples[i].target_tokens for i in indices)
+            all_tokens = sum(len(plan.examples[i].input_ids) for i in indices)
+            lr, tick = strategy.lr(), time.perf_counter()
+            loss_sum = torch.zeros((), dtype=torch.float32, device=strategy.device)
+            for accum_step in range(b.accum):
+                micro = [plan.examples[i] for i in b.micro_indices(indices, accum_step, strategy.rank)]
+                batch = {k: v.to(strategy.device) for k, v in collate(micro, pad_id).items()}
+                logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                token_loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)),
+                                             batch["labels"][:, 1:].reshape(-1), ignore_index=-100,
+                                             reduction="sum")
+                strategy.backward(token_loss * (scale / target_tokens))
+                strategy.step()
+                loss_sum += token_loss.detach().float() / target_tokens
+            loss = float(strategy.all_reduce_sum(loss_sum))
+            seconds = time.perf_counter() - tick
+            state.global_step += 1
+            state.step_in_epoch += 1
+            state.consumed_samples += b.global_batch
+            records.step({"step": state.global_step, "epoch": state.epoch, "loss": loss, "lr": lr,
+                          "grad_norm": strategy.grad_norm(), "tokens": all_tokens,
+                          "tokens_per_s": all_tokens / max(seconds, 1e-9)})
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+            end_of_epoch = state.step_in_epoch == b.steps_per_epoch
+            if end_of_epoch:
+                state.epoch, state.step_in_epoch = state.epoch + 1, 0
+            n = cfg.eval_every_steps
+            if (n and (state.global_step % n == 0 or state.global_step == plan.total_steps)) or (not n and end_of_epoch):
+                run_eval()
+            if end_of_epoch or (n and state.global_step % n == 0):
+                last_saved = save()
+            if end_of_epoch:
+                # a simulated pre-emption: checkpoint written, no export (resume finishes the run)
+                interrupted = 0 < cfg.stop_after_epoch <= state.epoch < cfg.epochs
+                break
+            if state.stopped_early:
+                break
+        bar.close()
+    records.close()
+    summary = {"global_step": state.global_step, "epochs_completed": state.epoch, "best_step": state.best_step,
+               "best_tag": state.best_tag, "best_dev_accuracy": state.best_metric, "stopped_early": state.stopped_early,
+               "interrupted": interrupted, "world_size": b.world, "zero_stage": cfg.zero_stage,
+               "train_batch_size": b.global_batch, "seconds": time.perf_counter() - started, "model_dir": None}
+    if not interrupted:
+        if state.best_tag and state.best_tag != last_saved:
+            strategy.load_checkpoint(state.best_dir, state.best_tag, module_only=True)
+        strategy.save_hf_model(tokenizer, cfg.out / "model")
+        summary["model_dir"] = str(cfg.out / "model")
+        if rank0:
+            _export_reference(engine.module, plan, cfg.out / "export_check.pt")
+    if rank0:
+        write_json(cfg.out / "train_summary.json", summary)
+        log.info("done: %s", json.dumps(summary))
+    return summary
+
+
+def _export_reference(model, plan: RunPlan, path) -> None:
+    """Logits of the engine's (best) model on one SFT example, for checking the exported copy."""
+    import torch
+
+    ids = torch.tensor([plan.examples[0].input_ids], device=next(model.parameters()).device)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits.float().cpu()
+    model.train(was_training)
+    torch.save({"input_ids": ids.cpu(), "logits": logits}, path)

@@ -1,0 +1,177 @@
+"""Everything checked before a process group exists: config, ds_config, batch arithmetic, data,
+tokenizer, resume directory. Every rank (and `gradual train`, before launching) builds the same
+RunPlan, so bad input fails with one clear error instead of a hang. Also the dry-run report."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+
+import yaml
+
+from toolkit.data.loading import load_qa
+from toolkit.data.schema import DataError, QAItem
+
+from .config import TrainConfig, TrainConfigError, replace
+from .data import BatchPlan, SFTExample, encode_sft, load_categories
+from .dsconfig import human_bytes, load_ds_config, memory_estimate, resolve, validate_with_deepspeed
+
+log = logging.getLogger("toolkit.train")
+# fields that shape the training trajectory: a resumed run must not change them
+TRAJECTORY_FIELDS = ("model", "data", "train_split", "categories", "micro_batch_size", "gradient_accumulation_steps",
+                     "train_batch_size", "epochs", "optimizer", "lr", "lr_scheduler", "warmup_ratio", "weight_decay",
+                     "betas", "eps", "grad_clip", "seed", "max_len", "zero_stage")
+STATE_FILE = "trainer_state.json"
+
+
+@dataclass
+class RunPlan:
+    cfg: TrainConfig
+    ds_config: dict
+    world_size: int
+    on_gpu: bool
+    tokenizer: object
+    train_items: list[QAItem]
+    dev_items: list[QAItem]
+    categories: dict[str, str]
+    examples: list[SFTExample]
+    batches: BatchPlan
+    hosts: dict | None = None
+    resume_tag: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total_steps(self) -> int:
+        return self.batches.steps_per_epoch * self.cfg.epochs
+
+    @property
+    def warmup_steps(self) -> int:
+        return math.ceil(self.cfg.warmup_ratio * self.total_steps)
+
+
+def prepare(cfg: TrainConfig, world_size: int, on_gpu: bool | None = None, hosts: dict | None = None) -> RunPlan:
+    """Validate everything and build the plan; raises TrainConfigError / DataError / ModelError."""
+    from toolkit.models import load_tokenizer
+
+    if on_gpu is None:
+        import torch
+
+        on_gpu = torch.cuda.is_available()
+        if on_gpu and cfg.bf16 == "auto" and not torch.cuda.is_bf16_supported():
+            cfg = replace(cfg, bf16=False)  # pre-Ampere GPUs: fp32 rather than fp16 loss scaling
+    # cheap checks first; the ones that import deepspeed / transformers (seconds) last
+    ds_path = cfg.ds_config_path()
+    cfg, ds = resolve(cfg, load_ds_config(ds_path), world_size, on_gpu, str(ds_path), deepspeed_checks=False)
+    resume_tag = check_resume(cfg, world_size)
+    train = load_qa(cfg.data, splits=(cfg.train_split,))
+    dev = load_qa(cfg.data, splits=(cfg.dev_split,)) if cfg.dev_split else []
+    validate_with_deepspeed(ds, str(ds_path))
+    tokenizer = load_tokenizer(cfg.model)
+    if tokenizer.eos_token_id is None:
+        raise TrainConfigError(f"the tokenizer of {cfg.model} has no EOS token; SFT targets end with EOS")
+    categories = load_categories(cfg.categories_file, cfg.data)
+    if cfg.categories:
+        if not categories:
+            raise DataError(cfg.categories_file or cfg.data, "categories filter set, but the data carries no "
+                            "categories (give categories_file or a 'category' field)", field_name="category")
+        train = [it for it in train if categories.get(it.id) in cfg.categories]
+        if not train:
+            raise DataError(cfg.data, f"no training items in categories {', '.join(cfg.categories)}")
+    examples = [encode_sft(tokenizer, it, cfg.max_len) for it in train]
+    plan = RunPlan(cfg, ds, world_size, on_gpu, tokenizer, train, dev, categories, examples,
+                   BatchPlan(len(examples), cfg.micro_batch_size, cfg.gradient_accumulation_steps, world_size,
+                             cfg.seed), hosts, resume_tag)
+    truncated = sum(ex.truncated for ex in examples)
+    if truncated:
+        plan.notes.append(f"{truncated} prompt(s) longer than max_len={cfg.max_len} lost their start")
+    if len(train) < plan.batches.global_batch:
+        plan.notes.append(f"only {len(train)} training items for a global batch of {plan.batches.global_batch}: "
+                          "items repeat within a step")
+    return plan
+
+
+def check_resume(cfg: TrainConfig, world_size: int) -> str | None:
+    """The checkpoint tag to resume from (None when not resuming); refuses a fresh start over old
+    checkpoints and a resume that would change the trajectory."""
+    resume_dir = cfg.resume_dir
+    if resume_dir is None:
+        if (cfg.checkpoint_dir / "latest").exists():
+            raise TrainConfigError(f"{cfg.checkpoint_dir} already holds checkpoints: pass --resume to continue "
+                                   "that run, or choose a new output_dir")
+        return None
+    latest = resume_dir / "latest"
+    if not latest.is_file():
+        raise TrainConfigError(f"resume: no DeepSpeed checkpoint in {resume_dir} (no 'latest' file)")
+    tag = latest.read_text().strip()
+    state_file = resume_dir / tag / STATE_FILE
+    if not state_file.is_file():
+        raise TrainConfigError(f"resume: checkpoint {resume_dir / tag} is incomplete (no {STATE_FILE})")
+    saved = json.loads(state_file.read_text())
+    for name in TRAJECTORY_FIELDS:
+        old, new = saved["config"].get(name), getattr(cfg, name)
+        if old != new:
+            raise TrainConfigError(f"resume: {name} was {old!r} in {resume_dir / tag}, now {new!r}; a resumed "
+                                   "run must keep the settings that shape training")
+    if saved.get("world_size") != world_size:
+        raise TrainConfigError(f"resume: the checkpoint was written by {saved.get('world_size')} ranks, this "
+                               f"launch has {world_size} (ZeRO partitions are per rank)")
+    return tag
+
+
+# ---------------------------------------------------------------- dry run
+
+
+def count_parameters(model_ref: str) -> int:
+    """Parameters of the model, counted on the meta device (no weights loaded)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from toolkit.models import RANDOM_PREFIX, random_config, resolve_source
+
+    ref = resolve_source(model_ref)
+    config = random_config(ref[len(RANDOM_PREFIX):]) if ref.startswith(RANDOM_PREFIX) else AutoConfig.from_pretrained(ref)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def describe(plan: RunPlan) -> str:
+    cfg, ds, tok = plan.cfg, plan.ds_config, plan.tokenizer
+    lines = ["== training config (resolved)", yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip(),
+             f"== ds_config: {cfg.ds_config_path()} (resolved)", json.dumps(ds, indent=2)]
+    if plan.hosts:
+        lines += ["== hostfile", *(f"{h} slots={n}" for h, n in plan.hosts.items())]
+    b = plan.batches
+    lines += ["== batch arithmetic",
+              f"train_batch_size {b.global_batch} = micro_batch_size {b.micro} x gradient_accumulation_steps "
+              f"{b.accum} x world size {b.world}",
+              f"{len(plan.train_items)} training items -> {b.steps_per_epoch} optimizer steps per epoch "
+              f"(last batch padded by wrap-around), {plan.total_steps} steps in {cfg.epochs} epoch(s), "
+              f"{plan.warmup_steps} warm-up",
+              f"{len(plan.dev_items)} dev items, evaluated "
+              + (f"every {cfg.eval_every_steps} steps" if cfg.eval_every_steps else "every epoch")]
+    if plan.categories:
+        counts = Counter(plan.categories.get(it.id, "uncategorised") for it in plan.train_items)
+        lines.append("training items per category: " + ", ".join(f"{k}={v}" for k, v in sorted(counts.items())))
+    ex = plan.examples[0]
+    n_prompt = sum(1 for t in ex.labels if t == -100)
+    lines += ["== tokenised example (loss on the target only)",
+              f"item: {ex.item_id}", f"prompt ({n_prompt} tokens, masked): {tok.decode(ex.input_ids[:n_prompt])!r}",
+              f"target ({ex.target_tokens} tokens, trained): {tok.decode(ex.input_ids[n_prompt:])!r}",
+              f"input_ids: {list(ex.input_ids)}", f"labels:    {list(ex.labels)}"]
+    n = count_parameters(cfg.model)
+    lines.append(f"== model-state memory per device: {n / 1e6:.1f}M parameters, "
+                 f"{'bf16' if ds['bf16']['enabled'] else 'fp32'}, {cfg.optimizer}, world size {plan.world_size} "
+                 "(activations not included)")
+    for stage in (0, 1, 2):
+        est = memory_estimate(n, stage, plan.world_size, ds["bf16"]["enabled"], cfg.optimizer,
+                              cfg.offload and stage >= 1)
+        mark = "  <- chosen" if stage == cfg.zero_stage else ""
+        lines.append(f"ZeRO-{stage}: weights {human_bytes(est['weights'])} + gradients {human_bytes(est['gradients'])}"
+                     f" + optimizer {human_bytes(est['optimizer'])} = {human_bytes(est['total'])}"
+                     + (f" (+{human_bytes(est['cpu_offload'])} CPU, offloaded)" if est["cpu_offload"] else "")
+                     + mark)
+    lines += [f"note: {note}" for note in plan.notes]
+    return "\n".join(lines)

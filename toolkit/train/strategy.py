@@ -1,0 +1,216 @@
+"""The one object around DeepSpeed (OpenRLHF's "strategy"): process group, optimizer + schedule +
+deepspeed.initialize, backward/step, checkpoints with client state and rotation, the HF export."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+from .config import TrainConfig
+from .plan import STATE_FILE
+
+log = logging.getLogger("toolkit.train")
+TAG_RE = re.compile(r"^step(\d+)$")
+
+
+def lr_lambda(total_steps: int, warmup_steps: int, kind: str):
+    """Multiplier of the peak lr at optimizer step `s`: linear warm-up from lr/warmup, then
+    linear decay towards 0, a cosine, or constant."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        if kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        return 1.0
+    return factor
+
+
+def set_seed(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class DeepSpeedStrategy:
+    def __init__(self, cfg: TrainConfig, ds_config: dict):
+        self.cfg, self.ds_config = cfg, ds_config
+        self.engine = None
+        self.rank, self.world_size, self.local_rank = 0, 1, 0
+
+    # ------------------------------------------------------------ process group
+
+    def setup_distributed(self) -> None:
+        import deepspeed
+        import torch
+
+        for key, default in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+            os.environ.setdefault(key, default)  # plain `python -m toolkit.train`: a world of one
+        if "MASTER_PORT" not in os.environ:
+            import socket
+
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+        deepspeed.init_distributed()  # nccl on GPU; gloo (+ the shm_comm op) on CPU
+        import torch.distributed as dist
+
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if torch.cuda.is_available():
+            torch.cuda.set_device(self.local_rank)
+            self.device = torch.device("cuda", self.local_rank)
+        else:
+            self.device = torch.device("cpu")
+        set_seed(self.cfg.seed)
+
+    @property
+    def is_rank_0(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+    def all_reduce_sum(self, value):
+        import torch.distributed as dist
+
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        return value
+
+    def destroy(self) -> None:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    # ------------------------------------------------------------ model, optimizer, schedule
+
+    def _param_groups(self, model) -> list[dict]:
+        """No weight decay on biases and norm weights (1-D tensors)."""
+        decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+        rest = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+        return [{"params": decay, "weight_decay": self.cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+    def build_optimizer(self, groups):
+        cfg = self.cfg
+        kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+        if cfg.optimizer == "adamw":
+            import torch
+
+            return torch.optim.AdamW(groups, **kwargs)
+        if cfg.optimizer == "adamw_8bit":
+            import bitsandbytes as bnb
+
+            return bnb.optim.AdamW8bit(groups, **kwargs)
+        return None  # deepspeed_adam: DeepSpeed builds FusedAdam / CPUAdam (offload) from the ds_config
+
+    def prepare(self, model, total_steps: int, warmup_steps: int):
+        import deepspeed
+        from torch.optim.lr_scheduler import LambdaLR
+
+        groups = self._param_groups(model)
+        optimizer = self.build_optimizer(groups)
+        factor = lr_lambda(total_steps, warmup_steps, self.cfg.lr_scheduler)
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, model_parameters=groups if optimizer is None else None,
+            lr_scheduler=lambda opt: LambdaLR(opt, factor), config=self.ds_config, dist_init_required=False)
+        return self.engine
+
+    def backward(self, loss) -> None:
+        self.engine.backward(loss)
+
+    def step(self) -> None:
+        """Every micro-step; DeepSpeed steps optimizer and schedule at the accumulation boundary."""
+        self.engine.step()
+
+    def lr(self) -> float:
+        return float(self.engine.get_lr()[0])
+
+    def grad_norm(self) -> float | None:
+        """The pre-clipping global norm of the last step (ZeRO-0 computes it only when clipping)."""
+        norm = self.engine.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+    # ------------------------------------------------------------ checkpoints
+
+    def _rng_state(self) -> dict:
+        import numpy as np
+        import torch
+
+        return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+
+    def _set_rng_state(self, rng: dict) -> None:
+        import numpy as np
+        import torch
+
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+
+    def save_checkpoint(self, ckpt_dir: Path, tag: str, client_state: dict, trainer_state: dict) -> None:
+        """All ranks: DeepSpeed's checkpoint, with every rank's RNG state gathered into the client
+        state; rank 0 also writes trainer_state.json, which a resume reads before init."""
+        import torch.distributed as dist
+
+        rngs: list = [None] * self.world_size
+        dist.all_gather_object(rngs, self._rng_state())
+        self.engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={**client_state, "rng": rngs})
+        if self.is_rank_0:
+            (Path(ckpt_dir) / tag / STATE_FILE).write_text(json.dumps(trainer_state, indent=2, sort_keys=True))
+        self.barrier()
+
+    def load_checkpoint(self, ckpt_dir: Path, tag: str | None = None, module_only: bool = False) -> dict:
+        path, client_state = self.engine.load_checkpoint(
+            str(ckpt_dir), tag=tag, load_module_only=module_only, load_optimizer_states=not module_only,
+            load_lr_scheduler_states=not module_only)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed found no checkpoint in {ckpt_dir} (tag {tag})")
+        client_state = client_state or {}
+        if not module_only and client_state.get("rng"):
+            self._set_rng_state(client_state["rng"][self.rank])
+        return client_state
+
+    def rotate_checkpoints(self, ckpt_dir: Path, keep_last_n: int, keep: set[str]) -> list[str]:
+        """Delete all but the newest `keep_last_n` tags and those in `keep` (the best). Rank 0."""
+        removed = []
+        if self.is_rank_0:
+            tags = sorted((p.name for p in Path(ckpt_dir).iterdir() if p.is_dir() and TAG_RE.match(p.name)),
+                          key=lambda t: int(TAG_RE.match(t)[1]))
+            for tag in tags[:-keep_last_n]:
+                if tag not in keep:
+                    shutil.rmtree(Path(ckpt_dir) / tag, ignore_errors=True)
+                    removed.append(tag)
+        self.barrier()
+        return removed
+
+    # ------------------------------------------------------------ export
+
+    def save_hf_model(self, tokenizer, out_dir: Path) -> None:
+        """Rank 0 writes weights + config + tokenizer (ZeRO-1/2 keep full weights on every rank);
+        written beside the target and renamed, so a reader never sees half a model."""
+        if self.is_rank_0:
+            model = self.engine.module
+            model.config.use_cache = True  # gradient checkpointing turned it off for training
+            out_dir = Path(out_dir)
+            tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            shutil.rmtree(out_dir, ignore_errors=True)
+            os.replace(tmp, out_dir)
+        self.barrier()
