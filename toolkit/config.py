@@ -101,10 +101,10 @@ def from_dict(cls: type[T], values: dict, source: str = "config", prefix: str = 
         raise ConfigError(f"{source}: {err}") from None
 
 
-def read_yaml(path: str | Path) -> dict:
+def read_yaml(path: str | Path, what: str = "config file") -> dict:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        raise ConfigError(f"{what} not found: {path}")
     try:
         loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:

@@ -7,7 +7,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
+from toolkit.config import ConfigError, coerce, read_yaml
 
 OPTIMIZERS = ("deepspeed_adam", "adamw", "adamw_8bit")
 LR_SCHEDULES = ("linear", "cosine", "constant")
@@ -15,7 +15,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 DS_CONFIG_DIR = REPO_ROOT / "ds_configs"
 
 
-class TrainConfigError(ValueError):
+class TrainConfigError(ConfigError):
     """A bad training config, ds_config, hostfile or launch request; the message is one line."""
 
 
@@ -140,57 +140,12 @@ def _check(ok: bool, name: str, value, why: str) -> None:
 
 # ---------------------------------------------------------------- loading and overrides
 
-_TRUE, _FALSE, _NONE = ("true", "yes", "on", "1"), ("false", "no", "off", "0"), ("none", "null", "~", "")
-
-
 def _coerce(name: str, value, kind):
     """`value` (from YAML or a --set string) as the field's type, or a TrainConfigError naming it."""
-    origin, args = typing.get_origin(kind), typing.get_args(kind)
-    if args and type(None) in args:  # Optional[...]
-        if value is None or (isinstance(value, str) and value.strip().lower() in _NONE):
-            return None
-        rest = [a for a in args if a is not type(None)]
-        kind = rest[0] if len(rest) == 1 else typing.Union[tuple(rest)]
-        origin, args = typing.get_origin(kind), typing.get_args(kind)
-    if origin is typing.Union or (args and origin not in (list,)):  # bool | str: resume, bf16
-        for option in (bool, str):
-            try:
-                return _coerce(name, value, option)
-            except TrainConfigError:
-                continue
-        raise TrainConfigError(f"training config: {name}={value!r} is not a valid value")
-    if origin is list:
-        items = value.split(",") if isinstance(value, str) else value
-        if not isinstance(items, (list, tuple)):
-            raise TrainConfigError(f"training config: {name}={value!r} must be a list")
-        return [_coerce(name, v.strip() if isinstance(v, str) else v, args[0]) for v in items]
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, (int, float)) and value in (0, 1):
-            return bool(value)
-        if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
-            return value.strip().lower() in _TRUE
-        raise TrainConfigError(f"training config: {name}={value!r} must be true or false")
-    if kind is int:
-        if isinstance(value, bool) or not isinstance(value, (int, str)):
-            raise TrainConfigError(f"training config: {name}={value!r} must be an integer")
-        try:
-            return int(value)
-        except ValueError:
-            raise TrainConfigError(f"training config: {name}={value!r} must be an integer") from None
-    if kind is float:
-        if isinstance(value, bool):
-            raise TrainConfigError(f"training config: {name}={value!r} must be a number")
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise TrainConfigError(f"training config: {name}={value!r} must be a number") from None
-    if kind is str:
-        if isinstance(value, (dict, list, bool)) or value is None:
-            raise TrainConfigError(f"training config: {name}={value!r} must be a string")
-        return str(value)
-    raise TypeError(f"unhandled field type {kind} for {name}")
+    try:
+        return coerce(name, value, kind, source="training config")
+    except ConfigError as err:
+        raise TrainConfigError(str(err)) from None
 
 
 def _field_types() -> dict[str, object]:
@@ -221,16 +176,10 @@ def load_config(path=None, overrides=None, extra: dict | None = None) -> TrainCo
     """YAML file (optional), then `--set` overrides, then `extra` (CLI flags like --resume)."""
     values: dict = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise TrainConfigError(f"training config not found: {path}")
         try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as err:
-            raise TrainConfigError(f"{path}: malformed YAML: {str(err).splitlines()[0]}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise TrainConfigError(f"{path}: expected a mapping of keys to values")
-        values.update(loaded or {})
+            values.update(read_yaml(path, what="training config"))
+        except ConfigError as err:
+            raise TrainConfigError(str(err)) from None
     for key, value in parse_overrides(overrides).items():
         if key not in _field_types():
             raise TrainConfigError(f"--set: unknown key '{key}' (known keys: {', '.join(_field_types())})")
