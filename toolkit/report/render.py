@@ -55,7 +55,7 @@ def _seed_sections(seed: str, m: dict, fig_dir: Path) -> tuple[list[str], list[P
             lines.extend([f"![{caption}]({path.parent.name}/{path.name})", ""])
 
     if m.get("categories"):
-        lines += ["### Knowledge categories (training items)", ""]
+        lines += ["### Knowledge categories (SliCK, per probe)", ""]
         lines += _table(["probe", *CATEGORIES, "total"],
                         [[name, *(counts.get(c, 0) for c in CATEGORIES), sum(counts.values())]
                          for name, counts in m["categories"].items()])
