@@ -33,7 +33,7 @@ TEST_ITEMS = 12
 
 def pipeline_config(model_dir, data_dir) -> dict:
     return {
-        "preset": "test", "model": str(model_dir), "baselines": ["upgraded_only"],
+        "preset": "test", "model": str(model_dir), "baselines": ["known_only", "upgraded_only"],
         "data": {"path": str(data_dir), "test_items": TEST_ITEMS},
         "probe": {**PROBE, "num_actors": 1, "cpus_per_actor": 1, "shard_size": 8, "splits": ["train", "test"]},
         # A 2-layer model cannot carry facts learned in the SFT format over to the few-shot probe
@@ -107,10 +107,12 @@ def test_every_step_wrote_real_content(finished_run, setup):
     stage2_ids = {r["id"] for r in read_jsonl(sd / "stage2" / "data" / "train.jsonl")}
     assert set(upgraded) <= stage2_ids and stage2_ids - set(upgraded) <= base_known
     assert len(stage2_ids) == sum(selection.values())
-    for stage in ("stage1", "stage2", "baseline-upgraded_only"):
+    known_only = [r["id"] for r in read_jsonl(sd / "baseline-known_only" / "data" / "train.jsonl")]
+    assert known_only == sorted(i for i in c0 if c0[i] != "Unknown")  # SliCK's filter, from M0
+    for stage in ("stage1", "stage2", "baseline-known_only", "baseline-upgraded_only"):
         summary = json.loads((sd / stage / "train" / "train_summary.json").read_text())
         assert Path(summary["model_dir"], "config.json").exists() and summary["global_step"] > 0
-    for model in ("M0", "M1", "M2", "upgraded_only"):
+    for model in ("M0", "M1", "M2", "known_only", "upgraded_only"):
         assert len(read_jsonl(sd / "eval" / f"{model}.jsonl")) == TEST_ITEMS
     # the metrics agree with the files they come from
     m = metrics["seeds"]["0"]
