@@ -77,6 +77,7 @@ def cmd_doctor(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from toolkit.bench import add_bench_parser
     from toolkit.gradual.cli import add_report_parser, add_run_parser
     from toolkit.probe.cli import add_probe_parser
     from toolkit.train.launch import add_train_parser
@@ -101,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(sub)
     add_run_parser(sub)
     add_report_parser(sub)
+    add_bench_parser(sub)
 
     doctor = sub.add_parser("doctor", help="report versions, devices, attention backend, embedded model")
     doctor.add_argument("--json", action="store_true", help="machine-readable output")

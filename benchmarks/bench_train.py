@@ -1,0 +1,334 @@
+"""Training throughput of the real trainer (`python -m toolkit.train` under the deepspeed launcher) on
+closed-book SFT of the built-in facts: tokens/s, step time, peak memory per rank and, on GPU, MFU for
+ZeRO-0 (plain data parallel), ZeRO-1 and ZeRO-2, with and without gradient checkpointing, DeepSpeed's
+Adam / torch AdamW vs bitsandbytes 8-bit AdamW; plus model-state memory per GPU for 1B/8B/70B on 8 GPUs.
+`python benchmarks/bench_train.py --preset cpu|gpu` (or `gradual bench train`).
+
+Each variant is one launch of this file as the per-rank entry (`--rank-entry DIR`): it runs the trainer
+unchanged and then records the rank's peak memory. Checkpoint and export I/O is skipped (`--no-save`):
+the trainer has no step limit, so every run would end with a full DeepSpeed checkpoint otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import resource
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+# Llama-3-70B (published config) for the memory table; 1B and 8B come from toolkit.models.RANDOM_SHAPES
+LLAMA_70B = dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                 num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False)
+PRESETS = {
+    "cpu": dict(model="smollm2", ranks=2, micro_batch=4, accum=1, steps=3, warmup_steps=1,
+                variants=["zero0", "zero1", "zero2", "zero2-ckpt", "zero2-adamw_8bit"], optimizer="adamw", budget_s=0,
+                timeout=900),
+    "gpu": dict(model="random:llama-3.2-1b", ranks=1, micro_batch=256, accum=1, steps=10, warmup_steps=3,
+                variants=["zero0", "zero1", "zero2", "zero0-ckpt", "zero2-ckpt", "zero2-adamw_8bit"],
+                optimizer="deepspeed_adam", inputs=str(common.DEFAULT_INPUTS), budget_s=480, timeout=300),
+    "smoke": dict(model="random:tiny", ranks=1, micro_batch=2, accum=1, steps=1, warmup_steps=0,
+                  variants=["zero0", "zero1"], optimizer="adamw", budget_s=0, timeout=300),
+}
+
+
+def parse_args(argv, prog=None):
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_common_args(p, PRESETS)
+    p.add_argument("--model", help="smollm2, a HF directory, or random:<shape>")
+    p.add_argument("--ranks", type=int, help="processes (GPUs, or CPU ranks)")
+    p.add_argument("--micro-batch", type=int, help="micro_batch_size per rank")
+    p.add_argument("--accum", type=int, help="gradient_accumulation_steps")
+    p.add_argument("--steps", type=int, help="timed optimizer steps per variant")
+    p.add_argument("--warmup-steps", type=int, help="untimed optimizer steps first")
+    p.add_argument("--variants", nargs="+", help="zero{0,1,2}[-ckpt][-<optimizer>], e.g. zero2-ckpt-adamw_8bit")
+    p.add_argument("--optimizer", help="optimizer of variants that name none (adamw, deepspeed_adam, adamw_8bit)")
+    p.add_argument("--bf16", choices=("auto", "true", "false"), default="auto")
+    p.add_argument("--max-len", type=int, default=256)
+    p.add_argument("--timeout", type=int, help="seconds per variant before it is killed")
+    p.add_argument("--budget-s", type=float, help="launch no new variant after this many seconds (0: no limit)")
+    p.add_argument("--keep", type=Path, help="keep the runs' files (configs, logs, losses) in this directory")
+    return common.apply_preset(p.parse_args(argv), PRESETS)
+
+
+# ---------------------------------------------------------------- the per-rank entry
+
+
+def rank_entry(argv: list[str]) -> int:
+    """Run the trainer in this process, then write this rank's peak memory to DIR/rank<R>.json."""
+    i = argv.index("--rank-entry")
+    out, rest = Path(argv[i + 1]), argv[:i] + argv[i + 2:]
+    if "--no-save" in rest:
+        rest.remove("--no-save")
+        from toolkit.train import loop, strategy
+
+        # Checkpoint and export I/O is not what is measured (and is minutes for a 1B model with Adam states).
+        strategy.DeepSpeedStrategy.save_checkpoint = lambda self, *a, **k: None
+        strategy.DeepSpeedStrategy.rotate_checkpoints = lambda self, *a, **k: []
+        strategy.DeepSpeedStrategy.save_hf_model = lambda self, *a, **k: None
+        loop._export_reference = lambda *a, **k: None
+    if importlib.util.find_spec("tensorboard") is None:
+        stub_tensorboard()
+    from toolkit.train.__main__ import main as train_main
+
+    rc = train_main(rest)
+    import torch
+
+    mem = {"rank": int(os.environ.get("RANK", 0)), "rc": rc,
+           "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if torch.cuda.is_available():
+        mem.update(cuda_max_allocated=torch.cuda.max_memory_allocated(), cuda_max_reserved=torch.cuda.max_memory_reserved())
+    (out / f"rank{mem['rank']}.json").write_text(json.dumps(mem))
+    return rc
+
+
+def stub_tensorboard() -> None:
+    """A no-op SummaryWriter where tensorboard is missing (the GPU machine's wheel bundle lacks it): the
+    trainer's rank 0 only logs scalars to it; losses.jsonl, which this benchmark reads, is unaffected."""
+    import types
+
+    class SummaryWriter:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        add_scalar = flush = close = __init__
+
+    sys.modules["torch.utils.tensorboard"] = types.SimpleNamespace(SummaryWriter=SummaryWriter)
+
+
+# ---------------------------------------------------------------- variants
+
+
+def parse_variant(name: str, default_optimizer: str) -> dict:
+    parts = name.split("-")
+    if not parts[0].startswith("zero") or parts[0][4:] not in ("0", "1", "2"):
+        raise SystemExit(f"error: variant '{name}': expected zero0|zero1|zero2[-ckpt][-<optimizer>]")
+    ckpt = "ckpt" in parts[1:]
+    rest = [p for p in parts[1:] if p != "ckpt"]
+    return dict(variant=name, zero_stage=int(parts[0][4:]), gradient_checkpointing=ckpt,
+                optimizer=rest[0] if rest else default_optimizer)
+
+
+def write_data(args, path: Path, global_batch: int) -> int:
+    """A capped SFT set: exactly (warm-up + timed) steps of one epoch (items repeat if too few)."""
+    from toolkit.io import write_jsonl
+
+    train, _ = common.load_items(args.data, with_dev=False)
+    need = (args.warmup_steps + args.steps) * global_batch
+    rows = []
+    for i in range(need):
+        row = train[i % len(train)].to_dict()
+        row.update(id=f"{row['id']}~{i // len(train)}", split="train")
+        rows.append(row)
+    write_jsonl(path / "train.jsonl", rows)
+    return need
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_variant(v: dict, args, model: str, data: Path, work: Path, on_gpu: bool) -> dict:
+    import yaml
+
+    run_dir, rank_dir = work / v["variant"], work / v["variant"] / "ranks"
+    rank_dir.mkdir(parents=True, exist_ok=True)
+    if v["optimizer"] == "adamw_8bit" and importlib.util.find_spec("bitsandbytes") is None:
+        return dict(v, status="skipped", reason="bitsandbytes is not installed")
+    cfg = dict(model=model, data=str(data), output_dir=str(run_dir / "out"), dev_split=None, eval_train=False,
+               ds_config="zero2" if v["zero_stage"] == 2 else "zero1", zero_stage=v["zero_stage"],
+               optimizer=v["optimizer"], gradient_checkpointing=v["gradient_checkpointing"],
+               micro_batch_size=args.micro_batch, gradient_accumulation_steps=args.accum, epochs=1, lr=1e-5,
+               bf16=args.bf16 if args.bf16 == "auto" else args.bf16 == "true", max_len=args.max_len, progress=False,
+               patience=0, seed=0)
+    (run_dir / "train.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    # The launcher as a module: on the GPU machine deepspeed is pip-installed with --target (no script on PATH).
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus" if on_gpu else "--num_accelerators",
+           str(args.ranks), "--master_port", str(free_port()), str(Path(__file__).resolve()),
+           "--rank-entry", str(rank_dir), "--no-save", "--config", str(run_dir / "train.yaml")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(common.REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    bins = [str(Path(d) / "bin") for d in sys.path if d and (Path(d) / "bin" / "ninja").exists()]
+    env["PATH"] = os.pathsep.join([*bins, env.get("PATH", "")])  # ninja of a `pip install --target` (DeepSpeed JIT ops)
+    if not on_gpu:  # ranks share the cores instead of each spawning one thread per core
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.ranks)))
+    log = run_dir / "launch.log"
+    start = time.perf_counter()
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, cwd=common.REPO_ROOT, stdout=fh, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+        try:
+            rc = proc.wait(timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)  # the launcher's own session: its ranks go too
+            rc = proc.wait()
+    wall = time.perf_counter() - start
+    losses_path = run_dir / "out" / "losses.jsonl"
+    steps = [json.loads(line) for line in losses_path.read_text().splitlines()] if losses_path.exists() else []
+    if rc != 0 or len(steps) < args.warmup_steps + args.steps:
+        tail = log.read_text(errors="replace").strip().splitlines()[-15:]
+        return dict(v, status="failed", rc=rc, launch_wall_s=wall, log_tail=tail)
+    timed = steps[args.warmup_steps:]
+    step_s = [r["tokens"] / r["tokens_per_s"] for r in timed]
+    ranks = [json.loads(p.read_text()) for p in sorted(rank_dir.glob("rank*.json"))]
+    key = "cuda_max_allocated" if on_gpu else "peak_rss_bytes"
+    return dict(v, status="ok", launch_wall_s=wall, steps_timed=len(timed), tokens_per_step=sum(r["tokens"] for r in timed) / len(timed),
+                tokens_per_s=sum(r["tokens"] for r in timed) / sum(step_s), step_s=sorted(step_s)[len(step_s) // 2],
+                step_s_all=step_s, final_loss=timed[-1]["loss"], peak_memory_per_rank=[r.get(key) for r in ranks],
+                peak_memory_kind=key, ranks=ranks)
+
+
+# ---------------------------------------------------------------- memory model, figures, report
+
+
+def count_params(shape: dict | str) -> int:
+    from toolkit.train.plan import count_parameters
+
+    if isinstance(shape, str):
+        return count_parameters(shape)
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(LlamaConfig(**shape))
+    return sum(p.numel() for p in model.parameters())
+
+
+def memory_table(world: int = 8) -> list[dict]:
+    """Model-state bytes per GPU (the trainer's own estimate, toolkit.train.dsconfig.memory_estimate)."""
+    from toolkit.train.dsconfig import memory_estimate
+
+    rows = []
+    for name, shape in (("1B (llama-3.2-1b)", "random:llama-3.2-1b"), ("8B (llama-3-8b)", "random:llama-3-8b"),
+                        ("70B (llama-3-70b)", LLAMA_70B)):
+        n = count_params(shape)
+        for opt in ("deepspeed_adam", "adamw_8bit"):
+            row = dict(model=name, params=n, optimizer=opt, world=world)
+            for stage in (0, 1, 2):
+                row[f"zero{stage}_gib"] = memory_estimate(n, stage, world, True, opt, False)["total"] / 2**30
+            rows.append(row)
+    return rows
+
+
+def figures(results: list[dict], n_params: int, peak_flops: float | None, on_gpu: bool, args) -> None:
+    from toolkit.train.dsconfig import memory_estimate
+
+    bf16 = on_gpu if args.bf16 == "auto" else args.bf16 == "true"
+    zero0 = {(r["gradient_checkpointing"], r["optimizer"]): r for r in results if r["status"] == "ok" and r["zero_stage"] == 0}
+    for r in results:
+        if r["status"] != "ok":
+            continue
+        r["model_states_per_rank_bytes"] = memory_estimate(n_params, r["zero_stage"], args.ranks, bf16, r["optimizer"], False)["total"]
+        r["peak_memory_max_gib"] = max(m or 0 for m in r["peak_memory_per_rank"]) / 2**30
+        r["mfu"] = 6 * n_params * r["tokens_per_s"] / (peak_flops * args.ranks) if peak_flops else None
+        base = zero0.get((r["gradient_checkpointing"], r["optimizer"]))
+        r["x_zero0"] = r["tokens_per_s"] / base["tokens_per_s"] if base else None
+
+
+def check_targets(results: list[dict], model: str, on_gpu: bool, args) -> list[dict]:
+    out = []
+    for r in results:
+        if r["status"] == "ok" and r["zero_stage"] == 2 and r.get("x_zero0") is not None:
+            got = r["x_zero0"]
+            out.append(dict(target="ZeRO-2 tokens/s >= 0.9x ZeRO-0", variant=r["variant"], required=0.9, measured=got,
+                            met=got >= 0.9, shortfall=None if got >= 0.9 else 0.9 / got))
+        if on_gpu and r["status"] == "ok" and "llama-3.2-1b" in model and args.ranks == 1 and r.get("mfu") is not None:
+            got = r["mfu"]
+            out.append(dict(target="MFU >= 40% (1B, bf16, 1 GPU)", variant=r["variant"], required=0.4, measured=got,
+                            met=got >= 0.4, shortfall=None if got >= 0.4 else 0.4 / got))
+    return out
+
+
+def report(payload: dict, path: Path) -> None:
+    cfg = payload["config"]
+    ok = [dict(r, states_gib=r["model_states_per_rank_bytes"] / 2**30) for r in payload["variants"] if r["status"] == "ok"]
+    parts = [common.env_line(payload["env"], path, "torch", "deepspeed"),
+             f"**{payload['model']}** ({payload['params'] / 1e6:.0f}M params), {cfg['ranks']} rank(s), micro-batch "
+             f"{cfg['micro_batch']} x accumulation {cfg['accum']}, {cfg['steps']} timed steps after {cfg['warmup_steps']} "
+             f"warm-up; peak memory = {ok[0]['peak_memory_kind'] if ok else '-'}, max over ranks\n\n" + common.table(ok, [
+                 ("variant", "variant"), ("tokens_per_s", "tokens/s"), ("step_s", "step s"), ("tokens_per_step", "tokens/step"),
+                 ("peak_memory_max_gib", "peak GiB/rank"), ("states_gib", "model states GiB/rank"), ("mfu", "MFU"),
+                 ("x_zero0", "x ZeRO-0")])]
+    parts += [f"{r['variant']}: {r['status']} ({r.get('reason') or r.get('rc')})" for r in payload["variants"]
+              if r["status"] != "ok"]
+    parts.append("Model-state memory per GPU on 8 GPUs (bf16 weights and gradients, fp32 master + optimizer states; "
+                 "activations not included), GiB:\n\n" + common.table(payload["memory_table"], [
+                     ("model", "model"), ("optimizer", "optimizer"), ("zero0_gib", "ZeRO-0"), ("zero1_gib", "ZeRO-1"),
+                     ("zero2_gib", "ZeRO-2")]))
+    if payload["targets"]:
+        parts.append("Targets:\n\n" + common.table(payload["targets"], [("target", "target"), ("variant", "variant"),
+                     ("measured", "measured"), ("met", "met"), ("shortfall", "missed by (x)")]))
+    common.publish("\n\n".join(parts), path, lambda plt: plot(plt, payload, ok))
+
+
+def plot(plt, payload: dict, ok: list[dict]):
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    names, x = [r["variant"] for r in ok], range(len(ok))
+    left.bar(names, [r["tokens_per_s"] for r in ok])
+    left.set_ylabel("tokens/s")
+    left.set_title(f"Training throughput, {payload['model']}, {payload['env']['device']}", fontsize=9)
+    right.bar([i - 0.2 for i in x], [r["peak_memory_max_gib"] for r in ok], 0.4, label="measured peak / rank")
+    right.bar([i + 0.2 for i in x], [r["states_gib"] for r in ok], 0.4, label="model states / rank (estimate)")
+    right.set_xticks(list(x), names)
+    right.set_ylabel("GiB")
+    right.legend(fontsize=8)
+    for ax in (left, right):
+        ax.tick_params(axis="x", labelrotation=30, labelsize=8)
+    return fig
+
+
+def main(argv=None, prog=None) -> int:
+    started, args = time.perf_counter(), parse_args(argv, prog)
+    if args.replot:
+        report(json.loads(args.replot.read_text()), args.replot)
+        return 0
+    import torch
+
+    args.data, args.tokenizer = common.resolve_inputs(args.inputs, args.data, args.tokenizer)
+    on_gpu = torch.cuda.is_available()
+    ceilings = common.measure_ceilings()
+    variants = [parse_variant(v, args.optimizer) for v in args.variants]
+    n_params = count_params(args.model)
+    payload = dict(benchmark="train", env=common.environment(), config=common.config_of(args), ceilings=ceilings,
+                   model=args.model, params=n_params, variants=[], memory_table=memory_table())
+    path = common.result_path("train", args.out, args.tag)
+
+    def save() -> None:  # after every variant: a run cut short by its time limit keeps what it measured
+        figures(payload["variants"], n_params, ceilings and ceilings["bf16_flops_per_s"], on_gpu, args)
+        payload["targets"] = check_targets(payload["variants"], args.model, on_gpu, args)
+        common.write_result(path, payload)
+
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
+        work = args.keep or Path(tmp)
+        model = args.model
+        if model.startswith("random:") and args.tokenizer:  # the trainer loads the tokenizer by model source
+            model = common.materialise_random(model, args.tokenizer, work / "model",
+                                              "bfloat16" if on_gpu and args.bf16 != "false" else "float32")
+        write_data(args, work / "data", args.micro_batch * args.accum * args.ranks)
+        for v in variants:
+            print(f"== {v['variant']}", flush=True)
+            if args.budget_s and time.perf_counter() - started > args.budget_s:  # a remote run is killed at its limit
+                payload["variants"].append(dict(v, status="skipped", reason=f"past --budget-s {args.budget_s:g}"))
+                continue
+            payload["variants"].append(run_variant(v, args, model, work / "data", work, on_gpu))
+            print(json.dumps({k: payload["variants"][-1].get(k) for k in ("status", "tokens_per_s", "step_s",
+                                                                          "launch_wall_s")}), flush=True)
+            save()
+    save()
+    report(payload, path)
+    return 0
+
+
+if __name__ == "__main__":
+    if "--rank-entry" in sys.argv:
+        sys.exit(rank_entry(sys.argv[1:]))
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""Smoke tests of the benchmarks (benchmarks/*.py) at their tiniest settings: they run end to end,
+write a result JSON with the figures and a PNG, and `gradual bench` forwards to them. Timings here
+mean nothing; the figures are produced by the full presets (benchmarks/README.md)."""
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from toolkit.bench import load_benchmark
+from toolkit.cli import EXIT_BAD_INPUT, main
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+os.environ.setdefault("GRADUAL_CACHE_DIR", str(REPO / ".cache" / "gradual"))
+
+
+def only_result(out: Path, name: str) -> dict:
+    files = sorted(out.glob(f"{name}-*.json"))
+    assert len(files) == 1, files
+    assert files[0].with_suffix(".png").is_file()
+    return json.loads(files[0].read_text())
+
+
+def test_sampling_smoke_through_the_cli(tmp_path, capsys):
+    # random 'tiny' shape, 2 questions x 1 prompt x (1 + 2) answers, 2 new tokens, no Ray
+    assert main(["bench", "sampling", "--preset", "smoke", "--actors", "--out", str(tmp_path)]) == 0
+    result = only_result(tmp_path, "sampling")
+    assert result["env"]["versions"]["torch"] and result["env"]["device"] and result["env"]["date"]
+    assert result["config"]["questions"] == 2 and result["config"]["samples"] == 2
+    model = result["models"][0]
+    assert model["forced_full_length"] and not model["failed"]
+    rows = {r["engine"]: r for r in model["engines"]}
+    assert set(rows) == {"toolkit", "generate", "no-fanout", "no-bucketing"}  # no CUDA graphs on CPU
+    for r in rows.values():
+        assert r["answers"] == 2 * 3 and r["answers_per_s"] > 0 and r["peak_memory"]["bytes"] > 0
+        assert r["tokens_per_answer"] == 2  # forced full length
+    assert rows["generate"]["x_generate"] == 1 and rows["toolkit"]["prefill_tokens_per_s"] > 0
+    assert set(model["feature_gain"]) == {"fan_out_kv", "bucket_by_length"}
+    assert result["extrapolation"][0]["hours_8"] == pytest.approx(result["extrapolation"][0]["hours_1"] / 8)
+    assert "| toolkit" in capsys.readouterr().out
+    next(tmp_path.glob("*.png")).unlink()
+    assert main(["bench", "sampling", "--replot", str(next(tmp_path.glob("sampling-*.json")))]) == 0
+    assert next(tmp_path.glob("*.png"))
+
+
+def test_forced_full_length_and_roofline_accounting():
+    import torch
+
+    from toolkit.models import ModelSpec, load_model
+    from toolkit.probe.types import PromptRequest, SamplingConfig
+
+    bench = load_benchmark("sampling")
+    args = bench.parse_args(["--preset", "smoke", "--batch-prompts", "2", "--samples", "3", "--max-new-tokens", "5"])
+    model, tokenizer = load_model(ModelSpec(source="random:tiny"))
+    sampling = SamplingConfig(num_samples=3, max_new_tokens=5)
+    requests = [PromptRequest(f"q{i}", 0, "Q: What is the capital of France?\nA:" + " x" * i) for i in range(3)]
+    for name in ("toolkit", "generate"):
+        engine = bench.make_engine(name, model, tokenizer, sampling, args, force=True)
+        answers = engine.generate(requests)
+        assert all(a.greedy_tokens == 5 and a.sample_tokens == [5] * 3 for a in answers)
+    lens = [len(tokenizer(r.text, add_special_tokens=False).input_ids) for r in requests]
+    ceilings = {"hbm_bytes_per_s": 1e12, "bf16_flops_per_s": 1e15}
+    # 3 prompts in batches of 2: 2 batches x (5 - 1) decode steps
+    roof = bench.roofline(model, lens, args, True, ceilings, decode_s=0.1, decode_steps=8)
+    params = sum(p.numel() for p in model.parameters())
+    assert roof["weight_bytes"] == params * 4 and roof["bytes_per_step"] > roof["weight_bytes"]
+    assert roof["x_roofline"] == pytest.approx(roof["measured_step_s"] / roof["roofline_step_s"])
+    # rows that stopped early break the accounting: no figure rather than a wrong one
+    assert bench.roofline(model, lens, args, True, ceilings, decode_s=0.1, decode_steps=5) is None
+    assert torch.isfinite(torch.tensor(roof["flops_per_step"]))
+
+
+def test_bench_fails_clearly_without_the_benchmarks_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("GRADUAL_BENCHMARKS_DIR", str(tmp_path / "missing"))
+    assert main(["bench", "train", "--preset", "smoke"]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "benchmark script not found" in err and err.count("\n") == 1
+
+
+def test_memory_table_uses_the_trainers_estimate():
+    rows = load_benchmark("train").memory_table()
+    assert [r["model"][:3] for r in rows] == ["1B ", "1B ", "8B ", "8B ", "70B", "70B"]
+    for r in rows:
+        assert r["zero0_gib"] > r["zero1_gib"] > r["zero2_gib"] > 0
+    adam_1b = rows[0]
+    assert adam_1b["params"] == pytest.approx(1.24e9, rel=0.01)
+    # ZeRO-0 with Adam: bf16 weights (2) + bf16 grads (2) + fp32 master and moments (12) bytes per parameter
+    assert adam_1b["zero0_gib"] * 2**30 == pytest.approx(16 * adam_1b["params"])
+    assert adam_1b["zero2_gib"] * 2**30 == pytest.approx((2 + 14 / 8) * adam_1b["params"])
+
+
+def test_readme_section_is_replaced_in_place(tmp_path):
+    common = load_benchmark("sampling").common
+    readme = tmp_path / "README.md"
+    readme.write_text("# Benchmarks\n\nintro\n")
+    common.update_readme("sampling-cpu", "table 1", readme)
+    common.update_readme("train-cpu", "table A", readme)
+    common.update_readme("sampling-cpu", "table 2", readme)
+    text = readme.read_text()
+    assert "table 1" not in text and text.count("table 2") == 1 and "table A" in text and text.startswith("# Benchmarks")
+
+
+@pytest.mark.slow
+def test_sampling_ray_section(tmp_path):
+    bench = load_benchmark("sampling")
+    assert bench.main(["--preset", "smoke", "--engines", "toolkit", "--actors", "1", "--out", str(tmp_path)]) == 0
+    ray = only_result(tmp_path, "sampling")["ray"]
+    run = ray["runs"][0]
+    assert run["actors"] == 1 and run["answers"] == 2 * 3 and run["answers_per_s"] > 0
+    assert run["shards"] == 2 and run["driver_overhead_per_shard_s"] is not None
+
+
+@pytest.mark.slow
+def test_train_smoke_zero0_and_zero1_on_one_rank(tmp_path):
+    # the real trainer under the deepspeed launcher: 1 CPU rank, 1 step of 2 items per variant
+    bench = load_benchmark("train")
+    assert bench.main(["--preset", "smoke", "--out", str(tmp_path)]) == 0
+    result = only_result(tmp_path, "train")
+    assert result["env"]["versions"]["deepspeed"] and result["params"] > 0
+    variants = {v["variant"]: v for v in result["variants"]}
+    assert set(variants) == {"zero0", "zero1"}
+    for v in variants.values():
+        assert v["status"] == "ok", v
+        assert v["tokens_per_s"] > 0 and v["step_s"] > 0 and v["steps_timed"] == 1
+        assert len(v["peak_memory_per_rank"]) == 1 and v["peak_memory_per_rank"][0] > 0
+        assert v["model_states_per_rank_bytes"] > 0 and v["mfu"] is None  # no MFU on CPU
+    assert variants["zero0"]["x_zero0"] == 1
+    assert len(result["memory_table"]) == 6
