@@ -216,6 +216,11 @@ def load_model(spec: ModelSpec):
     return model, tokenizer
 
 
+def tokens_until_stop(ids, stop_ids) -> int:
+    """How many generated tokens an answer uses: up to and including the first stop token."""
+    return next((i + 1 for i, t in enumerate(ids) if t in stop_ids), len(ids))
+
+
 def newline_token_ids(tokenizer) -> list[int]:
     """Every token whose text contains a newline: an answer stops at the first one."""
     vocab = tokenizer.get_vocab()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import sys
 
-from .slick import ENGINES, ProbeConfig, ProbeConfigError
+from .slick import ENGINES, ProbeConfig
 
 
 def add_probe_parser(subparsers) -> None:
@@ -38,8 +38,6 @@ def add_probe_parser(subparsers) -> None:
 
 
 def cmd_probe(args) -> int:
-    from toolkit.cli import UsageError
-
     from .pool import ActorGroupError
     from .runner import RunConfig, run_probe
 
@@ -54,8 +52,6 @@ def cmd_probe(args) -> int:
                         strategy="STRICT_SPREAD" if args.spread else "PACK", ray_address=args.ray_address,
                         progress=not args.no_progress)
         summary = run_probe(run, probe)
-    except ProbeConfigError as err:  # mapped here so exit code 2 holds whatever cli._user_errors lists
-        raise UsageError(str(err)) from None
     except ActorGroupError as err:  # a runtime failure (placement, repeated deaths): one line, exit 1
         print(f"error: {err}", file=sys.stderr)
         return 1

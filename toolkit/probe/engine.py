@@ -20,7 +20,7 @@ from transformers import DynamicCache, StaticCache
 
 from toolkit.data.matching import extract_answer
 from toolkit.data.prompts import stable_seed
-from toolkit.models import newline_token_ids
+from toolkit.models import newline_token_ids, tokens_until_stop
 
 from .types import PromptAnswers, PromptRequest, SamplingConfig
 
@@ -249,7 +249,7 @@ class FastEngine:
         """Text up to the first newline; token counts include the stop token (as ReferenceEngine)."""
         decoded = []
         for ids in rows:
-            used = next((i + 1 for i, t in enumerate(ids) if t in self._stop_set), len(ids))
+            used = tokens_until_stop(ids, self._stop_set)
             decoded.append((ids[:used], used))
         texts = self.tokenizer.batch_decode([ids for ids, _ in decoded], skip_special_tokens=True)
         answers = []

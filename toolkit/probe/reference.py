@@ -12,7 +12,7 @@ import torch
 
 from toolkit.data.matching import extract_answer
 from toolkit.data.prompts import stable_seed
-from toolkit.models import newline_token_ids
+from toolkit.models import newline_token_ids, tokens_until_stop
 
 from .types import PromptAnswers, PromptRequest, SamplingConfig
 
@@ -30,11 +30,7 @@ class ReferenceEngine:
 
     def _decode(self, row: torch.Tensor) -> tuple[str, int]:
         ids = row.tolist()
-        used = len(ids)
-        for i, tok in enumerate(ids):
-            if tok in self._stop_set:
-                used = i + 1
-                break
+        used = tokens_until_stop(ids, self._stop_set)
         return extract_answer(self.tokenizer.decode(ids[:used], skip_special_tokens=True)), used
 
     @torch.inference_mode()

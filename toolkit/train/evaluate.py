@@ -12,7 +12,7 @@ from typing import Sequence
 
 from toolkit.data.matching import extract_answer, is_correct
 from toolkit.data.schema import QAItem
-from toolkit.models import newline_token_ids
+from toolkit.models import newline_token_ids, tokens_until_stop
 
 from .data import encode_prompt
 
@@ -59,8 +59,7 @@ def greedy_answers(model, tokenizer, questions: Sequence[str], batch_size: int, 
                                      temperature=None, top_p=None, top_k=None)
             for row, i in enumerate(chunk):
                 new = out[row, width:].tolist()
-                cut = next((k for k, t in enumerate(new) if t in stops), len(new))
-                text = tokenizer.decode(new[:cut + 1], skip_special_tokens=True)
+                text = tokenizer.decode(new[:tokens_until_stop(new, stops)], skip_special_tokens=True)
                 answers[i] = extract_answer(text)
     finally:
         model.train(was_training)
