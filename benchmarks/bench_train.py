@@ -29,7 +29,7 @@ import common  # noqa: E402
 LLAMA_70B = dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
                  num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False)
 PRESETS = {
-    "cpu": dict(model="smollm2", ranks=2, micro_batch=4, accum=1, steps=3, warmup_steps=1,
+    "cpu": dict(model="smollm2", ranks=2, micro_batch=4, accum=1, steps=6, warmup_steps=2,
                 variants=["zero0", "zero1", "zero2", "zero2-ckpt", "zero2-adamw_8bit"], optimizer="adamw", budget_s=0,
                 timeout=900),
     "gpu": dict(model="random:llama-3.2-1b", ranks=1, micro_batch=256, accum=1, steps=10, warmup_steps=3,

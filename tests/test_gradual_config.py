@@ -31,6 +31,7 @@ def test_overrides_and_all_baselines():
     (["probe.splits=train"], "probe.splits must include 'test'"),
     (["probe.engine=turbo"], "unknown engine 'turbo'"),
     (["probe.samples=-1"], "samples must be >= 0"),
+    (["probe.seed=3"], "probe.seed is set by the pipeline"),
     (["selection.stage1_categories=Known"], "unknown category 'Known'"),
     (["train.options.model=x"], "train.options.model is set by the pipeline"),
     (["train.options.micro_batch_size=0"], "micro_batch_size=0 must be >= 1"),

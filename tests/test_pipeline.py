@@ -1,8 +1,9 @@
 """The whole schedule end to end on a tiny model and synthetic facts: real Ray probing, real DeepSpeed
-launches, the report. Then an interrupted run (killed in the middle of a step) resumed to the same
-metrics."""
+launches, the report. Then an interrupted run (killed in the middle of a training step) resumed to the
+same metrics."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import pytest
 import yaml
 
 from toolkit.gradual.config import load_pipeline_config
-from toolkit.gradual.pipeline import Pipeline, balanced_subset
+from toolkit.gradual.pipeline import Pipeline
 from toolkit.io import read_jsonl, write_jsonl
 from tests import tiny
 from toolkit.data.prompts import ExemplarPool
@@ -158,27 +159,35 @@ def test_rerun_with_another_config_is_refused(finished_run, setup):
 
 
 def test_killed_in_the_middle_of_a_step_resumes_to_the_same_metrics(finished_run, setup):
+    # A copy of the finished run rolled back to just before stage 2's training (what came before it
+    # was already checked to be skipped on a re-run), then killed in the middle of stage 2 and resumed.
     root, config, _ = setup
     run_dir = root / "run-b"
+    shutil.copytree(finished_run[0], run_dir)
+    kept = {"data", "seed0.probe_m0_train", "seed0.probe_m0_test", "seed0.select_stage1", "seed0.train_stage1",
+            "seed0.probe_m1_train"}
+    for marker in (run_dir / "state").glob("*.json"):
+        if marker.stem not in kept:
+            marker.unlink()
+    sd = run_dir / "seed-0"
+    for later in [sd / "stage2", sd / "probe" / "m2-train", sd / "eval", run_dir / "report",
+                  *sd.glob("baseline-*")]:
+        shutil.rmtree(later)
+    (run_dir / "metrics.json").unlink()
+
     cmd = [sys.executable, "-m", "toolkit.cli", "run", str(config), "--out", str(run_dir)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    latest = run_dir / "seed-0" / "stage1" / "train" / "checkpoints" / "latest"
+    latest = sd / "stage2" / "train" / "checkpoints" / "latest"
     deadline = time.time() + 600
     while not latest.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.5)
-    assert proc.poll() is None, "the run ended before stage 1 wrote a checkpoint"
+    assert proc.poll() is None, "the run ended before stage 2 wrote a checkpoint"
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and the launcher's ranks, mid-training
     proc.wait()
-    assert not (run_dir / "state" / "seed0.train_stage1.json").exists()
+    assert not (run_dir / "state" / "seed0.train_stage2.json").exists()
     done = subprocess.run(cmd, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     resumed = json.loads((run_dir / "metrics.json").read_text())
     assert without_costs(resumed) == without_costs(finished_run[1])
-    assert "[skip] seed0.probe_m0_train (done)" in done.stdout
-
-
-def test_balanced_subset_covers_every_relation():
-    train = [it for it in ITEMS if it.split == "train"]
-    subset = balanced_subset(train, 9, seed=0)
-    assert len(subset) == 9 and {it.relation for it in subset} == {"color", "home", "code"}
-    assert balanced_subset(train, 9, seed=0) == subset and balanced_subset(train, 9, seed=1) != subset
+    assert "[skip] seed0.probe_m1_train (done)" in done.stdout
+    assert "resumed from" in (sd / "stage2" / "train.log").read_text()

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from toolkit.io import read_jsonl
+
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))  # JIT ops built once
 os.environ.setdefault("GRADUAL_CACHE_DIR", str(REPO / ".cache" / "gradual"))
@@ -43,8 +45,12 @@ def finish(proc: subprocess.Popen, log: Path, timeout=TIMEOUT) -> tuple[int, str
     return rc, log.read_text()
 
 
+PORTS: list[int] = []  # every master port used here: no shared-memory buffer may outlive its launch
+
+
 def ds_train(config: Path, out: Path, *sets: str, procs: int = 2, extra=()) -> list[str]:
-    cmd = [DEEPSPEED, "--num_accelerators", str(procs), "--master_port", str(free_port()),
+    PORTS.append(free_port())
+    cmd = [DEEPSPEED, "--num_accelerators", str(procs), "--master_port", str(PORTS[-1]),
            "--module", "toolkit.train", "--config", str(config), "--set", f"output_dir={out}"]
     for s in sets:
         cmd += ["--set", s]
@@ -187,6 +193,11 @@ def test_zero1_and_zero2_match_single_process(runs):
     assert single[-1] < single[0]
     assert summary(runs.get("zero2"))["world_size"] == 2 and summary(runs.get("single"))["world_size"] == 1
     assert evals(runs.get("single"))[-1]["dev"] == evals(runs.get("zero2"))[-1]["dev"]
+    leaked = [p.name for port in PORTS for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*")]
+    assert not leaked, f"DeepSpeed's shm all-reduce buffers left behind: {leaked}"
+    # the logged gradient norm is the same number whatever ZeRO-0 (own computation) or ZeRO-2 reports
+    norms = [[r["grad_norm"] for r in read_jsonl(runs.get(n) / "losses.jsonl")] for n in ("single", "zero2")]
+    assert None not in norms[0] and max_diff(*norms) <= 1e-4 * max(norms[1])
 
 
 @pytest.mark.slow  # starts (or shares) multi-process training launches
@@ -303,6 +314,16 @@ def test_early_stopping_keeps_the_best_and_facts_are_learned(runs):
     model, tok = load_model(ModelSpec(source=str(out / "model")))
     dev_items = load_qa(runs.w / "small.jsonl", splits=("dev",))
     assert evaluate(model, tok, dev_items, batch_size=8, max_new_tokens=16).accuracy == max(dev)
+
+
+def test_report_draws_the_curves_of_a_training_run(runs, capsys):
+    from toolkit.cli import main
+
+    out = runs.get("learn")
+    assert main(["report", str(out)]) == 0
+    best = summary(out)
+    assert f"best dev accuracy {best['best_dev_accuracy']} at step {best['best_step']}" in capsys.readouterr().out
+    assert (out / "curves.png").stat().st_size > 5000
 
 
 # ---------------------------------------------------------------- bad input

@@ -41,6 +41,18 @@ def cmd_data_build_facts(args) -> int:
     return 0
 
 
+def cmd_data_subset(args) -> int:
+    from toolkit.data.subset import write_subset
+
+    caps = {"train": args.train_items, "dev": args.dev_items, "test": args.test_items}
+    for split, cap in caps.items():
+        if cap is not None and cap < 1:
+            raise UsageError(f"--{split}-items={cap} must be >= 1 (leave it out for all items)")
+    counts = write_subset(args.data, args.out, caps, seed=args.seed)
+    print(f"wrote {args.out}: " + ", ".join(f"{split} {n}" for split, n in counts.items()))
+    return 0
+
+
 def cmd_data_validate(args) -> int:
     from toolkit.data.loading import load_qa
 
@@ -88,12 +100,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    data = sub.add_parser("data", help="build and validate QA datasets")
+    data = sub.add_parser("data", help="build, subset and validate QA datasets")
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
     build = data_sub.add_parser("build-facts", help="build the built-in real-facts QA benchmark offline")
     build.add_argument("--out", required=True, type=Path, help="output directory")
     build.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
     build.set_defaults(func=cmd_data_build_facts)
+    subset = data_sub.add_parser("subset", help="write a seeded subset, balanced across relations, capped per split")
+    subset.add_argument("data", type=Path, help="QA dataset: file or directory")
+    subset.add_argument("--out", required=True, type=Path, help="output directory (<split>.jsonl)")
+    for split in ("train", "dev", "test"):
+        subset.add_argument(f"--{split}-items", type=int, metavar="N", help=f"at most N {split} items (default: all)")
+    subset.add_argument("--seed", type=int, default=0, help="subset seed (default 0)")
+    subset.set_defaults(func=cmd_data_subset)
     validate = data_sub.add_parser("validate", help="validate a QA dataset; print counts or the first error")
     validate.add_argument("path", type=Path, help="file (jsonl/json/csv/parquet) or directory")
     validate.add_argument("--split", action="append", help="only this split (repeatable)")

@@ -25,8 +25,9 @@ def add_run_parser(subparsers) -> None:
 
 
 def add_report_parser(subparsers) -> None:
-    p = subparsers.add_parser("report", help="render RUN_DIR/report (HTML + Markdown) from RUN_DIR/metrics.json")
-    p.add_argument("run_dir", type=Path)
+    p = subparsers.add_parser("report", help="render RUN_DIR/report (HTML + Markdown) from RUN_DIR/metrics.json, "
+                                             "or a training output directory's curves.png")
+    p.add_argument("run_dir", type=Path, help="a `gradual run` directory, or a `gradual train` output_dir")
     p.set_defaults(func=cmd_report)
 
 
@@ -76,8 +77,13 @@ def cmd_run(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from toolkit.report.render import render_report
+    from toolkit.report.render import render_report, render_training
 
+    if (args.run_dir / "losses.jsonl").exists() and not (args.run_dir / "metrics.json").exists():
+        summary = render_training(args.run_dir)
+        print(f"training curves: {summary['figure']}; best dev accuracy {summary['best_dev_accuracy']} "
+              f"at step {summary['best_step']} of {summary['steps']}")
+        return 0
     paths = render_report(args.run_dir)
     print(f"report: {paths['html']} and {paths['markdown']} ({len(paths['figures'])} figures)")
     return 0

@@ -9,6 +9,7 @@ from typing import Any, Optional
 
 from toolkit import config as cfglib
 from toolkit.config import ConfigError
+from toolkit.probe.slick import ProbeConfig, ProbeConfigError
 
 from .selection import BASELINES, STAGE2_STRATEGIES, SelectionConfig
 
@@ -33,14 +34,9 @@ class DataSettings:
 
 
 @dataclass(frozen=True)
-class ProbeSettings:
-    num_exemplar_sets: int = 10
-    shots: int = 4
-    samples: int = 16
-    temperature: float = 0.5
-    top_k: int = 40
-    max_new_tokens: int = 16
-    engine: str = "fast"
+class ProbeSettings(ProbeConfig):
+    """The probe's own settings (N_ex, k, n, temperature, ...: inherited) plus where it runs."""
+
     splits: tuple[str, ...] = ("train", "dev", "test")  # probed with the base model
     num_actors: int = 1
     cpus_per_actor: float = 1.0
@@ -49,20 +45,20 @@ class ProbeSettings:
     shard_size: int = 32
 
     def __post_init__(self):
+        for name in ("seed", "keep_samples"):
+            if getattr(self, name) != getattr(ProbeConfig, name):
+                raise ConfigError(f"probe.{name} is set by the pipeline (per entry of `seeds`)")
+        try:
+            super().__post_init__()
+        except ProbeConfigError as err:
+            raise ConfigError(f"probe: {err}") from None
         for split in ("train", "test"):
             if split not in self.splits:
                 raise ConfigError(f"probe.splits must include '{split}' (the schedule and the report need it)")
-        self.probe_config(seed=0)  # the probe's own checks (samples >= 0, engine name, ...)
 
-    def probe_config(self, seed: int):
-        from toolkit.probe.slick import ProbeConfig, ProbeConfigError
-
-        try:
-            return ProbeConfig(num_exemplar_sets=self.num_exemplar_sets, shots=self.shots, samples=self.samples,
-                               temperature=self.temperature, top_k=self.top_k,
-                               max_new_tokens=self.max_new_tokens, seed=seed, engine=self.engine)
-        except ProbeConfigError as err:
-            raise ConfigError(f"probe: {err}") from None
+    def probe_config(self, seed: int) -> ProbeConfig:
+        own = {f.name: getattr(self, f.name) for f in dataclasses.fields(ProbeConfig)}
+        return ProbeConfig(**{**own, "seed": seed})
 
 
 @dataclass(frozen=True)

@@ -26,8 +26,7 @@ import yaml
 from toolkit import config as cfglib
 from toolkit.config import ConfigError
 from toolkit.data.loading import load_qa
-from toolkit.data.prompts import stable_seed
-from toolkit.data.schema import SPLITS, QAItem
+from toolkit.data.subset import write_subset
 from toolkit.io import read_jsonl, write_json, write_jsonl, write_text
 
 from .config import PipelineConfig
@@ -50,22 +49,6 @@ def _comparable(config: dict) -> dict:
         for key in keys:
             out.get(section, {}).pop(key, None)
     return out
-
-
-def balanced_subset(items: list[QAItem], cap: int | None, seed: int) -> list[QAItem]:
-    """Up to `cap` items, a seeded shuffle interleaved across relations so every relation is present."""
-    if cap is None or cap >= len(items):
-        return sorted(items, key=lambda it: it.id)
-    by_relation: dict[str, list[QAItem]] = {}
-    for it in sorted(items, key=lambda it: stable_seed("subset", seed, it.id)):
-        by_relation.setdefault(it.relation, []).append(it)
-    queues = [by_relation[r] for r in sorted(by_relation)]
-    picked: list[QAItem] = []
-    while len(picked) < cap:
-        for queue in queues:
-            if queue and len(picked) < cap:
-                picked.append(queue.pop(0))
-    return sorted(picked, key=lambda it: it.id)
 
 
 def read_categories(probe_dir: Path) -> dict[str, str]:
@@ -113,13 +96,8 @@ class Pipeline:
             from toolkit.data.facts import build_facts
 
             build_facts(self.full_data, seed=0)
-        items = load_qa(self.full_data)
         caps = {"train": self.cfg.data.train_items, "dev": self.cfg.data.dev_items, "test": self.cfg.data.test_items}
-        counts = {}
-        for split in SPLITS:
-            chosen = balanced_subset([it for it in items if it.split == split], caps[split], self.cfg.data.subset_seed)
-            write_jsonl(self.subset / f"{split}.jsonl", [it.to_dict() for it in chosen])
-            counts[split] = len(chosen)
+        counts = write_subset(self.full_data, self.subset, caps, self.cfg.data.subset_seed)
         return {"items": counts, "source": str(self.full_data)}
 
     # ------------------------------------------------------------ probing

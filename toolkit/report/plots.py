@@ -118,3 +118,22 @@ def knowledge_acquired(acquired: dict, path: Path) -> Path | None:
     ax.set_title(f"HighlyKnown training items ({gain:+.0%} vs one stage)" if gain == gain else
                  "HighlyKnown training items")
     return _save(fig, path)
+
+
+def training_curves(losses: list[dict], evals: list[dict], path: Path) -> Path | None:
+    """One training run: loss per step, and dev / train exact match at each evaluation."""
+    if not losses:
+        return None
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    left.plot([r["step"] for r in losses], [r["loss"] for r in losses], color="#495057", lw=1)
+    left.set(title="training loss (answer tokens)", xlabel="optimizer step", ylabel="loss")
+    for split, color in (("dev", "#1c7ed6"), ("train", "#2b8a3e")):
+        points = [(r["step"], r[split]["accuracy"]) for r in evals if r.get(split)]
+        if points:
+            right.plot(*zip(*points), marker="o", color=color, label=f"{split} exact match")
+    best = next((r["best_step"] for r in reversed(evals) if r.get("best_step") is not None), None)
+    if best is not None:
+        right.axvline(best, color="#868e96", ls="--", lw=1, label=f"best (step {best})")
+    right.set(title="greedy exact match (SFT format)", xlabel="optimizer step", ylim=(0, 1.02))
+    right.legend(frameon=False, fontsize=8)
+    return _save(fig, path)

@@ -20,7 +20,7 @@ import json
 import re
 from pathlib import Path
 
-from toolkit.io import write_text
+from toolkit.io import read_jsonl, write_text
 from toolkit.probe.slick import CATEGORIES
 
 from . import plots
@@ -137,6 +137,19 @@ def render_report(run_dir: str | Path) -> dict[str, Path]:
     write_text(out_dir / "report.md", markdown)
     write_text(out_dir / "report.html", _to_html(markdown, out_dir))
     return {"markdown": out_dir / "report.md", "html": out_dir / "report.html", "figures": figures}
+
+
+def render_training(train_dir: str | Path) -> dict:
+    """A `gradual train` output directory: curves.png (loss; dev and train exact match) and a summary."""
+    train_dir = Path(train_dir)
+    losses = read_jsonl(train_dir / "losses.jsonl")
+    evals = read_jsonl(train_dir / "evals.jsonl") if (train_dir / "evals.jsonl").exists() else []
+    if not losses:
+        raise ReportError(f"{train_dir / 'losses.jsonl'}: no optimizer steps recorded")
+    figure = plots.training_curves(losses, evals, train_dir / "curves.png")
+    dev = [(r["step"], r["dev"]["accuracy"]) for r in evals if r.get("dev")]
+    best_step, best = max(dev, key=lambda p: (p[1], -p[0])) if dev else (None, None)
+    return {"figure": figure, "steps": losses[-1]["step"], "best_step": best_step, "best_dev_accuracy": best}
 
 
 def _to_html(markdown: str, base: Path) -> str:
