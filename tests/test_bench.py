@@ -125,5 +125,7 @@ def test_train_smoke_zero0_and_zero1_on_one_rank(tmp_path):
         assert v["tokens_per_s"] > 0 and v["step_s"] > 0 and v["steps_timed"] == 1
         assert len(v["peak_memory_per_rank"]) == 1 and v["peak_memory_per_rank"][0] > 0
         assert v["model_states_per_rank_bytes"] > 0 and v["mfu"] is None  # no MFU on CPU
+        parts = v["breakdown_ms"]  # DeepSpeed's own timers, read back from the launch log
+        assert set(parts) == {"forward", "backward", "gradient_comm", "optimizer_step"} and parts["forward"] > 0
     assert variants["zero0"]["x_zero0"] == 1
     assert len(result["memory_table"]) == 6
