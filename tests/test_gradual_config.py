@@ -1,4 +1,5 @@
 """The pipeline config: shipped presets and the documented example validate; bad keys are refused."""
+import json
 from pathlib import Path
 
 import pytest
@@ -48,3 +49,17 @@ def test_bad_pipeline_config(overrides, message):
 def test_unknown_preset():
     with pytest.raises(ConfigError, match="unknown preset 'fast' .known: default, paper"):
         load_pipeline_config(preset="fast")
+
+
+def test_run_locked_by_an_older_toolkit_resumes_if_only_new_keys_are_missing(tmp_path):
+    from toolkit.config import to_dict
+    from toolkit.gradual.pipeline import Pipeline
+
+    cfg = load_pipeline_config(None)
+    written = to_dict(cfg)
+    del written["probe"]["seed"], written["probe"]["keep_samples"]  # keys this toolkit added later
+    (tmp_path / "config.json").write_text(json.dumps(written))
+    Pipeline(cfg, tmp_path)._lock_config()  # the same run: accepted
+    changed = load_pipeline_config(None, ["probe.samples=3"])
+    with pytest.raises(ConfigError, match="probe.samples"):
+        Pipeline(changed, tmp_path)._lock_config()
