@@ -16,7 +16,6 @@ import json
 import os
 import re
 import resource
-import socket
 import statistics
 import subprocess
 import sys
@@ -157,14 +156,10 @@ def step_breakdown(log: str, warmup_steps: int) -> dict | None:
     return {name: statistics.median(r[i] for r in rows) for i, name in enumerate(BREAKDOWN_PARTS)}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_variant(v: dict, args, model: str, data: Path, work: Path, on_gpu: bool) -> dict:
     import yaml
+
+    from toolkit.train.strategy import free_port
 
     run_dir, rank_dir = work / v["variant"], work / v["variant"] / "ranks"
     rank_dir.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,6 @@ module-scoped result that several tests inspect. Losses come from <output_dir>/l
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from toolkit.io import read_jsonl
+from toolkit.train.strategy import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))  # JIT ops built once
@@ -21,12 +21,6 @@ os.environ.setdefault("GRADUAL_CACHE_DIR", str(REPO / ".cache" / "gradual"))
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 TIMEOUT = 300
 TIMINGS: dict[str, float] = {}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start(cmd, log: Path, env=None) -> subprocess.Popen:

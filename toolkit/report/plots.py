@@ -131,7 +131,7 @@ def training_curves(losses: list[dict], evals: list[dict], path: Path) -> Path |
         points = [(r["step"], r[split]["accuracy"]) for r in evals if r.get(split)]
         if points:
             right.plot(*zip(*points), marker="o", color=color, label=f"{split} exact match")
-    best = next((r["best_step"] for r in reversed(evals) if r.get("best_step") is not None), None)
+    best = evals[-1]["best_step"] if evals else None
     if best is not None:
         right.axvline(best, color="#868e96", ls="--", lw=1, label=f"best (step {best})")
     right.set(title="greedy exact match (SFT format)", xlabel="optimizer step", ylim=(0, 1.02))

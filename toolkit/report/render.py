@@ -147,8 +147,9 @@ def render_training(train_dir: str | Path) -> dict:
     if not losses:
         raise ReportError(f"{train_dir / 'losses.jsonl'}: no optimizer steps recorded")
     figure = plots.training_curves(losses, evals, train_dir / "curves.png")
-    dev = [(r["step"], r["dev"]["accuracy"]) for r in evals if r.get("dev")]
-    best_step, best = max(dev, key=lambda p: (p[1], -p[0])) if dev else (None, None)
+    # the trainer's own choice of best (the model it exports), as recorded at its last evaluation
+    best_step = evals[-1]["best_step"] if evals else None
+    best = next((r["dev"]["accuracy"] for r in evals if r["step"] == best_step and r.get("dev")), None)
     return {"figure": figure, "steps": losses[-1]["step"], "best_step": best_step, "best_dev_accuracy": best}
 
 

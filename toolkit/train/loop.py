@@ -21,7 +21,7 @@ from toolkit.models import ModelSpec, load_model, newline_token_ids
 from .data import collate
 from .evaluate import evaluate
 from .plan import RunPlan
-from .strategy import DeepSpeedStrategy
+from .strategy import DeepSpeedStrategy, checkpoint_tag
 
 log = logging.getLogger("toolkit.train")
 
@@ -129,7 +129,7 @@ def _train(plan: RunPlan, strategy: DeepSpeedStrategy) -> dict:
                       categories=plan.categories, stop_ids=stop_ids)
         dev = evaluate(engine.module, tokenizer, plan.dev_items, **kwargs) if plan.dev_items else None
         fit = evaluate(engine.module, tokenizer, plan.train_items, **kwargs) if cfg.eval_train else None
-        tag = f"step{state.global_step:06d}"
+        tag = checkpoint_tag(state.global_step)
         metric = dev.accuracy if dev else None
         if state.best_tag is None or metric is None or metric > state.best_metric:
             state.best_metric, state.best_tag, state.best_step, state.bad_evals = metric, tag, state.global_step, 0
@@ -148,7 +148,7 @@ def _train(plan: RunPlan, strategy: DeepSpeedStrategy) -> dict:
         return row
 
     def save() -> str:
-        tag = f"step{state.global_step:06d}"
+        tag = checkpoint_tag(state.global_step)
         saved = {"train_state": dataclasses.asdict(state), "config": cfg.to_dict(), "world_size": b.world}
         strategy.save_checkpoint(cfg.checkpoint_dir, tag, client_state=saved, trainer_state={**saved, "tag": tag})
         keep = {state.best_tag} if state.best_dir == str(cfg.checkpoint_dir) else set()

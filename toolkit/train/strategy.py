@@ -18,6 +18,20 @@ log = logging.getLogger("toolkit.train")
 TAG_RE = re.compile(r"^step(\d+)$")
 
 
+def checkpoint_tag(step: int) -> str:
+    """The DeepSpeed checkpoint tag of an optimizer step (TAG_RE reads it back)."""
+    return f"step{step:06d}"
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now, for a master port nobody chose."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def lr_lambda(total_steps: int, warmup_steps: int, kind: str):
     """Multiplier of the peak lr at optimizer step `s`: linear warm-up from lr/warmup, then
     linear decay towards 0, a cosine, or constant."""
@@ -58,11 +72,7 @@ class DeepSpeedStrategy:
         for key, default in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
             os.environ.setdefault(key, default)  # plain `python -m toolkit.train`: a world of one
         if "MASTER_PORT" not in os.environ:
-            import socket
-
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+            os.environ["MASTER_PORT"] = str(free_port())
         deepspeed.init_distributed()  # nccl on GPU; gloo (+ the shm_comm op) on CPU
         import torch.distributed as dist
 
