@@ -35,7 +35,7 @@ def greedy_answers(model, tokenizer, questions: Sequence[str], batch_size: int, 
     import torch
 
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id  # load_tokenizer falls back to EOS
     stops = sorted(set(stop_ids if stop_ids is not None else newline_token_ids(tokenizer))
                    | {tokenizer.eos_token_id})
     prompts = [encode_prompt(tokenizer, q) for q in questions]

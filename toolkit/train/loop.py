@@ -120,7 +120,7 @@ def _train(plan: RunPlan, strategy: DeepSpeedStrategy) -> dict:
         write_json(cfg.out / "ds_config.resolved.json", plan.ds_config)
     records = Records(plan, rank0, state.global_step if plan.resume_tag else None)
     stop_ids = newline_token_ids(tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = tokenizer.pad_token_id  # load_tokenizer falls back to EOS
     scale = b.world * b.accum  # DeepSpeed divides the gradient by this much (accumulation, averaging)
     interrupted = False
 
