@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from toolkit.io import read_jsonl
-from toolkit.train.strategy import free_port
+from toolkit.train.strategy import checkpoint_tag, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))  # JIT ops built once
@@ -157,6 +157,13 @@ class Runs:
     def _resume(self, out):
         run_ok("resume-part1", ds_train(self.w / "cfg.yaml", out, "stop_after_epoch=1"), out)
         (self.w / "part1_summary.json").write_text((out / "train_summary.json").read_text())
+        # what a kill in the middle of the next save leaves: the tag's files half written, 'latest'
+        # still naming the last complete checkpoint (the strategy moves it last)
+        ckpt = out / "checkpoints"
+        (self.w / "part1_latest").write_text((ckpt / "latest").read_text())
+        torn = ckpt / checkpoint_tag(2 * json.loads((out / "train_summary.json").read_text())["global_step"])
+        torn.mkdir()
+        (torn / "mp_rank_00_model_states.pt").write_bytes(b"torn")
         return run_ok("resume-part2", ds_train(self.w / "cfg.yaml", out, extra=["--resume"]), out)
 
     def _offload(self, out):  # DeepSpeedCPUAdam on offloaded optimizer states, activations recomputed
@@ -207,6 +214,9 @@ def test_resume_continues_exactly(runs):
     resumed, full = runs.get("resume"), runs.get("zero2")
     part1 = json.loads((runs.w / "part1_summary.json").read_text())
     assert part1["interrupted"] and part1["epochs_completed"] == 1 and part1["model_dir"] is None
+    latest = (runs.w / "part1_latest").read_text().strip()
+    assert latest == checkpoint_tag(part1["global_step"])
+    assert (resumed / "checkpoints" / latest / "trainer_state.json").is_file()
     assert losses(resumed) == losses(full)  # bitwise: same batches, optimizer, schedule and RNG
     assert [e["dev"] for e in evals(resumed)] == [e["dev"] for e in evals(full)]
     assert summary(resumed)["best_step"] == summary(full)["best_step"]

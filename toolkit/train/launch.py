@@ -15,6 +15,8 @@ from pathlib import Path
 from .__main__ import add_run_arguments, config_from_args
 from .config import TrainConfigError
 
+MULTI_NODE_PORT = 29500  # torch.distributed's usual default, the same on every node
+
 
 def deepspeed_executable() -> str:
     beside = Path(sys.executable).parent / "deepspeed"  # the venv's launcher, whatever PATH says
@@ -36,7 +38,9 @@ def add_train_parser(subparsers) -> None:
     g.add_argument("--hostfile", help="DeepSpeed hostfile ('<host> slots=<n>' lines) for multi-node runs")
     g.add_argument("--num-nodes", type=int, help="use the first N hosts of the hostfile")
     g.add_argument("--master-addr", help="address of node 0 (required with --node-rank)")
-    g.add_argument("--master-port", type=int, default=29500)
+    g.add_argument("--master-port", type=int,
+                   help="rendezvous port (default: a free port on one node; 29500 with --hostfile, "
+                        "where every node must name the same one)")
     g.add_argument("--node-rank", type=int, help="launch only this node's ranks, without ssh (run once per node)")
     g.add_argument("--launcher", default="pdsh", help="multi-node backend: pdsh (default), openmpi, slurm, ...")
     g.add_argument("--print-only", action="store_true", help="print the resolved command and exit")
@@ -52,6 +56,7 @@ def _on_gpu() -> bool:
 def build_command(args, on_gpu: bool) -> tuple[list[str], int, dict | None]:
     """(deepspeed command, world size, hostfile hosts)."""
     from .dsconfig import read_hostfile, world_size_for
+    from .strategy import free_port
 
     hosts = read_hostfile(args.hostfile) if args.hostfile else None
     if args.node_rank is not None:
@@ -85,7 +90,9 @@ def build_command(args, on_gpu: bool) -> tuple[list[str], int, dict | None]:
             cmd += ["--no_ssh", "--node_rank", str(args.node_rank)]
     if args.master_addr:
         cmd += ["--master_addr", args.master_addr]
-    cmd += ["--master_port", str(args.master_port), "--module", "toolkit.train"]
+    # a fixed single-node default collides when two runs share a machine (the pipeline's stages, tests)
+    port = args.master_port or (MULTI_NODE_PORT if hosts else free_port())
+    cmd += ["--master_port", str(port), "--module", "toolkit.train"]
     if args.config:
         cmd += ["--config", str(Path(args.config).resolve())]
     for pair in args.overrides:

@@ -2,7 +2,6 @@
 deepspeed.initialize, backward/step, checkpoints with client state and rotation, the HF export."""
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -10,6 +9,8 @@ import random
 import re
 import shutil
 from pathlib import Path
+
+from toolkit.io import write_json, write_text
 
 from .config import TrainConfig
 from .plan import STATE_FILE
@@ -198,14 +199,22 @@ class DeepSpeedStrategy:
 
     def save_checkpoint(self, ckpt_dir: Path, tag: str, client_state: dict, trainer_state: dict) -> None:
         """All ranks: DeepSpeed's checkpoint, with every rank's RNG state gathered into the client
-        state; rank 0 also writes trainer_state.json, which a resume reads before init."""
+        state; rank 0 also writes trainer_state.json, which a resume reads before init.
+
+        'latest' moves to the new tag only after every rank's files and trainer_state.json are on
+        disk (DeepSpeed would move it before our file exists), so a kill at any moment leaves it
+        naming a complete checkpoint."""
         import torch.distributed as dist
 
         rngs: list = [None] * self.world_size
         dist.all_gather_object(rngs, self._rng_state())
-        self.engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={**client_state, "rng": rngs})
+        self.engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={**client_state, "rng": rngs},
+                                    save_latest=False)
         if self.is_rank_0:
-            (Path(ckpt_dir) / tag / STATE_FILE).write_text(json.dumps(trainer_state, indent=2, sort_keys=True))
+            write_json(Path(ckpt_dir) / tag / STATE_FILE, trainer_state)
+        self.barrier()
+        if self.is_rank_0:
+            write_text(Path(ckpt_dir) / "latest", tag)
         self.barrier()
 
     def load_checkpoint(self, ckpt_dir: Path, tag: str | None = None, module_only: bool = False) -> dict:
