@@ -15,7 +15,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from toolkit.io import read_jsonl, write_json, write_jsonl
+from toolkit.io import atomic_path, read_jsonl, write_json, write_jsonl
 from toolkit.models import ModelSpec, load_model, newline_token_ids
 
 from .data import collate
@@ -228,4 +228,5 @@ def _export_reference(model, plan: RunPlan, path) -> None:
     with torch.no_grad():
         logits = model(input_ids=ids).logits.float().cpu()
     model.train(was_training)
-    torch.save({"input_ids": ids.cpu(), "logits": logits}, path)
+    with atomic_path(path) as tmp:
+        torch.save({"input_ids": ids.cpu(), "logits": logits}, tmp)
