@@ -142,7 +142,7 @@ def apply_overrides(values: dict, overrides: typing.Iterable[str]) -> dict:
 def load(cls: type[T], path: str | Path | None = None, overrides: typing.Iterable[str] = (),
          base: dict | None = None) -> T:
     """`base` values, then the YAML file, then the overrides: the dataclass `cls`, validated."""
-    values = _deep_merge(base or {}, read_yaml(path) if path else {})
+    values = deep_merge(base or {}, read_yaml(path) if path else {})
     source = str(path) if path else "config"
     return from_dict(cls, apply_overrides(values, overrides), source)
 
@@ -163,11 +163,12 @@ def _deep_copy(d: dict) -> dict:
     return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in d.items()}
 
 
-def _deep_merge(a: dict, b: dict) -> dict:
+def deep_merge(a: dict, b: dict) -> dict:
+    """`a` overlaid with `b`, nested dicts merged key by key."""
     out = _deep_copy(a)
     for key, value in b.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
+            out[key] = deep_merge(out[key], value)
         else:
             out[key] = value
     return out

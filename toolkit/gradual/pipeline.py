@@ -68,7 +68,8 @@ class Pipeline:
         current = cfglib.to_dict(self.cfg)
         if path.exists():
             written = json.loads(path.read_text(encoding="utf-8"))
-            old = _comparable(_with_defaults(written, cfglib.to_dict(PipelineConfig())))
+            # a run locked by an older toolkit lacks the keys added since: they read as their defaults
+            old = _comparable(cfglib.deep_merge(cfglib.to_dict(PipelineConfig()), written))
             new = _comparable(current)
             if old != new:
                 diffs = _diff_keys(old, new)
@@ -245,17 +246,6 @@ class Pipeline:
                 "stage-1 categories": ",".join(c.selection.stage1_categories),
                 "stage-2 strategy": c.selection.stage2_strategy, "replay ratio": c.selection.replay_ratio,
                 "stage-2 lr factor": c.train.stage2_lr_factor}
-
-
-def _with_defaults(written: dict, defaults: dict) -> dict:
-    """A run locked by an older toolkit lacks the keys added since: they read as their defaults."""
-    out = dict(written)
-    for key, value in defaults.items():
-        if key not in out:
-            out[key] = value
-        elif isinstance(value, dict) and isinstance(out[key], dict):
-            out[key] = _with_defaults(out[key], value)
-    return out
 
 
 def _diff_keys(old: dict, new: dict, prefix: str = "") -> list[str]:

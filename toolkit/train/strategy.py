@@ -208,12 +208,11 @@ class DeepSpeedStrategy:
 
         rngs: list = [None] * self.world_size
         dist.all_gather_object(rngs, self._rng_state())
+        # ends with a barrier: every rank's files are written when it returns
         self.engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={**client_state, "rng": rngs},
                                     save_latest=False)
         if self.is_rank_0:
             write_json(Path(ckpt_dir) / tag / STATE_FILE, trainer_state)
-        self.barrier()
-        if self.is_rank_0:
             write_text(Path(ckpt_dir) / "latest", tag)
         self.barrier()
 
