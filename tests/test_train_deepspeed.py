@@ -330,6 +330,48 @@ def test_report_draws_the_curves_of_a_training_run(runs, capsys):
     assert (out / "curves.png").stat().st_size > 5000
 
 
+# The process dies right after DeepSpeed's own save of the second checkpoint, before the strategy
+# writes that tag's trainer_state.json: a real engine (one CPU rank), a real save, then SystemExit.
+CRASH_AFTER_DEEPSPEED_SAVE = r"""
+import sys
+from pathlib import Path
+
+import yaml
+
+import toolkit.train.strategy as strategy_module
+from toolkit.models import ModelSpec, load_model
+from toolkit.train.config import build_config
+from toolkit.train.plan import prepare
+
+cfg = build_config({**yaml.safe_load(Path(sys.argv[1]).read_text()), "output_dir": sys.argv[2]})
+plan = prepare(cfg, 1, on_gpu=False)
+strategy = strategy_module.DeepSpeedStrategy(plan.cfg, plan.ds_config)
+strategy.setup_distributed()
+model, _ = load_model(ModelSpec(source=cfg.model, dtype="float32", device="cpu", seed=0))
+strategy.prepare(model, plan.total_steps, plan.warmup_steps)
+strategy.save_checkpoint(cfg.checkpoint_dir, "step000001", {}, {"tag": "step000001"})
+
+
+def killed(*args, **kwargs):
+    raise SystemExit(9)
+
+
+strategy_module.write_json = killed
+strategy.save_checkpoint(cfg.checkpoint_dir, "step000002", {}, {"tag": "step000002"})
+"""
+
+
+def test_kill_after_deepspeed_save_leaves_latest_on_the_complete_checkpoint(work, tmp_path):
+    done = subprocess.run([sys.executable, "-c", CRASH_AFTER_DEEPSPEED_SAVE, str(work / "cfg.yaml"), str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT)
+    assert done.returncode == 9, done.stderr[-3000:]
+    ckpt = tmp_path / "checkpoints"
+    assert (ckpt / "step000002" / "mp_rank_00_model_states.pt").is_file()  # DeepSpeed's part was written
+    assert not (ckpt / "step000002" / "trainer_state.json").exists()
+    assert (ckpt / "latest").read_text().strip() == "step000001"  # a resume starts from a complete one
+    assert (ckpt / "step000001" / "trainer_state.json").is_file()
+
+
 # ---------------------------------------------------------------- bad input
 
 
