@@ -140,9 +140,9 @@ def roofline(model, prompt_lens, args, bucket, ceilings, decode_s, decode_steps)
 
 
 def bench_engine(name, model, tokenizer, requests, args, force, ceilings, prompt_lens) -> dict:
-    from toolkit.probe.types import SamplingConfig
+    from toolkit.probe.types import ProbeConfig
 
-    sampling = SamplingConfig(num_samples=args.samples, max_new_tokens=args.max_new_tokens)
+    sampling = ProbeConfig(samples=args.samples, max_new_tokens=args.max_new_tokens)
     if name == "generate" and args.baseline_prompts:
         requests = requests[:args.baseline_prompts]  # per-answer rates stay comparable
     base = common.reset_peak_memory()
@@ -160,7 +160,7 @@ def bench_engine(name, model, tokenizer, requests, args, force, ceilings, prompt
                peak_memory=common.peak_memory(base, sum(p.numel() * p.element_size() for p in model.parameters())),
                stats=dict(getattr(engine, "last_stats", {})), greedy=[a.greedy for a in answers])
     if name in args.prefill_engines:  # prefill alone: the same engine settings with max_new_tokens=1
-        one = make_engine(name, model, tokenizer, SamplingConfig(num_samples=args.samples, max_new_tokens=1), args, force)
+        one = make_engine(name, model, tokenizer, ProbeConfig(samples=args.samples, max_new_tokens=1), args, force)
         one.generate(requests[:args.batch_prompts])
         prefill_s = statistics.median(common.timed(lambda: one.generate(requests))[1]
                                       for _ in range(max(1, args.repeats)))
@@ -228,8 +228,9 @@ def bench_ray(args, on_gpu, tmp: Path) -> dict | None:
         return None
     import ray
 
+    from toolkit.probe.pool import Placement
     from toolkit.probe.runner import RunConfig, run_probe
-    from toolkit.probe.slick import ProbeConfig
+    from toolkit.probe.types import ProbeConfig
 
     data_dir = args.data
     if not data_dir:  # the runner reads a dataset from disk
@@ -248,9 +249,9 @@ def bench_ray(args, on_gpu, tmp: Path) -> dict | None:
     try:
         for k in args.actors:
             run = RunConfig(data=str(data_dir), out=str(tmp / f"ray-{k}"), model=source, shard_size=args.shard_size,
-                            limit=args.ray_questions, num_actors=k, cpus_per_actor=1.0,
-                            gpus_per_actor=1.0 / k if on_gpu else 0.0, progress=False)
-            s = run_probe(run, probe)
+                            limit=args.ray_questions, progress=False)
+            s = run_probe(run, probe, Placement(num_actors=k, cpus_per_actor=1.0,
+                                                gpus_per_actor=1.0 / k if on_gpu else 0.0))
             busy = sum(w["seconds"] for w in s["workers"])
             rows.append(dict(actors=k, answers=s["probed_answers"], probe_wall_s=s["probe_wall_s"],
                              answers_per_s=s["answers_per_s"], actor_start_s=s["actor_start_s"], shards=s["num_shards"],
@@ -276,7 +277,8 @@ def main(argv=None, prog=None) -> int:
     import torch
 
     from toolkit.data.prompts import ExemplarPool
-    from toolkit.probe.slick import ProbeConfig, build_requests
+    from toolkit.probe.slick import build_requests
+    from toolkit.probe.types import ProbeConfig
 
     args.data, args.tokenizer = common.resolve_inputs(args.inputs, args.data, args.tokenizer)
     if args.threads:

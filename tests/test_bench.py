@@ -48,12 +48,12 @@ def test_forced_full_length_and_roofline_accounting():
     import torch
 
     from toolkit.models import ModelSpec, load_model
-    from toolkit.probe.types import PromptRequest, SamplingConfig
+    from toolkit.probe.types import PromptRequest, ProbeConfig
 
     bench = load_benchmark("sampling")
     args = bench.parse_args(["--preset", "smoke", "--batch-prompts", "2", "--samples", "3", "--max-new-tokens", "5"])
     model, tokenizer = load_model(ModelSpec(source="random:tiny"))
-    sampling = SamplingConfig(num_samples=3, max_new_tokens=5)
+    sampling = ProbeConfig(samples=3, max_new_tokens=5)
     requests = [PromptRequest(f"q{i}", 0, "Q: What is the capital of France?\nA:" + " x" * i) for i in range(3)]
     for name in ("toolkit", "generate"):
         engine = bench.make_engine(name, model, tokenizer, sampling, args, force=True)

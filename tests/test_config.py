@@ -1,10 +1,11 @@
 """Typed configs: nested YAML, --set overrides, and one clear error per bad key or value."""
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional, Union
 
 import pytest
 
-from toolkit.config import ConfigError, apply_overrides, load, to_dict
+from toolkit.config import (ConfigError, add_arguments, apply_overrides, from_dict, given_arguments, given_keys, knob,
+                            load, require, to_dict, with_values)
 
 
 @dataclass(frozen=True)
@@ -69,3 +70,61 @@ def test_overrides_do_not_mutate_the_input():
     base = {"inner": {"lr": 1}}
     merged = apply_overrides(base, ["inner.lr=2"])
     assert base == {"inner": {"lr": 1}} and merged == {"inner": {"lr": "2"}}
+
+
+@dataclass(frozen=True)
+class Knobbed:
+    """A config declared with knob(): help text, checks with require(), given keys, a moved key."""
+
+    size: int = knob(4, "how many")
+    mode: Literal["a", "b"] = knob("a", "which mode")
+    fast: bool = knob(False, "go fast")
+    resume: Union[bool, str] = knob(False, "true or a directory")
+    inner: Inner = knob(factory=Inner, help="a nested section")
+    given_keys: frozenset = given_keys()
+
+    MOVED_KEYS: ClassVar[dict] = {"old_size": "size"}
+
+    def __post_init__(self):
+        require(self.size >= 1, "size", self.size, "must be >= 1")
+
+
+def test_checks_name_the_full_key_and_the_file(tmp_path):
+    path = tmp_path / "k.yaml"
+    path.write_text("sub:\n  size: 0\n")
+
+    @dataclass(frozen=True)
+    class Top:
+        sub: Knobbed = knob(factory=Knobbed)
+
+    with pytest.raises(ConfigError, match=r"^.*k\.yaml: sub\.size=0 must be >= 1$"):
+        load(Top, path)
+    with pytest.raises(ConfigError, match="key 'sub.old_size' has moved: use 'sub.size'"):
+        load(Top, None, ["sub.old_size=3"])
+
+
+def test_given_keys_record_what_the_user_set():
+    cfg = load(Knobbed, None, ["size=5", "inner.lr=1e-3"])
+    assert cfg.given_keys == {"size", "inner"} and to_dict(cfg, given_only=True) == {
+        "size": 5, "inner": {"lr": 1e-3, "categories": ["MaybeKnown"], "mode": "a"}}
+    changed = with_values(cfg, mode="b")
+    assert changed.mode == "b" and changed.given_keys == {"size", "inner", "mode"}
+    assert "given_keys" not in to_dict(cfg)
+
+
+def test_flags_come_from_the_fields():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, Knobbed, exclude=("inner",))
+    assert "how many (default: 4)" in parser.format_help()
+    args = parser.parse_args(["--size", "7", "--fast", "--resume"])
+    assert given_arguments(args, Knobbed) == {"size": "7", "fast": True, "resume": "true"}
+    cfg = from_dict(Knobbed, given_arguments(args, Knobbed))
+    assert (cfg.size, cfg.fast, cfg.resume, cfg.mode) == (7, True, True, "a")
+    assert given_arguments(parser.parse_args([]), Knobbed) == {}  # flags not given do not override a file
+    assert from_dict(Knobbed, given_arguments(parser.parse_args(["--resume", "/ckpt"]), Knobbed)).resume == "/ckpt"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--mode", "c"])
+    with pytest.raises(ConfigError, match="size=0 must be >= 1"):
+        from_dict(Knobbed, given_arguments(parser.parse_args(["--size", "0"]), Knobbed))

@@ -11,7 +11,7 @@ from toolkit.data.matching import extract_answer
 from toolkit.models import load_tokenizer, newline_token_ids
 from toolkit.probe.engine import FastEngine, gumbel_noise, mix64, to_int64
 from toolkit.probe.reference import ReferenceEngine
-from toolkit.probe.types import PromptRequest, SamplingConfig
+from toolkit.probe.types import PromptRequest, ProbeConfig
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +102,7 @@ def test_gumbel_noise_is_keyed_by_token_id_and_has_gumbel_moments():
 def test_greedy_matches_reference_on_tiny_model(tiny_lm):
     model, tokenizer = tiny_lm
     requests = tiny_requests(20)
-    cfg = SamplingConfig(num_samples=3, max_new_tokens=8)
+    cfg = ProbeConfig(samples=3, max_new_tokens=8)
     fast = FastEngine(model, tokenizer, cfg, max_batch_prompts=6).generate(requests)
     ref = ReferenceEngine(model, tokenizer, cfg, batch_size=7).generate(requests)
     assert [(a.greedy, a.greedy_tokens) for a in fast] == [(a.greedy, a.greedy_tokens) for a in ref]
@@ -112,7 +112,7 @@ def test_greedy_matches_reference_on_tiny_model(tiny_lm):
 def test_stops_match_reference_and_finished_rows_are_compacted(stoppy_lm):
     model, tokenizer = stoppy_lm
     requests = tiny_requests(12)
-    cfg = SamplingConfig(num_samples=8, max_new_tokens=8)
+    cfg = ProbeConfig(samples=8, max_new_tokens=8)
     engine = FastEngine(model, tokenizer, cfg, max_batch_prompts=12, compact_below=1.0)
     fast = engine.generate(requests)
     ref = ReferenceEngine(model, tokenizer, cfg, batch_size=12).generate(requests)
@@ -134,9 +134,9 @@ def test_smollm2_capitals_match_reference(smollm2):
                     for c, a in [("Italy", "Rome"), ("Spain", "Madrid"), ("Germany", "Berlin"), ("Egypt", "Cairo")])
     questions = {"France": "Paris", "Japan": "Tokyo", "Russia": "Moscow", "the United Kingdom": "London"}
     requests = [PromptRequest(c, 0, shots + f"Q: What is the capital of {c}?\nA:") for c in questions]
-    cfg = SamplingConfig(num_samples=4, max_new_tokens=8)
+    cfg = ProbeConfig(samples=4, max_new_tokens=8)
     fast = FastEngine(model, tokenizer, cfg).generate(requests)
-    ref = ReferenceEngine(model, tokenizer, SamplingConfig(num_samples=0, max_new_tokens=8)).generate(requests)
+    ref = ReferenceEngine(model, tokenizer, ProbeConfig(samples=0, max_new_tokens=8)).generate(requests)
     assert [a.greedy for a in fast] == [a.greedy for a in ref] == list(questions.values())
     assert [a.greedy_tokens for a in fast] == [a.greedy_tokens for a in ref]
     assert all(len(a.samples) == 4 and all("\n" not in s for s in a.samples) for a in fast)
@@ -145,7 +145,7 @@ def test_smollm2_capitals_match_reference(smollm2):
 # ------------------------------------------------------------------ sampling distribution
 
 
-def exact_answer_distribution(model, tokenizer, prompt: str, cfg: SamplingConfig) -> dict[str, float]:
+def exact_answer_distribution(model, tokenizer, prompt: str, cfg: ProbeConfig) -> dict[str, float]:
     """P(answer) by enumerating every top-k continuation up to max_new_tokens (small k only)."""
     stop = set(newline_token_ids(tokenizer)) | {tokenizer.eos_token_id}
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
@@ -169,22 +169,22 @@ def exact_answer_distribution(model, tokenizer, prompt: str, cfg: SamplingConfig
 
 def test_sampled_answers_follow_the_exact_distribution(tiny_lm):
     model, tokenizer = tiny_lm
-    cfg = SamplingConfig(num_samples=3000, temperature=0.7, top_k=3, max_new_tokens=3, seed=11)
+    cfg = ProbeConfig(samples=3000, temperature=0.7, top_k=3, max_new_tokens=3, seed=11)
     request = tiny_requests(1, start=5)[0]
     expected = exact_answer_distribution(model, tokenizer, request.text, cfg)
     assert len(expected) > 10
     answers = FastEngine(model, tokenizer, cfg).generate([request])[0]
-    p_fast = chi_square_p_value(collections.Counter(answers.samples), expected, cfg.num_samples)
+    p_fast = chi_square_p_value(collections.Counter(answers.samples), expected, cfg.samples)
     assert p_fast > 1e-3, p_fast
     # The oracle agrees with the same enumeration: both engines draw from one distribution.
     torch.manual_seed(0)
     ref = ReferenceEngine(model, tokenizer, cfg).generate([request])[0]
-    assert chi_square_p_value(collections.Counter(ref.samples), expected, cfg.num_samples) > 1e-3
+    assert chi_square_p_value(collections.Counter(ref.samples), expected, cfg.samples) > 1e-3
 
 
 def test_top_k_1_sampling_equals_greedy(tiny_lm):
     model, tokenizer = tiny_lm
-    for answers in FastEngine(model, tokenizer, SamplingConfig(num_samples=4, top_k=1, max_new_tokens=6)
+    for answers in FastEngine(model, tokenizer, ProbeConfig(samples=4, top_k=1, max_new_tokens=6)
                               ).generate(tiny_requests(6)):
         assert answers.samples == [answers.greedy] * 4
         assert answers.sample_tokens == [answers.greedy_tokens] * 4
@@ -193,12 +193,12 @@ def test_top_k_1_sampling_equals_greedy(tiny_lm):
 def test_no_samples(tiny_lm):
     model, tokenizer = tiny_lm
     requests = tiny_requests(5)
-    greedy_only = FastEngine(model, tokenizer, SamplingConfig(num_samples=0, temperature=0.0, max_new_tokens=5)
+    greedy_only = FastEngine(model, tokenizer, ProbeConfig(samples=0, temperature=0.0, max_new_tokens=5)
                              ).generate(requests)
-    with_samples = FastEngine(model, tokenizer, SamplingConfig(num_samples=2, max_new_tokens=5)).generate(requests)
+    with_samples = FastEngine(model, tokenizer, ProbeConfig(samples=2, max_new_tokens=5)).generate(requests)
     assert all(a.samples == [] and a.sample_tokens == [] for a in greedy_only)
     assert [a.greedy for a in greedy_only] == [a.greedy for a in with_samples]
-    assert FastEngine(model, tokenizer, SamplingConfig()).generate([]) == []
+    assert FastEngine(model, tokenizer, ProbeConfig()).generate([]) == []
 
 
 # ------------------------------------------------------------------ determinism and batch invariance
@@ -206,7 +206,7 @@ def test_no_samples(tiny_lm):
 
 def test_samples_do_not_depend_on_batching_or_flags(stoppy_lm):
     model, tokenizer = stoppy_lm
-    cfg = SamplingConfig(num_samples=6, max_new_tokens=6, seed=3)
+    cfg = ProbeConfig(samples=6, max_new_tokens=6, seed=3)
     target = tiny_requests(1, start=7)[0]
     others = tiny_requests(9, start=20)
     alone = FastEngine(model, tokenizer, cfg).generate([target])[0]
@@ -222,13 +222,13 @@ def test_samples_do_not_depend_on_batching_or_flags(stoppy_lm):
         answers = FastEngine(model, tokenizer, cfg, **flags).generate(requests)
         assert answers[requests.index(target)] == alone, flags
     # Another seed, or another prompt index, gives other samples.
-    moved = FastEngine(model, tokenizer, SamplingConfig(num_samples=6, max_new_tokens=6, seed=4)).generate([target])
+    moved = FastEngine(model, tokenizer, ProbeConfig(samples=6, max_new_tokens=6, seed=4)).generate([target])
     assert moved[0].samples != alone.samples
 
 
 def test_all_flag_combinations_give_identical_answers(tiny_lm):
     model, tokenizer = tiny_lm
-    cfg = SamplingConfig(num_samples=4, max_new_tokens=5)
+    cfg = ProbeConfig(samples=4, max_new_tokens=5)
     requests = tiny_requests(10)
     base = FastEngine(model, tokenizer, cfg, max_batch_prompts=4).generate(requests)
     for fan_out in (True, False):
@@ -240,7 +240,7 @@ def test_all_flag_combinations_give_identical_answers(tiny_lm):
 
 def test_compile_flag_is_off_on_cpu(tiny_lm):
     model, tokenizer = tiny_lm
-    assert not FastEngine(model, tokenizer, SamplingConfig(), compile_decode=True).compile_decode
+    assert not FastEngine(model, tokenizer, ProbeConfig(), compile_decode=True).compile_decode
 
 
 # ------------------------------------------------------------------ the work done
@@ -248,7 +248,7 @@ def test_compile_flag_is_off_on_cpu(tiny_lm):
 
 def test_prefill_once_per_prompt_with_fan_out(tiny_lm):
     model, tokenizer = tiny_lm
-    cfg = SamplingConfig(num_samples=5, max_new_tokens=3)
+    cfg = ProbeConfig(samples=5, max_new_tokens=3)
     requests = tiny_requests(7)
     prompt_tokens = sum(len(tokenizer(r.text, add_special_tokens=False)["input_ids"]) for r in requests)
     fan_out = FastEngine(model, tokenizer, cfg, max_batch_prompts=3)
@@ -256,7 +256,7 @@ def test_prefill_once_per_prompt_with_fan_out(tiny_lm):
     per_stream = FastEngine(model, tokenizer, cfg, max_batch_prompts=3, fan_out_kv=False)
     per_stream.generate(requests)
     assert fan_out.last_stats["prefill_tokens"] == prompt_tokens
-    assert per_stream.last_stats["prefill_tokens"] == (1 + cfg.num_samples) * prompt_tokens
+    assert per_stream.last_stats["prefill_tokens"] == (1 + cfg.samples) * prompt_tokens
     stats = fan_out.last_stats
     assert stats["prompts"] == 7 and stats["answers"] == 42 and stats["batches"] == 3
     assert stats["decode_steps"] <= 3 * (cfg.max_new_tokens - 1) and stats["seconds"] > 0

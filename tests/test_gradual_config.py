@@ -22,28 +22,35 @@ def test_presets_and_example_validate():
 def test_overrides_and_all_baselines():
     cfg = load_pipeline_config(None, ["probe.samples=2", "baselines=all", "seeds=0,1", "train.options.lr=1e-4"])
     assert cfg.probe.samples == 2 and cfg.baselines == ALL_BASELINES and cfg.seeds == (0, 1)
-    assert cfg.train.options["lr"] == "1e-4"  # validated (and converted) by the trainer's own config
+    assert cfg.train.options.lr == 1e-4 and "lr" in cfg.train.options.given_keys  # typed: the trainer's config
     assert cfg.for_seed(1).selection.seed == 1
+    assert load_pipeline_config(None, ["probe.placement.num_actors=3"]).probe.placement.num_actors == 3
 
 
 @pytest.mark.parametrize("overrides,message", [
     (["baselines=fancy"], "unknown baseline 'fancy'"),
     (["seeds=0,0"], "seeds has duplicates"),
-    (["probe.splits=train"], "probe.splits must include 'test'"),
-    (["probe.engine=turbo"], "unknown engine 'turbo'"),
-    (["probe.samples=-1"], "samples must be >= 0"),
-    (["probe.seed=3"], "probe.seed is set by the pipeline"),
+    (["probe.splits=train"], "probe.splits=['train'] must include 'test'"),
+    (["probe.engine=turbo"], "probe.engine='turbo' must be one of fast, reference"),
+    (["probe.samples=-1"], "probe.samples=-1 must be >= 0"),
+    (["probe.seed=3"], "probe.seed=3 is set by the pipeline"),
     (["selection.stage1_categories=Known"], "unknown category 'Known'"),
-    (["train.options.model=x"], "train.options.model is set by the pipeline"),
-    (["train.options.micro_batch_size=0"], "micro_batch_size=0 must be >= 1"),
-    (["train.stage2_lr_factor=0"], "stage2_lr_factor=0.0 must be in (0, 10]"),
+    (["train.options.model=x"], "train.options.model='x' is set by the pipeline"),
+    (["train.options.micro_batch_size=0"], "train.options.micro_batch_size=0 must be >= 1"),
+    (["train.options.lrr=1"], "unknown key 'train.options.lrr'"),
+    (["train.stage2_lr_factor=0"], "train.stage2_lr_factor=0.0 must be in (0, 10]"),
+    (["train.node_rank=1"], "train.node_rank=1 launches one node by hand"),
     (["data.train_items=0"], "data.train_items=0 must be >= 1"),
     (["probe.shot=3"], "unknown key 'probe.shot'"),
+    (["probe.placement.num_actors=0"], "probe.placement.num_actors=0 must be >= 1"),
+    # keys that moved name their new place
+    (["probe.num_actors=2"], "key 'probe.num_actors' has moved: use 'probe.placement.num_actors'"),
+    (["probe.ray_address=auto"], "use 'probe.placement.ray_address'"),
 ])
 def test_bad_pipeline_config(overrides, message):
     with pytest.raises(ConfigError) as err:
         load_pipeline_config(None, overrides)
-    assert message in str(err.value)
+    assert message in str(err.value) and "\n" not in str(err.value)
 
 
 def test_unknown_preset():
@@ -58,6 +65,8 @@ def test_run_locked_by_an_older_toolkit_resumes_if_only_new_keys_are_missing(tmp
     cfg = load_pipeline_config(None)
     written = to_dict(cfg)
     del written["probe"]["seed"], written["probe"]["keep_samples"]  # keys this toolkit added later
+    placement = written["probe"].pop("placement")  # locked before `probe.placement`: flat actor keys
+    written["probe"].update(num_actors=placement["num_actors"], cpus_per_actor=placement["cpus_per_actor"])
     (tmp_path / "config.json").write_text(json.dumps(written))
     Pipeline(cfg, tmp_path)._lock_config()  # the same run: accepted
     changed = load_pipeline_config(None, ["probe.samples=3"])

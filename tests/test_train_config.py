@@ -44,9 +44,23 @@ def test_yaml_and_overrides_are_typed(setup):
     assert cfg.lr == 1e-4 and cfg.gradient_checkpointing is True and cfg.zero_stage == 1
     assert cfg.categories == ["MaybeKnown", "Unknown"] and cfg.dev_split is None and cfg.betas == [0.8, 0.95]
     assert cfg.micro_batch_size == 2 and cfg.grad_clip == 1.0  # YAML value; explicit default clipping
-    assert {"lr", "micro_batch_size", "zero_stage"} <= cfg.explicit and "grad_clip" not in cfg.explicit
+    assert {"lr", "micro_batch_size", "zero_stage"} <= cfg.given_keys and "grad_clip" not in cfg.given_keys
     assert cfg_with(setup, resume=True).resume is True
     assert cfg_with(setup, resume="/x/ckpt").resume_dir == Path("/x/ckpt")
+
+
+def test_flags_are_generated_from_the_config_and_win_over_yaml_and_set(setup):
+    args = _train_args("--config", str(setup / "cfg.yaml"), "--set", "lr=1e-4", "--lr", "2e-4", "--epochs", "4",
+                       "--no-eval-train", "--resume", "--categories", "MaybeKnown,Unknown", "--ds_config", "zero1")
+    from toolkit.train.__main__ import config_from_args
+
+    cfg = config_from_args(args)
+    assert (cfg.lr, cfg.epochs, cfg.eval_train, cfg.resume, cfg.ds_config) == (2e-4, 4, False, True, "zero1")
+    assert cfg.categories == ["MaybeKnown", "Unknown"] and cfg.micro_batch_size == 2  # the rest from the YAML
+    with pytest.raises(TrainConfigError, match="optimizer='sgd' must be one of"):
+        config_from_args(_train_args("--config", str(setup / "cfg.yaml"), "--set", "optimizer=sgd"))
+    with pytest.raises(SystemExit):  # argparse knows the choices of a Literal field
+        _train_args("--optimizer", "sgd")
 
 
 @pytest.mark.parametrize("sets, message", [
@@ -210,7 +224,9 @@ def test_prepare_errors_before_any_process_group(setup, tmp_path):
     (ckpt / "latest").write_text("step000005")
     with pytest.raises(TrainConfigError, match="already holds checkpoints"):
         prepare(cfg_with(setup, f"output_dir={tmp_path / 'out'}"), 2, on_gpu=False)
-    saved = cfg_with(setup).to_dict() | {"lr": 0.5, "zero_stage": 2, "train_batch_size": 4,
+    from toolkit.config import to_dict
+
+    saved = to_dict(cfg_with(setup)) | {"lr": 0.5, "zero_stage": 2, "train_batch_size": 4,
                                          "gradient_accumulation_steps": 1}
     (ckpt / "step000005" / "trainer_state.json").write_text(json.dumps({"config": saved, "world_size": 2}))
     with pytest.raises(TrainConfigError, match="resume: lr was 0.5"):
@@ -227,7 +243,7 @@ def test_dry_run_prints_the_setup(setup, capsys):
     assert "labels:    [-100" in out and "prompt (" in out and "ZeRO-2:" in out and "<- chosen" in out
     assert "training items per category: HighlyKnown=" in out and '"gradient_clipping": 1.0' in out
     assert main(["--config", str(setup / "cfg.yaml"), "--dry-run", "--set", "micro_batch_size=0"]) == 2
-    assert capsys.readouterr().err.strip() == "error: training config: micro_batch_size=0 must be >= 1"
+    assert capsys.readouterr().err.strip() == f"error: {setup / 'cfg.yaml'}: micro_batch_size=0 must be >= 1"
 
 
 # ---------------------------------------------------------------- gradual train and the launcher scripts
@@ -244,21 +260,42 @@ def _train_args(*argv):
 
 
 def test_gradual_train_builds_the_launcher_command(setup, tmp_path):
-    from toolkit.train.launch import build_command
+    from toolkit.train.launch import LaunchConfig, build_command
 
-    cmd, world, _ = build_command(_train_args("--config", "c.yaml", "--num-accelerators", "2", "--set", "lr=1"), False)
+    cmd, world, _ = build_command(LaunchConfig(num_accelerators=2), Path("o/train_config.yaml"), False)
     assert cmd[1:4] == ["--num_accelerators", "2", "--master_port"] and world == 2
     assert cmd[4] != "29500"  # one node: a free port, so two runs on a machine do not collide
-    assert cmd[-6:] == ["--module", "toolkit.train", "--config", str(Path("c.yaml").resolve()), "--set", "lr=1"]
+    assert cmd[-4:] == ["--module", "toolkit.train", "--config", str(Path("o/train_config.yaml").resolve())]
     (tmp_path / "hosts").write_text("a slots=8\nb slots=8\n")
-    cmd, world, _ = build_command(_train_args("--config", "c.yaml", "--hostfile", str(tmp_path / "hosts"),
-                                              "--node-rank", "1", "--master-addr", "10.0.0.1", "--resume"), True)
-    assert world == 16 and "--no_ssh" in cmd and cmd[cmd.index("--node_rank") + 1] == "1" and cmd[-1] == "--resume"
+    cmd, world, _ = build_command(LaunchConfig(hostfile=str(tmp_path / "hosts"), node_rank=1, master_addr="10.0.0.1"),
+                                  Path("c.yaml"), True)
+    assert world == 16 and "--no_ssh" in cmd and cmd[cmd.index("--node_rank") + 1] == "1"
     assert cmd[cmd.index("--master_port") + 1] == "29500"  # every node must name the same port
-    cmd, world, _ = build_command(_train_args("--config", "c.yaml", "--num-gpus", "4"), True)
+    cmd, world, _ = build_command(LaunchConfig(num_gpus=4), Path("c.yaml"), True)
     assert cmd[1:3] == ["--num_gpus", "4"] and world == 4
     with pytest.raises(TrainConfigError, match="--node-rank needs --hostfile"):
-        build_command(_train_args("--config", "c.yaml", "--node-rank", "0"), False)
+        build_command(LaunchConfig(node_rank=0), Path("c.yaml"), False)
+
+
+def test_print_only_writes_the_config_the_ranks_read(setup, tmp_path, capsys):
+    """What `gradual train` resolves (YAML + --set + flags) is what every rank loads: the keys given,
+    the rest left at their defaults so explicit ds_config values can still fill them."""
+    import yaml
+
+    from toolkit.train.__main__ import config_from_args
+    from toolkit.train.config import load_config
+
+    out = tmp_path / "run"
+    args = _train_args("--config", str(setup / "cfg.yaml"), "--set", "lr=1e-4", "--epochs", "2",
+                       "--output-dir", str(out), "--num-accelerators", "2", "--print-only")
+    assert args.func(args) == 0
+    command = capsys.readouterr().err
+    written = out / "train_config.yaml"
+    assert f"--config {written}" in command and "--module toolkit.train" in command
+    data = yaml.safe_load(written.read_text())
+    assert data["lr"] == 1e-4 and data["epochs"] == 2 and data["output_dir"] == str(out)
+    assert "grad_clip" not in data and "eval_batch_size" not in data  # defaults are not pinned
+    assert load_config(written) == config_from_args(args)
 
 
 def test_gradual_train_validates_before_launching(setup, monkeypatch, capsys):

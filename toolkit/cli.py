@@ -9,7 +9,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-EXIT_BAD_INPUT = 2
+from toolkit.exit_codes import EXIT_BAD_INPUT
 
 
 class UsageError(ValueError):
@@ -17,16 +17,13 @@ class UsageError(ValueError):
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
-    from toolkit.config import ConfigError
+    from toolkit.config import ConfigError  # probe and training config errors included
     from toolkit.data.schema import DataError
     from toolkit.gradual.selection import SelectionError
     from toolkit.models import ModelError
-    from toolkit.probe.slick import ProbeConfigError
     from toolkit.report.render import ReportError
-    from toolkit.train.config import TrainConfigError
 
-    return (DataError, ModelError, UsageError, ConfigError, ProbeConfigError, TrainConfigError,
-            SelectionError, ReportError, FileNotFoundError)
+    return (DataError, ModelError, UsageError, ConfigError, SelectionError, ReportError, FileNotFoundError)
 
 
 # ---------------------------------------------------------------- data

@@ -1,8 +1,14 @@
 """Typed configs at the edge: nested dataclasses filled from YAML, then `--set section.key=value`
-overrides. Unknown keys and values of the wrong type fail here, naming the key and the file; code
-inside the package receives validated dataclasses and never looks a key up with a default."""
+overrides, then command-line flags generated from the same fields. Unknown keys and values of the
+wrong type fail here, naming the key and the file; code inside the package receives validated
+dataclasses and never looks a key up with a default.
+
+A config dataclass declares each knob once, with `knob(default, "help text")`; its `__post_init__`
+checks values with `require(...)`, and the loader adds the file and the section to the message.
+"""
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import typing
 from pathlib import Path
@@ -17,6 +23,42 @@ _TRUE, _FALSE, _NONE = ("true", "yes", "on", "1"), ("false", "no", "off", "0"), 
 
 class ConfigError(ValueError):
     """A bad config file, key or value; the message is one line naming the source and the key."""
+
+
+class FieldError(ValueError):
+    """A config dataclass's own check failed: the field, its value, and why. `from_dict` turns it
+    into a ConfigError naming the file and the full key (e.g. `train.options.lr`)."""
+
+    def __init__(self, name: str, value: Any, why: str):
+        super().__init__(f"{name}={value!r} {why}")
+        self.name, self.value, self.why = name, value, why
+
+
+def require(ok: bool, name: str, value: Any, why: str) -> None:
+    if not ok:
+        raise FieldError(name, value, why)
+
+
+GIVEN = "given_keys"  # a config dataclass with this field learns which keys the user set
+
+
+def knob(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = dataclasses.MISSING,
+         internal: bool = False) -> Any:
+    """A config field with its help text (shown by `--help` and the generated flags). `internal`
+    fields are not read from YAML or flags."""
+    return dataclasses.field(default=default, default_factory=factory,
+                             metadata={"help": help, "internal": internal},
+                             **({"repr": False, "compare": False} if internal else {}))
+
+
+def given_keys() -> Any:
+    """The field that records which keys of a section were set by the user (YAML, --set, flags)."""
+    return knob(factory=frozenset, internal=True)
+
+
+def config_fields(cls) -> list[dataclasses.Field]:
+    """The fields a user can set (not the internal ones)."""
+    return [f for f in dataclasses.fields(cls) if f.init and not f.metadata.get("internal")]
 
 
 def coerce(key: str, value: Any, kind: Any, source: str = "config") -> Any:
@@ -87,16 +129,23 @@ def coerce(key: str, value: Any, kind: Any, source: str = "config") -> Any:
 def from_dict(cls: type[T], values: dict, source: str = "config", prefix: str = "") -> T:
     """Build dataclass `cls` from a mapping; keys not given keep their defaults."""
     hints = typing.get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    fields = {f.name for f in config_fields(cls)}
     unknown = sorted(set(values) - fields)
     if unknown:
+        moved = getattr(cls, "MOVED_KEYS", {}).get(unknown[0])
+        if moved:
+            raise ConfigError(f"{source}: key '{prefix}{unknown[0]}' has moved: use '{prefix}{moved}'")
         raise ConfigError(f"{source}: unknown key '{prefix}{unknown[0]}' "
                           f"(known in {prefix or 'the top level'}: {', '.join(sorted(fields))})")
     kwargs = {name: coerce(prefix + name, value, hints[name], source) for name, value in values.items()}
+    if any(f.name == GIVEN for f in dataclasses.fields(cls)):
+        kwargs[GIVEN] = frozenset(values)
     try:
         return cls(**kwargs)
     except ConfigError:
         raise
+    except FieldError as err:
+        raise ConfigError(f"{source}: {prefix}{err.name}={err.value!r} {err.why}") from None
     except (TypeError, ValueError) as err:  # a dataclass's own __post_init__ checks
         raise ConfigError(f"{source}: {err}") from None
 
@@ -147,16 +196,76 @@ def load(cls: type[T], path: str | Path | None = None, overrides: typing.Iterabl
     return from_dict(cls, apply_overrides(values, overrides), source)
 
 
-def to_dict(obj) -> dict:
-    """A dataclass config as plain YAML/JSON-ready data (tuples become lists)."""
+def to_dict(obj, given_only: bool = False) -> dict:
+    """A dataclass config as plain YAML/JSON-ready data (tuples become lists). `given_only`: of a
+    section that records its given keys, only those (what the user wrote, the rest being defaults)."""
     def plain(value):
         if dataclasses.is_dataclass(value):
-            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init}
+            names = [f.name for f in config_fields(value)]
+            if given_only and hasattr(value, GIVEN):
+                names = [n for n in names if n in getattr(value, GIVEN)]
+            return {name: plain(getattr(value, name)) for name in names}
         if isinstance(value, (list, tuple)):
             return [plain(v) for v in value]
         return value
 
     return plain(obj)
+
+
+def with_values(obj: T, **changes) -> T:
+    """A copy with `changes` applied and counted as given by the user (when the section records that)."""
+    if hasattr(obj, GIVEN):
+        changes[GIVEN] = getattr(obj, GIVEN) | frozenset(changes)
+    return dataclasses.replace(obj, **changes)
+
+
+# ---------------------------------------------------------------- command-line flags from the fields
+
+
+def add_arguments(parser, cls, *, exclude: typing.Iterable[str] = (), required: typing.Iterable[str] = (),
+                  underscore_aliases: bool = False) -> None:
+    """One flag per field of `cls` (`--micro-batch-size`; with `underscore_aliases` also DeepSpeed's
+    spelling `--micro_batch_size`), its help text and default from the field. Flags not given stay
+    absent from the namespace, so they override a config file only when used; values go through
+    the same `coerce` as YAML."""
+    hints = typing.get_type_hints(cls)
+    skip, must = set(exclude), set(required)
+    for f in config_fields(cls):
+        if f.name in skip:
+            continue
+        kind = hints[f.name]
+        args = typing.get_args(kind)
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        shown = "" if default in (None, "", (), []) else f" (default: {_plain_default(default)})"
+        kw: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS, help=(f.metadata.get("help") or "") + shown)
+        if f.name in must:
+            kw["required"] = True
+        names = [f"--{f.name.replace('_', '-')}"]
+        if underscore_aliases and "_" in f.name and kind is not bool:
+            names.append(f"--{f.name}")
+        if kind is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif bool in args:  # e.g. bool | str: the bare flag means true, or it takes a value
+            kw.update(nargs="?", const="true", metavar="VALUE")
+        elif typing.get_origin(kind) is typing.Literal:
+            kw.update(choices=args, metavar="{" + ",".join(map(str, args)) + "}")
+        else:
+            kw["metavar"] = _METAVARS.get(kind, "VALUE")
+        parser.add_argument(*names, **kw)
+
+
+_METAVARS = {int: "N", float: "X", str: "TEXT", typing.Optional[int]: "N", typing.Optional[float]: "X",
+             typing.Optional[str]: "TEXT"}
+
+
+def _plain_default(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, (list, tuple, frozenset)) else str(value)
+
+
+def given_arguments(args: argparse.Namespace, cls) -> dict:
+    """The flags of `cls` that were given on the command line, as a mapping for `from_dict`."""
+    return {f.name: getattr(args, f.name) for f in config_fields(cls) if hasattr(args, f.name)}
 
 
 def _deep_copy(d: dict) -> dict:

@@ -15,7 +15,8 @@ def add_run_parser(subparsers) -> None:
     p.add_argument("config", nargs="?", type=Path, help="pipeline config (YAML); default: the chosen preset")
     p.add_argument("--preset", help="start from a preset: default (CPU, minutes) or paper (GPU cluster)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set probe.samples=8 --set train.options.lr=1e-5")
+                   help="override a config key, e.g. --set probe.samples=8 --set train.options.lr=1e-5 "
+                        "--set probe.placement.num_actors=4")
     p.add_argument("--out", type=Path, help="run directory (default: runs/<preset>)")
     p.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2")
     p.add_argument("--baselines", help="'all' or a comma-separated list: natural, known_only, no_replay, "
@@ -62,13 +63,15 @@ def headline(metrics: dict) -> list[str]:
 def cmd_run(args) -> int:
     from toolkit import config as cfglib
 
-    from .pipeline import Pipeline
+    from .pipeline import Pipeline, preflight
 
     cfg = _resolve(args)
     out = args.out or Path("runs") / cfg.preset
     if args.dry_run:
+        checks = preflight(cfg, check_devices=False)
         print(json.dumps(cfglib.to_dict(cfg), indent=2))
-        print(f"config ok; the run would write to {out}")
+        print(f"config ok (data, model and training launch checked: {checks['train_world_size']} training "
+              f"rank(s)); the run would write to {out}")
         return 0
     metrics = Pipeline(cfg, out).run()
     print("\n".join(headline(metrics)))

@@ -5,11 +5,14 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 from toolkit import config as cfglib
-from toolkit.config import ConfigError
-from toolkit.probe.slick import ProbeConfig, ProbeConfigError
+from toolkit.config import ConfigError, FieldError, config_fields, knob, require
+from toolkit.probe.pool import Placement
+from toolkit.probe.types import ProbeConfig
+from toolkit.train.config import TrainConfig
+from toolkit.train.launch import LaunchConfig
 
 from .selection import BASELINES, STAGE2_STRATEGIES, SelectionConfig
 
@@ -35,56 +38,53 @@ class DataSettings:
 
 @dataclass(frozen=True)
 class ProbeSettings(ProbeConfig):
-    """The probe's own settings (N_ex, k, n, temperature, ...: inherited) plus where it runs."""
+    """The probe's own settings (N_ex, k, n, temperature, ...: inherited), the splits probed with the
+    base model, and where the actors run."""
 
-    splits: tuple[str, ...] = ("train", "dev", "test")  # probed with the base model
-    num_actors: int = 1
-    cpus_per_actor: float = 1.0
-    gpus_per_actor: float = 0.0
-    ray_address: Optional[str] = None
-    shard_size: int = 32
+    splits: tuple[str, ...] = knob(("train", "dev", "test"), "splits probed with the base model")
+    shard_size: int = knob(32, "items per shard (fixes the shard plan)")
+    placement: Placement = knob(factory=Placement, help="the Ray actors: how many, CPUs/GPUs each, cluster address")
+
+    MOVED_KEYS: ClassVar[dict[str, str]] = {name: f"placement.{name}" for name in (
+        "num_actors", "cpus_per_actor", "gpus_per_actor", "ray_address")}
 
     def __post_init__(self):
-        for name in ("seed", "keep_samples"):
-            if getattr(self, name) != getattr(ProbeConfig, name):
-                raise ConfigError(f"probe.{name} is set by the pipeline (per entry of `seeds`)")
-        try:
-            super().__post_init__()
-        except ProbeConfigError as err:
-            raise ConfigError(f"probe: {err}") from None
+        for name in PIPELINE_PROBE_KEYS:
+            require(getattr(self, name) == getattr(ProbeConfig, name), name, getattr(self, name),
+                    "is set by the pipeline (per entry of `seeds`)")
+        super().__post_init__()
         for split in ("train", "test"):
-            if split not in self.splits:
-                raise ConfigError(f"probe.splits must include '{split}' (the schedule and the report need it)")
+            require(split in self.splits, "splits", list(self.splits),
+                    f"must include '{split}' (the schedule and the report need it)")
+        require(self.shard_size >= 1, "shard_size", self.shard_size, "must be >= 1")
 
     def probe_config(self, seed: int) -> ProbeConfig:
-        own = {f.name: getattr(self, f.name) for f in dataclasses.fields(ProbeConfig)}
+        own = {f.name: getattr(self, f.name) for f in config_fields(ProbeConfig)}
         return ProbeConfig(**{**own, "seed": seed})
 
 
-@dataclass(frozen=True)
-class TrainSettings:
-    """How each stage is launched, and the trainer's own keys (see `gradual train --help`)."""
+PIPELINE_PROBE_KEYS = ("seed", "keep_samples")
+PIPELINE_TRAIN_KEYS = ("model", "data", "output_dir", "seed", "categories_file", "resume")
 
-    num_accelerators: Optional[int] = None  # CPU ranks per node (CPU machines)
-    num_gpus: Optional[int] = None  # GPUs per node (default: all)
-    hostfile: Optional[str] = None
-    stage2_lr_factor: float = 0.5  # stage 2 continues from M1 with lr x this factor
-    eval_batch_size: int = 32  # test-set evaluation of M0, M1, M2 and the baselines
-    options: dict = field(default_factory=dict)  # TrainConfig keys: lr, epochs, ds_config, ...
+
+@dataclass(frozen=True)
+class TrainSettings(LaunchConfig):
+    """How each stage is launched (the launcher's keys: inherited), what changes in stage 2, and the
+    trainer's own config (`options`: the keys of `gradual train --help`)."""
+
+    stage2_lr_factor: float = knob(0.5, "stage 2 continues from M1 with lr x this factor")
+    eval_batch_size: int = knob(32, "test-set evaluation of M0, M1, M2 and the baselines")
+    options: TrainConfig = knob(factory=TrainConfig, help="the trainer's config: lr, epochs, ds_config, ...")
 
     def __post_init__(self):
-        if not 0 < self.stage2_lr_factor <= 10:
-            raise ConfigError(f"train.stage2_lr_factor={self.stage2_lr_factor} must be in (0, 10]")
-        reserved = sorted(set(self.options) & {"model", "data", "output_dir", "seed", "categories_file"})
-        if reserved:
-            raise ConfigError(f"train.options.{reserved[0]} is set by the pipeline for each stage")
-        from toolkit.train.config import TrainConfigError, build_config
-
-        try:  # the trainer's own validation, now rather than at the first launch
-            build_config({**self.options, "model": "-", "data": "-", "output_dir": "-"},
-                         source="train.options")
-        except TrainConfigError as err:
-            raise ConfigError(str(err)) from None
+        super().__post_init__()
+        require(0 < self.stage2_lr_factor <= 10, "stage2_lr_factor", self.stage2_lr_factor, "must be in (0, 10]")
+        require(self.eval_batch_size >= 1, "eval_batch_size", self.eval_batch_size, "must be >= 1")
+        require(self.node_rank is None, "node_rank", self.node_rank,
+                "launches one node by hand; the pipeline starts every node itself (hostfile)")
+        for name in PIPELINE_TRAIN_KEYS:
+            if name in self.options.given_keys:
+                raise FieldError(f"options.{name}", getattr(self.options, name), "is set by the pipeline for each stage")
 
 
 @dataclass(frozen=True)

@@ -16,27 +16,27 @@ import dataclasses
 import json
 import logging
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Callable
-
-import yaml
 
 from toolkit import config as cfglib
 from toolkit.config import ConfigError
 from toolkit.data.loading import load_qa
 from toolkit.data.subset import write_subset
-from toolkit.io import read_jsonl, write_json, write_jsonl, write_text
+from toolkit.io import read_jsonl, write_json, write_jsonl
+from toolkit.models import EMBEDDED_MODEL
+from toolkit.train.config import TrainConfig
+from toolkit.train.launch import LaunchConfig
 
 from .config import PipelineConfig
 from .selection import BASELINES, SelectionConfig, baseline_items, stage1_items, stage2_items
 
 log = logging.getLogger("toolkit.gradual")
-EMBEDDED = "smollm2"
-# Settings that change how a step runs, not what it computes: a resumed run may change them.
-EXECUTION_KEYS = {"probe": ("num_actors", "cpus_per_actor", "gpus_per_actor", "ray_address"),
-                  "train": ("num_accelerators", "num_gpus", "hostfile", "eval_batch_size")}
+# Settings that change how a step runs, not what it computes: a resumed run may change them
+# (the probe's flat actor keys are those of run directories locked before `probe.placement`).
+EXECUTION_KEYS = {"probe": ("placement", "num_actors", "cpus_per_actor", "gpus_per_actor", "ray_address"),
+                  "train": tuple(f.name for f in dataclasses.fields(LaunchConfig)) + ("eval_batch_size",)}
 
 
 class PipelineError(RuntimeError):
@@ -49,6 +49,40 @@ def _comparable(config: dict) -> dict:
         for key in keys:
             out.get(section, {}).pop(key, None)
     return out
+
+
+def preflight(cfg: PipelineConfig, check_devices: bool = True) -> dict:
+    """Every check that needs no step to have run, before anything is written: the data, the model,
+    the exemplars, the training launch (hostfile, ds_config, batch arithmetic) and, for a real run
+    (`check_devices`), the GPUs the probe actors ask for. Raises one-line errors naming the key."""
+    from toolkit.data.prompts import ExemplarPool
+    from toolkit.models import load_tokenizer
+    from toolkit.probe.runner import check_reachable
+    from toolkit.train.config import TrainConfigError
+    from toolkit.train.launch import check_training
+
+    if cfg.data.path:
+        splits = {split: load_qa(cfg.data.path, splits=(split,)) for split in ("train", "dev", "test")}  # none empty
+        if cfg.probe.shots:
+            pool = ExemplarPool(splits["dev"], source=f"{cfg.data.path} (split dev)")
+            pool.check_covers([it for split in cfg.probe.splits for it in splits[split]], cfg.probe.shots)
+    load_tokenizer(cfg.model)  # ModelError for a missing path; converts the embedded GGUF once (cache)
+    try:
+        world = check_training(cfg.train.options, cfg.train)
+    except TrainConfigError as err:
+        raise TrainConfigError(f"train.options: {err}") from None
+    placement = cfg.probe.placement
+    if placement.ray_address:
+        check_reachable(placement.ray_address)
+    elif check_devices and placement.gpus_per_actor:
+        import torch
+
+        wanted, have = placement.num_actors * placement.gpus_per_actor, torch.cuda.device_count()
+        if wanted > have:
+            raise ConfigError(f"probe.placement.gpus_per_actor={placement.gpus_per_actor}: "
+                              f"{placement.num_actors} actor(s) need {wanted:g} GPU(s), this machine has {have} "
+                              "(set probe.placement.ray_address to use a cluster)")
+    return {"train_world_size": world}
 
 
 def read_categories(probe_dir: Path) -> dict[str, str]:
@@ -111,10 +145,8 @@ class Pipeline:
         p = self.cfg.probe
         out = seed_dir / "probe" / f"{name}-{split}"
         run = ProbeRun(data=str(self.subset), out=str(out), model=model, split=split,
-                       exemplar_data=str(self.full_data), exemplar_split="dev", shard_size=p.shard_size,
-                       num_actors=p.num_actors, cpus_per_actor=p.cpus_per_actor,
-                       gpus_per_actor=p.gpus_per_actor, ray_address=p.ray_address)
-        summary = run_probe(run, p.probe_config(seed))
+                       exemplar_data=str(self.full_data), exemplar_split="dev", shard_size=p.shard_size)
+        summary = run_probe(run, p.probe_config(seed), p.placement)
         keys = ("counts", "questions_per_s", "answers_per_s", "generated_tokens_per_s", "wall_s")
         return {"dir": str(out), **{k: summary[k] for k in keys}}
 
@@ -133,35 +165,30 @@ class Pipeline:
         write_json(data_dir / "selection.json", sizes)
         return sizes
 
+    def stage_config(self, stage_dir: Path, model: str, seed: int, lr_factor: float = 1.0) -> TrainConfig:
+        """The trainer's config for one stage: the run's `train.options` plus what the stage sets."""
+        options = self.cfg.train.options
+        changes = dict(model=model, data=str(stage_dir / "data"), output_dir=str(stage_dir / "train"), seed=seed,
+                       categories_file=str(stage_dir / "data" / "categories.json"))
+        if lr_factor != 1.0:
+            changes["lr"] = options.lr * lr_factor
+        if (stage_dir / "train" / "checkpoints" / "latest").exists():
+            changes["resume"] = True  # an interrupted stage continues from its last checkpoint
+        return cfglib.with_values(options, **changes)
+
     def train(self, stage_dir: Path, model: str, train_ids: list[str], seed: int, lr_factor: float = 1.0) -> dict:
         """Launch the DeepSpeed trainer on the stage's data; returns its summary (with model_dir)."""
+        from toolkit.train.launch import launch_env, plan_launch, write_resolved_config
+
         if not train_ids:
             self.echo(f"  no training items for {stage_dir.name}: the stage is skipped, its model is its input")
             return {"skipped": True, "model_dir": model}
         _release_ray()  # probing and training take turns on the same devices
-        t = self.cfg.train
-        options = dict(t.options)
-        if lr_factor != 1.0:
-            from toolkit.train.config import build_config
-
-            base_lr = build_config({**options, "model": "-", "data": "-", "output_dir": "-"}).lr
-            options["lr"] = base_lr * lr_factor
-        out = stage_dir / "train"
-        train_cfg = {**options, "model": model, "data": str(stage_dir / "data"), "output_dir": str(out),
-                     "seed": seed, "categories_file": str(stage_dir / "data" / "categories.json")}
-        config_path = stage_dir / "train.yaml"
-        write_text(config_path, yaml.safe_dump(train_cfg, sort_keys=True))
-        cmd = [sys.executable, "-m", "toolkit.cli", "train", "--config", str(config_path)]
-        if t.num_accelerators:
-            cmd += ["--num-accelerators", str(t.num_accelerators)]
-        if t.num_gpus:
-            cmd += ["--num-gpus", str(t.num_gpus)]
-        if t.hostfile:
-            cmd += ["--hostfile", t.hostfile]
-        if (out / "checkpoints" / "latest").exists():
-            cmd.append("--resume")  # an interrupted stage continues from its last checkpoint
-        _run_logged(cmd, stage_dir / "train.log", self.echo)
-        return json.loads((out / "train_summary.json").read_text(encoding="utf-8"))
+        train_cfg = self.stage_config(stage_dir, model, seed, lr_factor)
+        cmd, _ = plan_launch(train_cfg, self.cfg.train)  # the same checks as `gradual train`
+        write_resolved_config(train_cfg)
+        _run_logged(cmd, stage_dir / "train.log", self.echo, launch_env())
+        return json.loads((train_cfg.out / "train_summary.json").read_text(encoding="utf-8"))
 
     # ------------------------------------------------------------ evaluation
 
@@ -184,7 +211,7 @@ class Pipeline:
         cfg = self.cfg.for_seed(seed)
         sel: SelectionConfig = cfg.selection
         sd = self.run_dir / f"seed-{seed}"
-        base = cfg.model or EMBEDDED
+        base = cfg.model or EMBEDDED_MODEL
         s = f"seed{seed}"
         for split in cfg.probe.splits:
             self.step(f"{s}.probe_m0_{split}", lambda split=split: self.probe(sd, "m0", cfg.model, split, seed))
@@ -225,6 +252,7 @@ class Pipeline:
         from toolkit.report.collect import collect_metrics
         from toolkit.report.render import render_report
 
+        preflight(self.cfg)  # nothing is written before the config and the inputs are known to be good
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._lock_config()
         if self.cfg.notes:
@@ -240,7 +268,7 @@ class Pipeline:
 
     def _run_info(self) -> dict:
         c = self.cfg
-        return {"preset": c.preset, "model": c.model or EMBEDDED, "data": str(self.full_data),
+        return {"preset": c.preset, "model": c.model or EMBEDDED_MODEL, "data": str(self.full_data),
                 "seeds": list(c.seeds), "probe": f"N_ex={c.probe.num_exemplar_sets} k={c.probe.shots} "
                 f"n={c.probe.samples} T={c.probe.temperature} top-k={c.probe.top_k}",
                 "stage-1 categories": ",".join(c.selection.stage1_categories),
@@ -267,12 +295,13 @@ def _release_ray() -> None:
         ray.shutdown()
 
 
-def _run_logged(cmd: list[str], log_path: Path, echo: Callable[[str], None]) -> None:
+def _run_logged(cmd: list[str], log_path: Path, echo: Callable[[str], None], env: dict) -> None:
     """Run a launcher command, teeing its output to `log_path`; show our own lines and errors."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     echo(f"  $ {' '.join(cmd)}   (log: {log_path})")
     with open(log_path, "a", encoding="utf-8") as fh:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                                env=env)
         tail: list[str] = []
         for line in proc.stdout:
             fh.write(line)

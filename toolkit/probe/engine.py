@@ -22,7 +22,7 @@ from toolkit.data.matching import extract_answer
 from toolkit.data.prompts import stable_seed
 from toolkit.models import newline_token_ids, tokens_until_stop
 
-from .types import PromptAnswers, PromptRequest, SamplingConfig
+from .types import PromptAnswers, PromptRequest, ProbeConfig
 
 # splitmix64 constants as signed int64: torch int64 arithmetic wraps around, i.e. it is uint64
 # arithmetic bit for bit, as long as right shifts are made logical (torch's >> is arithmetic).
@@ -61,7 +61,7 @@ class FastEngine:
     """Engine protocol implementation; the feature flags exist so the benchmark can switch the
     optimisations off one at a time. Answers are identical under every flag combination."""
 
-    def __init__(self, model, tokenizer, config: SamplingConfig, max_batch_prompts: int = 16, *,
+    def __init__(self, model, tokenizer, config: ProbeConfig, max_batch_prompts: int = 16, *,
                  fan_out_kv: bool = True, bucket_by_length: bool = True, compile_decode: bool = False,
                  compact_below: float = 0.5):
         if max_batch_prompts < 1:
@@ -87,7 +87,7 @@ class FastEngine:
     @torch.inference_mode()
     def generate(self, requests: Sequence[PromptRequest]) -> list[PromptAnswers]:
         start = time.perf_counter()
-        streams = 1 + self.config.num_samples
+        streams = 1 + self.config.samples
         self.last_stats = dict(prompts=len(requests), answers=len(requests) * streams, batches=0,
                                prefill_tokens=0, prefill_padded_tokens=0, generated_tokens=0,
                                decode_steps=0, decode_rows=0, compactions=0)
@@ -115,12 +115,12 @@ class FastEngine:
     def _run_batch(self, reqs: list[PromptRequest], ids: list[list[int]],
                    capacity: tuple[int, int]) -> list[PromptAnswers]:
         cfg, dev, stats = self.config, self.device, self.last_stats
-        streams, n_prompts = 1 + cfg.num_samples, len(reqs)
+        streams, n_prompts = 1 + cfg.samples, len(reqs)
         rows = n_prompts * streams  # prompt-major: stream 0 is greedy, stream 1 + j is sample j
         prompt_of = torch.arange(n_prompts, device=dev).repeat_interleave(streams)
         greedy = torch.arange(rows, device=dev) % streams == 0
         keys = torch.tensor([to_int64(stable_seed(cfg.seed, r.question_id, r.prompt_index, j))
-                             for r in reqs for j in range(-1, cfg.num_samples)], device=dev)
+                             for r in reqs for j in range(-1, cfg.samples)], device=dev)
         lengths = torch.tensor([len(x) for x in ids], device=dev)[prompt_of]
         plen = max(map(len, ids))
 
@@ -176,7 +176,7 @@ class FastEngine:
         logits = logits.float()
         best = logits.argmax(-1)
         cfg = self.config
-        if cfg.num_samples == 0:
+        if cfg.samples == 0:
             return best
         if cfg.top_k:
             values, candidates = logits.topk(min(cfg.top_k, logits.shape[-1]), dim=-1)

@@ -17,8 +17,10 @@ import os
 import socket
 import time
 from collections import Counter, deque
-from dataclasses import dataclass, field
-from typing import Any, Callable, Hashable, Iterable
+from dataclasses import dataclass
+from typing import Any, Callable, Hashable, Iterable, Literal, Optional
+
+from toolkit.config import knob, require
 
 log = logging.getLogger("toolkit.probe.pool")
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
@@ -29,26 +31,29 @@ class ActorGroupError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class GroupConfig:
-    num_actors: int = 1
-    cpus_per_actor: float = 1.0
-    gpus_per_actor: float = 0.0
-    resources_per_actor: dict[str, float] = field(default_factory=dict)  # custom resources, e.g. {"node0": 1}
-    strategy: str = "PACK"
-    max_restarts: int = 3  # re-creations per actor slot
-    max_attempts: int = 3  # deaths a single task may cause before the run gives up
-    ready_timeout_s: float = 600.0  # waiting for the placement group (an autoscaler may add nodes)
+class Placement:
+    """Where the actors run: how many, what each one holds, how they are spread, which cluster."""
+
+    num_actors: int = knob(1, "model replicas (Ray actors)")
+    cpus_per_actor: float = knob(1.0, "CPUs per actor (its torch threads on CPU)")
+    gpus_per_actor: float = knob(0.0, "GPUs per actor; fractions share a GPU, e.g. 0.5")
+    resources_per_actor: dict = knob(factory=dict, help="custom Ray resources per actor, e.g. {node0: 1}")
+    strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = knob(
+        "PACK", "placement-group strategy (STRICT_SPREAD: one actor per node)")
+    ray_address: Optional[str] = knob(None, "join this Ray cluster ('auto' or host:port; default: start a local one)")
+    max_restarts: int = knob(3, "re-creations of a dead actor per slot")
+    max_attempts: int = knob(3, "actor deaths one shard may cause before the run gives up")
+    ready_timeout_s: float = knob(600.0, "seconds to wait for the actors' resources (an autoscaler may add nodes)")
 
     def __post_init__(self):
-        if self.num_actors < 1:
-            raise ValueError(f"num-actors must be >= 1, got {self.num_actors}")
-        if self.cpus_per_actor <= 0 or self.gpus_per_actor < 0:
-            raise ValueError(f"cpus-per-actor must be > 0 and gpus-per-actor >= 0, got "
-                             f"{self.cpus_per_actor} and {self.gpus_per_actor}")
-        if self.gpus_per_actor > 1 and self.gpus_per_actor != int(self.gpus_per_actor):
-            raise ValueError(f"gpus-per-actor above 1 must be a whole number, got {self.gpus_per_actor}")
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"unknown placement strategy '{self.strategy}' (expected one of {', '.join(STRATEGIES)})")
+        require(self.num_actors >= 1, "num_actors", self.num_actors, "must be >= 1")
+        require(self.cpus_per_actor > 0, "cpus_per_actor", self.cpus_per_actor, "must be > 0")
+        require(self.gpus_per_actor >= 0, "gpus_per_actor", self.gpus_per_actor, "must be >= 0")
+        require(self.gpus_per_actor <= 1 or self.gpus_per_actor == int(self.gpus_per_actor), "gpus_per_actor",
+                self.gpus_per_actor, "above 1 must be a whole number")
+        require(self.strategy in STRATEGIES, "strategy", self.strategy, f"must be one of {', '.join(STRATEGIES)}")
+        for name in ("max_restarts", "max_attempts"):
+            require(getattr(self, name) >= 0, name, getattr(self, name), "must be >= 0")
 
     @property
     def bundle(self) -> dict[str, float]:
@@ -66,7 +71,7 @@ class ActorGroup:
     """`num_actors` instances of `actor_cls(*args)`, one per placement-group bundle. The actor class
     must have an `info()` method (called as a readiness probe; its result lands in `self.infos`)."""
 
-    def __init__(self, actor_cls: type, args: tuple = (), config: GroupConfig = GroupConfig()):
+    def __init__(self, actor_cls: type, args: tuple = (), config: Placement = Placement()):
         import ray
         from ray.util.placement_group import placement_group
 

@@ -14,11 +14,11 @@ from toolkit.data.matching import extract_answer
 from toolkit.data.prompts import stable_seed
 from toolkit.models import newline_token_ids, tokens_until_stop
 
-from .types import PromptAnswers, PromptRequest, SamplingConfig
+from .types import PromptAnswers, PromptRequest, ProbeConfig
 
 
 class ReferenceEngine:
-    def __init__(self, model, tokenizer, config: SamplingConfig, batch_size: int = 16):
+    def __init__(self, model, tokenizer, config: ProbeConfig, batch_size: int = 16):
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.batch_size = batch_size
         self.stop_ids = sorted({*newline_token_ids(tokenizer), tokenizer.eos_token_id})
@@ -52,14 +52,14 @@ class ReferenceEngine:
             for row in greedy:
                 text, used = self._decode(row)
                 answers.append(PromptAnswers(greedy=text, greedy_tokens=used))
-            if cfg.num_samples > 0:
+            if cfg.samples > 0:
                 torch.manual_seed(stable_seed("reference", cfg.seed, batch[0].question_id, batch[0].prompt_index))
                 sampled = self._generate(texts, do_sample=True, temperature=cfg.temperature,
                                          top_k=cfg.top_k or None, top_p=None,
-                                         num_return_sequences=cfg.num_samples)
+                                         num_return_sequences=cfg.samples)
                 for i, row in enumerate(sampled):
                     text, used = self._decode(row)
-                    answers[i // cfg.num_samples].samples.append(text)
-                    answers[i // cfg.num_samples].sample_tokens.append(used)
+                    answers[i // cfg.samples].samples.append(text)
+                    answers[i // cfg.samples].sample_tokens.append(used)
             results.extend(answers)
         return results

@@ -17,7 +17,9 @@ import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
+
+from toolkit.config import knob, require
 
 from toolkit.data.loading import load_qa
 from toolkit.data.prompts import ExemplarPool
@@ -25,9 +27,9 @@ from toolkit.data.schema import DataError
 from toolkit.io import read_jsonl, write_json, write_jsonl
 from toolkit.models import EMBEDDED_MODEL, ModelSpec, resolve_source
 
-from .pool import ActorGroup, GroupConfig, ProbeWorker
+from .pool import ActorGroup, Placement, ProbeWorker
 from .shards import ShardPlan, data_hash, make_plan
-from .slick import CATEGORIES, ProbeConfig, ProbeConfigError, check_engine
+from .slick import CATEGORIES, ProbeConfig, ProbeConfigError
 
 log = logging.getLogger("toolkit.probe")
 MANIFEST_VERSION = 1
@@ -35,36 +37,22 @@ MANIFEST_VERSION = 1
 
 @dataclass(frozen=True)
 class RunConfig:
-    data: str
-    out: str
-    model: str | None = None  # None: the embedded SmolLM2
-    split: str = "train"
-    exemplar_split: str = "dev"
-    exemplar_data: str | None = None  # None: the same dataset as `data`
-    shard_size: int = 32
-    limit: int | None = None
-    num_actors: int = 1
-    cpus_per_actor: float = 1.0
-    gpus_per_actor: float = 0.0
-    resources_per_actor: dict[str, float] = field(default_factory=dict)
-    strategy: str = "PACK"  # STRICT_SPREAD: one actor per node
-    ray_address: str | None = None
-    progress: bool = True
+    """What to probe and where the results go (the settings of the probe itself: ProbeConfig; where
+    its actors run: Placement)."""
+
+    data: str = knob(help="QA file or directory (see `gradual data validate`)")
+    out: str = knob(help="output directory (re-running resumes it)")
+    model: Optional[str] = knob(None, "HF directory, .gguf file, hub id or random:<shape> (default: the embedded SmolLM2)")
+    split: str = knob("train", "split to probe")
+    exemplar_split: str = knob("dev", "split the few-shot exemplars come from")
+    exemplar_data: Optional[str] = knob(None, "dataset the exemplars come from (default: --data)")
+    shard_size: int = knob(32, "items per shard (fixes the shard plan)")
+    limit: Optional[int] = knob(None, "only the first N items of the shard plan")
+    progress: bool = knob(True, "show a progress bar")
 
     def __post_init__(self):
-        if self.shard_size < 1:
-            raise ProbeConfigError(f"shard-size must be >= 1, got {self.shard_size}")
-        if self.limit is not None and self.limit < 1:
-            raise ProbeConfigError(f"limit must be >= 1, got {self.limit}")
-        try:
-            self.group_config()
-        except ValueError as err:
-            raise ProbeConfigError(str(err)) from None
-
-    def group_config(self) -> GroupConfig:
-        return GroupConfig(num_actors=self.num_actors, cpus_per_actor=self.cpus_per_actor,
-                           gpus_per_actor=self.gpus_per_actor, resources_per_actor=dict(self.resources_per_actor),
-                           strategy=self.strategy)
+        require(self.shard_size >= 1, "shard_size", self.shard_size, "must be >= 1")
+        require(self.limit is None or self.limit >= 1, "limit", self.limit, "must be >= 1")
 
 
 # ---------------------------------------------------------------- validation and manifest
@@ -107,7 +95,7 @@ def _check_or_write_manifest(out: Path, manifest: dict) -> None:
 # ---------------------------------------------------------------- ray
 
 
-def _check_reachable(address: str) -> None:
+def check_reachable(address: str) -> None:
     """A wrong `host:port` makes ray.init retry for minutes; a plain TCP connect fails in seconds."""
     host, sep, port = address.rpartition(":")
     if "://" in address or not sep or not port.isdigit():
@@ -118,22 +106,25 @@ def _check_reachable(address: str) -> None:
         raise ProbeConfigError(f"cannot reach the Ray cluster at {address}: {err.strerror or err}") from None
 
 
-def _connect_ray(run: RunConfig) -> bool:
+def _connect_ray(placement: Placement) -> bool:
     """Connect to the given cluster, reuse an initialised Ray, or start a local one. True if we own it."""
     import ray
 
     if ray.is_initialized():
         return False
-    if run.ray_address:
-        ray.init(address=run.ray_address, logging_level=logging.WARNING)
+    if placement.ray_address:
+        ray.init(address=placement.ray_address, logging_level=logging.WARNING)
         return False
-    total_cpus = max(os.cpu_count() or 1, run.num_actors * run.cpus_per_actor)  # logical CPUs may oversubscribe
-    ray.init(num_cpus=int(-(-total_cpus // 1)), include_dashboard=False, logging_level=logging.WARNING)
+    # logical CPUs may oversubscribe
+    total_cpus = max(os.cpu_count() or 1, placement.num_actors * placement.cpus_per_actor)
+    # address="local": a new cluster of our own, never one that happens to run on this machine
+    ray.init(address="local", num_cpus=int(-(-total_cpus // 1)), include_dashboard=False,
+             logging_level=logging.WARNING)
     gpus = ray.cluster_resources().get("GPU", 0)
-    if run.num_actors * run.gpus_per_actor > gpus:  # a local Ray never grows: fail now, not after a timeout
+    if placement.num_actors * placement.gpus_per_actor > gpus:  # a local Ray never grows: fail now
         ray.shutdown()
-        raise ProbeConfigError(f"{run.num_actors} actor(s) x {run.gpus_per_actor} GPU need more than the "
-                               f"{gpus:g} GPU(s) of this machine")
+        raise ProbeConfigError(f"{placement.num_actors} actor(s) x {placement.gpus_per_actor} GPU need more "
+                               f"than the {gpus:g} GPU(s) of this machine")
     return True
 
 
@@ -159,16 +150,15 @@ class _RunStats:
         stats["seconds"] += result["seconds"]
 
 
-def run_probe(run: RunConfig, probe: ProbeConfig, *, on_shard: Callable[[int, dict], None] | None = None,
+def run_probe(run: RunConfig, probe: ProbeConfig, placement: Placement = Placement(), *, on_shard: Callable[[int, dict], None] | None = None,
               pick_order: list[int] | None = None) -> dict:
     """Probe every item of `run.split`; return the summary. `on_shard(index, result)` runs on the driver
     after each shard is persisted; `pick_order` (shard indices) changes the hand-out order (for tests)."""
     t_start = time.perf_counter()
-    check_engine(probe.engine)
     items, exemplars = _load_inputs(run, probe)
     resolve_source(run.model)  # ModelError for a bad path; converts a GGUF once, before any actor starts
-    if run.ray_address:
-        _check_reachable(run.ray_address)
+    if placement.ray_address:
+        check_reachable(placement.ray_address)
     plan = make_plan(items, run.shard_size, probe.seed, run.limit)
     out = Path(run.out)
     _check_or_write_manifest(out, _manifest(run, probe, plan, exemplars))
@@ -180,31 +170,31 @@ def run_probe(run: RunConfig, probe: ProbeConfig, *, on_shard: Callable[[int, di
     log.info("probe: %d items in %d shards; %d shards to do", plan.num_items, len(plan.shards), len(todo))
     stats = _RunStats()
     if todo:
-        _run_shards(run, probe, plan, todo, {it.id: it for it in items}, exemplars, stats, on_shard)
+        _run_shards(run, probe, placement, plan, todo, {it.id: it for it in items}, exemplars, stats, on_shard)
 
     rows = _collect_rows(out, plan)
     write_jsonl(out / "categories.jsonl", rows)
-    summary = _summary(rows, stats, probe, run, plan, time.perf_counter() - t_start)
+    summary = _summary(rows, stats, probe, run, placement, plan, time.perf_counter() - t_start)
     write_json(out / "summary.json", summary)
     return summary
 
 
-def _run_shards(run: RunConfig, probe: ProbeConfig, plan: ShardPlan, todo: list, by_id: dict,
+def _run_shards(run: RunConfig, probe: ProbeConfig, placement: Placement, plan: ShardPlan, todo: list, by_id: dict,
                 exemplars: list, stats: _RunStats, on_shard) -> None:
     import ray
     from tqdm import tqdm
 
     out = Path(run.out)
-    owns_ray = _connect_ray(run)
+    owns_ray = _connect_ray(placement)
     bar = None
     answers_per_item = probe.num_exemplar_sets * (1 + probe.samples)
     try:
         t_actors = time.perf_counter()
         # The original source, not the driver's resolved path: each node resolves (and caches) it.
-        threads = None if run.gpus_per_actor else max(1, int(run.cpus_per_actor))
+        threads = None if placement.gpus_per_actor else max(1, int(placement.cpus_per_actor))
         args = (ModelSpec(source=run.model), probe, ray.put(exemplars), threads)
-        log.info("starting %d actor(s) with %s each", run.num_actors, run.group_config().bundle)
-        with ActorGroup(ProbeWorker, args, run.group_config()) as group:
+        log.info("starting %d actor(s) with %s each", placement.num_actors, placement.bundle)
+        with ActorGroup(ProbeWorker, args, placement) as group:
             # Every replica loaded before the first shard: model errors surface at once, all actors
             # start together, and the throughput excludes loading.
             group.wait_ready()
@@ -247,7 +237,8 @@ def _fractions(counts: Counter, total: int) -> dict:
     return {c: (counts[c] / total if total else 0.0) for c in CATEGORIES}
 
 
-def _summary(rows: list[dict], stats: _RunStats, probe: ProbeConfig, run: RunConfig, plan: ShardPlan,
+def _summary(rows: list[dict], stats: _RunStats, probe: ProbeConfig, run: RunConfig, placement: Placement,
+             plan: ShardPlan,
              wall_s: float) -> dict:
     counts = Counter(r["category"] for r in rows)
     per_relation: dict[str, Counter] = defaultdict(Counter)
@@ -269,6 +260,6 @@ def _summary(rows: list[dict], stats: _RunStats, probe: ProbeConfig, run: RunCon
         actor_start_s=stats.actor_start_s, probe_wall_s=stats.probe_s,
         questions_per_s=rate(len(stats.rows)), answers_per_s=rate(new_answers),
         generated_tokens_per_s=rate(new_tokens),
-        num_actors=run.num_actors, engine=probe.engine, model=run.model or EMBEDDED_MODEL,
+        num_actors=placement.num_actors, engine=probe.engine, model=run.model or EMBEDDED_MODEL,
         num_shards=len(plan.shards), shards_skipped=len(plan.shards) - sum(w["shards"] for w in workers),
         actor_restarts=stats.restarts, workers=workers)

@@ -2,80 +2,34 @@
 `n` samples per prompt, P_greedy / P_sample, and the four categories."""
 from __future__ import annotations
 
-import importlib.util
-from dataclasses import asdict, dataclass
 from typing import Sequence
 
+from toolkit.config import ConfigError
 from toolkit.data.matching import is_correct
 from toolkit.data.prompts import ExemplarPool, probe_prompt
 from toolkit.data.schema import QAItem
 
-from .types import Engine, PromptAnswers, PromptRequest, SamplingConfig
+from .types import ENGINES, Engine, ProbeConfig, PromptAnswers, PromptRequest
 
 HIGHLY_KNOWN, MAYBE_KNOWN, WEAKLY_KNOWN, UNKNOWN = "HighlyKnown", "MaybeKnown", "WeaklyKnown", "Unknown"
 CATEGORIES = (HIGHLY_KNOWN, MAYBE_KNOWN, WEAKLY_KNOWN, UNKNOWN)
-ENGINES = ("fast", "reference")
 
 
-class ProbeConfigError(ValueError):
-    """Invalid probe settings (or an output directory written with other settings); one clear line."""
-
-
-@dataclass(frozen=True)
-class ProbeConfig:
-    num_exemplar_sets: int = 10  # N_ex
-    shots: int = 4  # k
-    samples: int = 16  # n
-    temperature: float = 0.5
-    top_k: int = 40
-    max_new_tokens: int = 16
-    seed: int = 0
-    keep_samples: bool = False
-    engine: str = "fast"
-
-    def __post_init__(self):
-        if self.num_exemplar_sets < 1:
-            raise ProbeConfigError(f"num-exemplar-sets must be >= 1, got {self.num_exemplar_sets}")
-        if self.shots < 0:
-            raise ProbeConfigError(f"shots must be >= 0, got {self.shots}")
-        if self.engine not in ENGINES:
-            raise ProbeConfigError(f"unknown engine '{self.engine}' (expected one of {', '.join(ENGINES)})")
-        try:
-            self.sampling_config()
-        except ValueError as err:  # SamplingConfig's own checks, re-raised as a probe settings error
-            raise ProbeConfigError(str(err)) from None
-
-    def sampling_config(self) -> SamplingConfig:
-        return SamplingConfig(num_samples=self.samples, temperature=self.temperature, top_k=self.top_k,
-                              max_new_tokens=self.max_new_tokens, seed=self.seed)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+class ProbeConfigError(ConfigError):
+    """An output directory written with other settings, or settings this machine cannot run; one line."""
 
 
 # ---------------------------------------------------------------- engines
 
 
-def fast_engine_available() -> bool:
-    return importlib.util.find_spec("toolkit.probe.engine") is not None
-
-
-def check_engine(name: str) -> None:
-    """Fail before any model or actor is started if the chosen engine cannot be built."""
-    if name == "fast" and not fast_engine_available():
-        raise ProbeConfigError("the fast engine (toolkit.probe.engine) is not installed in this version; "
-                               "use --engine reference")
-
-
 def make_engine(model, tokenizer, config: ProbeConfig) -> Engine:
-    check_engine(config.engine)
     if config.engine == "fast":
         from .engine import FastEngine
 
-        return FastEngine(model, tokenizer, config.sampling_config())
+        return FastEngine(model, tokenizer, config)
     from .reference import ReferenceEngine
 
-    return ReferenceEngine(model, tokenizer, config.sampling_config())
+    return ReferenceEngine(model, tokenizer, config)
 
 
 # ---------------------------------------------------------------- scoring

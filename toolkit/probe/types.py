@@ -2,28 +2,38 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Literal, Protocol, Sequence
+
+from toolkit.config import knob, require
+
+
+ENGINES = ("fast", "reference")
 
 
 @dataclass(frozen=True)
-class SamplingConfig:
-    """Per prompt: one greedy answer and `num_samples` sampled answers (design.md section 2)."""
+class ProbeConfig:
+    """What a probe computes (design.md section 2), one config for the probe and its engines: per
+    item N_ex few-shot prompts of k exemplars; per prompt one greedy answer and n samples."""
 
-    num_samples: int = 16
-    temperature: float = 0.5
-    top_k: int = 40
-    max_new_tokens: int = 16
-    seed: int = 0
+    num_exemplar_sets: int = knob(10, "N_ex: few-shot prompts per item")
+    shots: int = knob(4, "k: exemplars per prompt (same relation, from the exemplar split)")
+    samples: int = knob(16, "n: sampled answers per prompt (plus one greedy)")
+    temperature: float = knob(0.5, "sampling temperature")
+    top_k: int = knob(40, "sample among the k most likely tokens (0: all)")
+    max_new_tokens: int = knob(16, "answer length limit in tokens (answers also stop at a newline)")
+    seed: int = knob(0, "fixes the exemplar sets and every sampled answer")
+    keep_samples: bool = knob(False, "store every sampled answer in the result rows")
+    engine: Literal["fast", "reference"] = knob("fast", "fast: the toolkit's engine; reference: HF generate")
 
     def __post_init__(self):
-        if self.num_samples < 0:
-            raise ValueError(f"samples must be >= 0, got {self.num_samples}")
-        if self.num_samples > 0 and self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top-k must be >= 0 (0 = no top-k), got {self.top_k}")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max-new-tokens must be >= 1, got {self.max_new_tokens}")
+        require(self.num_exemplar_sets >= 1, "num_exemplar_sets", self.num_exemplar_sets, "must be >= 1")
+        require(self.shots >= 0, "shots", self.shots, "must be >= 0")
+        require(self.samples >= 0, "samples", self.samples, "must be >= 0")
+        require(self.samples == 0 or self.temperature > 0, "temperature", self.temperature,
+                "must be > 0 when sampling")
+        require(self.top_k >= 0, "top_k", self.top_k, "must be >= 0 (0 = no top-k)")
+        require(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "must be >= 1")
+        require(self.engine in ENGINES, "engine", self.engine, f"must be one of {', '.join(ENGINES)}")
 
 
 @dataclass(frozen=True)
@@ -49,7 +59,7 @@ class PromptAnswers:
 
 
 class Engine(Protocol):
-    config: SamplingConfig
+    config: ProbeConfig
 
     def generate(self, requests: Sequence[PromptRequest]) -> list[PromptAnswers]:
         """Answers for each request, in request order."""

@@ -11,40 +11,36 @@ import logging
 import os
 import sys
 
-EXIT_BAD_INPUT = 2
+from toolkit.config import add_arguments, given_arguments
+from toolkit.exit_codes import EXIT_BAD_INPUT
+
+from .config import TrainConfig
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options shared by `python -m toolkit.train` and `gradual train`."""
+    """The options shared by `python -m toolkit.train` and `gradual train`: a YAML file, `--set`
+    overrides, and one flag per training config key (they win over both)."""
     parser.add_argument("--config", help="training config (YAML)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a training config key (repeatable)")
-    parser.add_argument("--ds-config", "--ds_config", dest="ds_config",
-                        help="ds_config path or name (zero1, zero2, zero2_offload)")
-    parser.add_argument("--resume", nargs="?", const=True, default=None, metavar="DIR",
-                        help="continue from the latest checkpoint (in DIR, default <output_dir>/checkpoints)")
     parser.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
                         help="validate, print the resolved setup, a tokenised example and the memory estimate; exit")
+    add_arguments(parser.add_argument_group("training config (each key also as --set KEY=VALUE or in the YAML)"),
+                  TrainConfig, underscore_aliases=True)
 
 
-def config_from_args(args):
+def config_from_args(args) -> TrainConfig:
     from .config import load_config
 
-    extra = {}
-    if args.ds_config:
-        extra["ds_config"] = args.ds_config
-    if args.resume is not None:
-        extra["resume"] = args.resume
-    return load_config(args.config, args.overrides, extra)
+    return load_config(args.config, args.overrides, given_arguments(args, TrainConfig))
 
 
 def user_errors() -> tuple[type[Exception], ...]:
+    from toolkit.config import ConfigError
     from toolkit.data.schema import DataError
     from toolkit.models import ModelError
 
-    from .config import TrainConfigError
-
-    return (TrainConfigError, DataError, ModelError)
+    return (ConfigError, DataError, ModelError)
 
 
 def main(argv=None) -> int:

@@ -3,11 +3,12 @@ Unknown keys and bad values fail here, with the key named, before any process gr
 from __future__ import annotations
 
 import dataclasses
-import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, Optional, Union
 
-from toolkit.config import ConfigError, coerce, read_yaml
+from toolkit.config import (ConfigError, FieldError, apply_overrides, from_dict, given_keys, knob, read_yaml,
+                            require)
 
 OPTIMIZERS = ("deepspeed_adam", "adamw", "adamw_8bit")
 LR_SCHEDULES = ("linear", "cosine", "constant")
@@ -21,49 +22,85 @@ class TrainConfigError(ConfigError):
 
 @dataclass
 class TrainConfig:
-    # what to train, on what, and where the results go
-    model: str = ""  # HF directory (or anything toolkit.models.load_model accepts)
-    data: str = ""  # QA dataset: file or directory (toolkit.data.load_qa)
-    output_dir: str = ""
-    train_split: str = "train"
-    dev_split: str | None = "dev"  # None: no dev evaluation, the last model is exported
-    categories: list[str] | None = None  # train only on items of these SliCK categories
-    categories_file: str | None = None  # id -> category (JSON/JSONL); default: 'category' in the data rows
+    # what to train, on what, and where the results go (the pipeline sets these per stage)
+    model: str = knob("", "HF directory (or anything `gradual probe --model` accepts)")
+    data: str = knob("", "QA dataset: file or directory")
+    output_dir: str = knob("", "checkpoints, logs, the exported model")
+    train_split: str = knob("train", "split to train on")
+    dev_split: Optional[str] = knob("dev", "split for early stopping (null: no dev evaluation, the last model is exported)")
+    categories: Optional[list[str]] = knob(None, "train only on items of these SliCK categories")
+    categories_file: Optional[str] = knob(None, "id -> category (JSON/JSONL); default: 'category' in the data rows")
     # DeepSpeed
-    ds_config: str = "zero2"  # a path, or zero1 | zero2 | zero2_offload from ds_configs/
-    zero_stage: int | None = None  # overrides the ds_config's stage
-    offload: bool = False  # ZeRO optimizer offload to CPU (needs optimizer: deepspeed_adam)
-    bf16: bool | str = "auto"  # auto: bf16 on GPU, fp32 on CPU
-    gradient_checkpointing: bool = False
+    ds_config: str = knob("zero2", "a path, or zero1 | zero2 | zero2_offload from ds_configs/")
+    zero_stage: Optional[int] = knob(None, "overrides the ds_config's ZeRO stage (0, 1, 2)")
+    offload: bool = knob(False, "ZeRO optimizer offload to CPU (needs optimizer deepspeed_adam)")
+    bf16: Union[bool, Literal["auto"]] = knob("auto", "auto: bf16 on GPU, fp32 on CPU")
+    gradient_checkpointing: bool = knob(False, "recompute activations in the backward pass")
     # batch arithmetic: train_batch_size = micro_batch_size x gradient_accumulation_steps x world size
-    micro_batch_size: int = 8
-    gradient_accumulation_steps: int | None = None  # None: from train_batch_size, else 1
-    train_batch_size: int | None = None
-    max_len: int = 256
+    micro_batch_size: int = knob(8, "sequences per rank per forward pass")
+    gradient_accumulation_steps: Optional[int] = knob(None, "default: from train_batch_size, else 1")
+    train_batch_size: Optional[int] = knob(None, "global batch (sequences per optimizer step)")
+    max_len: int = knob(256, "tokens per sequence (a longer prompt loses its start)")
     # optimisation
-    epochs: int = 3
-    optimizer: str = "adamw"
-    lr: float = 1e-5
-    lr_scheduler: str = "linear"  # after warm-up: linear decay to 0, cosine, or constant
-    warmup_ratio: float = 0.0
-    weight_decay: float = 0.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
-    grad_clip: float = 1.0  # explicit (DeepSpeed's hidden default is also 1.0); 0 = off
-    seed: int = 0
+    epochs: int = knob(3, "passes over the training set")
+    optimizer: Literal["adamw", "deepspeed_adam", "adamw_8bit"] = knob(
+        "adamw", "adamw (torch), deepspeed_adam (FusedAdam / CPUAdam), adamw_8bit (bitsandbytes)")
+    lr: float = knob(1e-5, "peak learning rate")
+    lr_scheduler: Literal["linear", "cosine", "constant"] = knob("linear", "decay after warm-up")
+    warmup_ratio: float = knob(0.0, "fraction of the steps spent warming up")
+    weight_decay: float = knob(0.0, "AdamW weight decay")
+    betas: list[float] = knob(factory=lambda: [0.9, 0.999], help="Adam betas")
+    eps: float = knob(1e-8, "Adam epsilon")
+    grad_clip: float = knob(1.0, "gradient-norm clipping (DeepSpeed's hidden default is also 1.0); 0 = off")
+    seed: int = knob(0, "data order and initialisation")
     # evaluation, early stopping, checkpoints
-    eval_every_steps: int = 0  # 0: at the end of every epoch
-    eval_batch_size: int = 32
-    eval_train: bool = True  # training accuracy per category at each evaluation ("fit speed")
-    max_new_tokens: int = 16
-    patience: int = 3  # evaluations without a dev improvement before stopping; 0 = never stop early
-    keep_last_n: int = 2  # DeepSpeed checkpoints kept, plus the best one
-    stop_after_epoch: int = 0  # stop (as if pre-empted) after this epoch's checkpoint; 0 = off
-    resume: bool | str = False  # True: <output_dir>/checkpoints; or a checkpoint directory
-    log_dir: str | None = None  # TensorBoard; default <output_dir>/tensorboard
-    progress: bool = True
-    # keys the user set (YAML or --set); explicit ds_config values may fill the others
-    explicit: frozenset = field(default=frozenset(), repr=False, compare=False)
+    eval_every_steps: int = knob(0, "dev evaluation every N optimizer steps (0: at the end of every epoch)")
+    eval_batch_size: int = knob(32, "prompts per generation batch in evaluation")
+    eval_train: bool = knob(True, "training accuracy per category at each evaluation (fit speed)")
+    max_new_tokens: int = knob(16, "answer length limit in evaluation")
+    patience: int = knob(3, "evaluations without a dev improvement before stopping; 0 = never stop early")
+    keep_last_n: int = knob(2, "DeepSpeed checkpoints kept, plus the best one")
+    stop_after_epoch: int = knob(0, "stop (as if pre-empted) after this epoch's checkpoint; 0 = off")
+    resume: Union[bool, str] = knob(False, "continue from the latest checkpoint (true: <output_dir>/checkpoints, or a directory)")
+    log_dir: Optional[str] = knob(None, "TensorBoard directory (default <output_dir>/tensorboard)")
+    progress: bool = knob(True, "progress bars")
+    # keys the user set (YAML, --set, flags): an explicit ds_config value may fill the others
+    given_keys: frozenset = given_keys()
+
+    def __post_init__(self):
+        require(self.micro_batch_size >= 1, "micro_batch_size", self.micro_batch_size, "must be >= 1")
+        for name in ("gradient_accumulation_steps", "train_batch_size"):
+            value = getattr(self, name)
+            require(value is None or value >= 1, name, value, "must be >= 1")
+        require(self.epochs >= 1, "epochs", self.epochs, "must be >= 1")
+        require(self.lr > 0, "lr", self.lr, "must be > 0")
+        require(0 <= self.warmup_ratio < 1, "warmup_ratio", self.warmup_ratio, "must be in [0, 1)")
+        require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
+        require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", self.betas,
+                "must be two numbers in [0, 1)")
+        require(self.grad_clip >= 0, "grad_clip", self.grad_clip, "must be >= 0 (0 = off)")
+        require(self.optimizer in OPTIMIZERS, "optimizer", self.optimizer, f"must be one of {', '.join(OPTIMIZERS)}")
+        require(self.lr_scheduler in LR_SCHEDULES, "lr_scheduler", self.lr_scheduler,
+                f"must be one of {', '.join(LR_SCHEDULES)}")
+        require(self.zero_stage in (None, 0, 1, 2), "zero_stage", self.zero_stage,
+                "must be 0, 1 or 2 (ZeRO-3 is not supported: evaluation generates with full parameters)")
+        require(self.bf16 in (True, False, "auto"), "bf16", self.bf16, "must be true, false or auto")
+        for name in ("eval_every_steps", "patience", "stop_after_epoch"):
+            require(getattr(self, name) >= 0, name, getattr(self, name), "must be >= 0")
+        for name in ("eval_batch_size", "keep_last_n", "max_new_tokens"):
+            require(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
+        require(self.max_len >= 8, "max_len", self.max_len, "must be >= 8")
+        require(not self.offload or self.optimizer == "deepspeed_adam", "offload", self.offload,
+                "needs optimizer: deepspeed_adam (DeepSpeedCPUAdam runs the offloaded step)")
+        require(self.categories is None or len(self.categories) > 0, "categories", self.categories,
+                "is empty (leave it out to train on all)")
+
+    def require_paths(self, source: str = "training config") -> "TrainConfig":
+        """model, data and output_dir: required for a launch (the pipeline fills them per stage)."""
+        for name in ("model", "data", "output_dir"):
+            if not getattr(self, name):
+                raise TrainConfigError(f"{source}: '{name}' is required")
+        return self
 
     # ------------------------------------------------------------ derived paths
 
@@ -95,99 +132,27 @@ class TrainConfig:
         raise TrainConfigError(f"ds_config not found: {self.ds_config} (a path, or one of "
                                f"{', '.join(sorted(p.stem for p in DS_CONFIG_DIR.glob('*.json')))})")
 
-    def to_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "explicit"}
-
-    # ------------------------------------------------------------ validation
-
-    def validate(self) -> "TrainConfig":
-        for name in ("model", "data", "output_dir"):
-            if not getattr(self, name):
-                raise TrainConfigError(f"training config: '{name}' is required")
-        _check(self.micro_batch_size >= 1, "micro_batch_size", self.micro_batch_size, "must be >= 1")
-        for name in ("gradient_accumulation_steps", "train_batch_size"):
-            value = getattr(self, name)
-            _check(value is None or value >= 1, name, value, "must be >= 1")
-        _check(self.epochs >= 1, "epochs", self.epochs, "must be >= 1")
-        _check(self.lr > 0, "lr", self.lr, "must be > 0")
-        _check(0 <= self.warmup_ratio < 1, "warmup_ratio", self.warmup_ratio, "must be in [0, 1)")
-        _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
-        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", self.betas,
-               "must be two numbers in [0, 1)")
-        _check(self.grad_clip >= 0, "grad_clip", self.grad_clip, "must be >= 0 (0 = off)")
-        _check(self.optimizer in OPTIMIZERS, "optimizer", self.optimizer, f"must be one of {', '.join(OPTIMIZERS)}")
-        _check(self.lr_scheduler in LR_SCHEDULES, "lr_scheduler", self.lr_scheduler,
-               f"must be one of {', '.join(LR_SCHEDULES)}")
-        _check(self.zero_stage in (None, 0, 1, 2), "zero_stage", self.zero_stage,
-               "must be 0, 1 or 2 (ZeRO-3 is not supported: evaluation generates with full parameters)")
-        _check(self.bf16 in (True, False, "auto"), "bf16", self.bf16, "must be true, false or auto")
-        for name in ("eval_every_steps", "patience", "stop_after_epoch"):
-            _check(getattr(self, name) >= 0, name, getattr(self, name), "must be >= 0")
-        for name in ("eval_batch_size", "keep_last_n", "max_new_tokens"):
-            _check(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
-        _check(self.max_len >= 8, "max_len", self.max_len, "must be >= 8")
-        _check(not self.offload or self.optimizer == "deepspeed_adam", "offload", self.offload,
-               "needs optimizer: deepspeed_adam (DeepSpeedCPUAdam runs the offloaded step)")
-        if self.categories is not None and not self.categories:
-            raise TrainConfigError("training config: 'categories' is empty (leave it out to train on all)")
-        return self
+# ---------------------------------------------------------------- loading
 
 
-def _check(ok: bool, name: str, value, why: str) -> None:
-    if not ok:
-        raise TrainConfigError(f"training config: {name}={value!r} {why}")
-
-
-# ---------------------------------------------------------------- loading and overrides
-
-def _coerce(name: str, value, kind):
-    """`value` (from YAML or a --set string) as the field's type, or a TrainConfigError naming it."""
+def load_config(path=None, overrides=(), flags: dict | None = None) -> TrainConfig:
+    """YAML file (optional), then `--set key=value` overrides, then command-line flags; validated,
+    with model, data and output_dir required."""
     try:
-        return coerce(name, value, kind, source="training config")
+        values = read_yaml(path, what="training config") if path is not None else {}
+        values = apply_overrides(values, overrides)
+        values.update(flags or {})
+        return from_dict(TrainConfig, values, source=str(path) if path else "training config").require_paths(
+            str(path) if path else "training config")
+    except TrainConfigError:
+        raise
     except ConfigError as err:
         raise TrainConfigError(str(err)) from None
 
 
-def _field_types() -> dict[str, object]:
-    hints = typing.get_type_hints(TrainConfig)
-    return {f.name: hints[f.name] for f in dataclasses.fields(TrainConfig) if f.name != "explicit"}
-
-
-def parse_overrides(pairs) -> dict[str, str]:
-    out = {}
-    for pair in pairs or ():
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise TrainConfigError(f"--set expects KEY=VALUE, got '{pair}'")
-        out[key.strip()] = value
-    return out
-
-
-def build_config(values: dict, source: str = "training config") -> TrainConfig:
-    types = _field_types()
-    unknown = sorted(set(values) - set(types))
-    if unknown:
-        raise TrainConfigError(f"{source}: unknown key '{unknown[0]}' (known keys: {', '.join(types)})")
-    kwargs = {k: _coerce(k, v, types[k]) for k, v in values.items()}
-    return TrainConfig(**kwargs, explicit=frozenset(kwargs)).validate()
-
-
-def load_config(path=None, overrides=None, extra: dict | None = None) -> TrainConfig:
-    """YAML file (optional), then `--set` overrides, then `extra` (CLI flags like --resume)."""
-    values: dict = {}
-    if path is not None:
-        try:
-            values.update(read_yaml(path, what="training config"))
-        except ConfigError as err:
-            raise TrainConfigError(str(err)) from None
-    for key, value in parse_overrides(overrides).items():
-        if key not in _field_types():
-            raise TrainConfigError(f"--set: unknown key '{key}' (known keys: {', '.join(_field_types())})")
-        values[key] = value
-    values.update(extra or {})
-    return build_config(values, source=str(path) if path else "training config")
-
-
 def replace(cfg: TrainConfig, **changes) -> TrainConfig:
-    """A copy with `changes` applied; they do not count as explicitly set by the user."""
-    return dataclasses.replace(cfg, **changes).validate()
+    """A copy with `changes` applied (validated); they do not count as set by the user."""
+    try:
+        return dataclasses.replace(cfg, **changes)
+    except FieldError as err:
+        raise TrainConfigError(f"training config: {err}") from None

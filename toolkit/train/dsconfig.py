@@ -66,7 +66,7 @@ def resolve(cfg: TrainConfig, raw: dict, world_size: int, on_gpu: bool, source: 
         raise TrainConfigError(f"{source}: remove 'scheduler'; the trainer owns the learning-rate "
                                "schedule (lr, warmup_ratio, lr_scheduler in the training config)")
     if "optimizer" in ds and cfg.optimizer != "deepspeed_adam":
-        if "optimizer" in cfg.explicit:
+        if "optimizer" in cfg.given_keys:
             raise TrainConfigError(f"{source}: has an 'optimizer' section but optimizer={cfg.optimizer} builds "
                                    "its own; remove the section or set optimizer: deepspeed_adam")
         cfg = replace(cfg, optimizer="deepspeed_adam")  # the ds_config's explicit choice fills the default
@@ -86,16 +86,16 @@ def resolve(cfg: TrainConfig, raw: dict, world_size: int, on_gpu: bool, source: 
     fixes = {}
     for path, name in MAPPED:
         value = _get(ds, path)
-        if value is None or value == AUTO or (name == "zero_stage" and name in cfg.explicit):
+        if value is None or value == AUTO or (name == "zero_stage" and name in cfg.given_keys):
             continue  # zero_stage is an override: it replaces the ds_config's stage
-        if name in cfg.explicit and not _same(getattr(cfg, name), value):
+        if name in cfg.given_keys and not _same(getattr(cfg, name), value):
             dotted = ".".join(path)
             raise TrainConfigError(f"{source}: {dotted}={json.dumps(value)} conflicts with the training "
                                    f"config's {name}={getattr(cfg, name)!r}; set one of them (or \"auto\")")
         fixes[name] = list(value) if isinstance(value, (list, tuple)) else value
     offload_device = _get(zero, ("offload_optimizer", "device"))
     if offload_device not in (None, "none"):
-        if "offload" in cfg.explicit and not cfg.offload:
+        if "offload" in cfg.given_keys and not cfg.offload:
             raise TrainConfigError(f"{source}: offload_optimizer is set but the training config says offload=false")
         fixes["offload"] = True
     try:

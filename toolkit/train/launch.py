@@ -10,12 +10,48 @@ import shlex
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from toolkit.config import add_arguments, from_dict, given_arguments, knob, require, to_dict
+from toolkit.io import write_text
 
 from .__main__ import add_run_arguments, config_from_args
-from .config import TrainConfigError
+from .config import REPO_ROOT, TrainConfig, TrainConfigError
 
 MULTI_NODE_PORT = 29500  # torch.distributed's usual default, the same on every node
+RESOLVED_CONFIG = "train_config.yaml"  # written into output_dir; the ranks read it
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """How the `deepspeed` launcher starts the ranks (not what they compute)."""
+
+    num_gpus: Optional[int] = knob(None, "GPUs per node (default: all visible)")
+    num_accelerators: Optional[int] = knob(
+        None, "CPU ranks per node when there is no GPU (default 1; DeepSpeed's own default is the number of NUMA nodes)")
+    hostfile: Optional[str] = knob(None, "DeepSpeed hostfile ('<host> slots=<n>' lines) for multi-node runs")
+    num_nodes: Optional[int] = knob(None, "use the first N hosts of the hostfile")
+    master_addr: Optional[str] = knob(None, "address of node 0 (required with --node-rank)")
+    master_port: Optional[int] = knob(None, "rendezvous port (default: a free port on one node; 29500 with a "
+                                            "hostfile, where every node must name the same one)")
+    node_rank: Optional[int] = knob(None, "launch only this node's ranks, without ssh (run once per node)")
+    launcher: str = knob("pdsh", "multi-node backend: pdsh, openmpi, slurm, ...")
+
+    def __post_init__(self):
+        for name in ("num_gpus", "num_accelerators", "num_nodes", "master_port"):
+            value = getattr(self, name)
+            require(value is None or value >= 1, name, value, "must be >= 1")
+
+    def on_gpu(self) -> bool:
+        """GPU ranks: this machine has a GPU, or a cluster is launched from a node without one
+        (a login node) with --num-gpus and a hostfile."""
+        import torch
+
+        return torch.cuda.is_available() or bool(self.num_gpus and self.hostfile)
 
 
 def deepspeed_executable() -> str:
@@ -26,98 +62,110 @@ def deepspeed_executable() -> str:
     return found
 
 
+def launch_env() -> dict[str, str]:
+    """The launcher's environment: JIT-built DeepSpeed ops are cached in the project, not rebuilt."""
+    env = dict(os.environ)
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO_ROOT / ".cache" / "torch_extensions"))
+    return env
+
+
 def add_train_parser(subparsers) -> None:
     p = subparsers.add_parser("train", help="full-parameter SFT with DeepSpeed ZeRO (starts the deepspeed launcher)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_arguments(p)
     g = p.add_argument_group("launcher")
-    g.add_argument("--num-gpus", type=int, help="GPUs per node (default: all visible)")
-    g.add_argument("--num-accelerators", type=int,
-                   help="CPU ranks per node when there is no GPU (default 1; DeepSpeed's own default is the "
-                        "number of NUMA nodes)")
-    g.add_argument("--hostfile", help="DeepSpeed hostfile ('<host> slots=<n>' lines) for multi-node runs")
-    g.add_argument("--num-nodes", type=int, help="use the first N hosts of the hostfile")
-    g.add_argument("--master-addr", help="address of node 0 (required with --node-rank)")
-    g.add_argument("--master-port", type=int,
-                   help="rendezvous port (default: a free port on one node; 29500 with --hostfile, "
-                        "where every node must name the same one)")
-    g.add_argument("--node-rank", type=int, help="launch only this node's ranks, without ssh (run once per node)")
-    g.add_argument("--launcher", default="pdsh", help="multi-node backend: pdsh (default), openmpi, slurm, ...")
-    g.add_argument("--print-only", action="store_true", help="print the resolved command and exit")
+    add_arguments(g, LaunchConfig)
+    g.add_argument("--print-only", action="store_true", help="write the resolved config, print the command and exit")
     p.set_defaults(func=cmd_train)
 
 
-def _on_gpu() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
+def launch_from_args(args) -> LaunchConfig:
+    return from_dict(LaunchConfig, given_arguments(args, LaunchConfig), source="gradual train")
 
 
-def build_command(args, on_gpu: bool) -> tuple[list[str], int, dict | None]:
-    """(deepspeed command, world size, hostfile hosts)."""
+def build_command(launch: LaunchConfig, config_path: Path, on_gpu: bool) -> tuple[list[str], int, dict | None]:
+    """(deepspeed command, world size, hostfile hosts) for ranks that read `config_path`."""
     from .dsconfig import read_hostfile, world_size_for
     from .strategy import free_port
 
-    hosts = read_hostfile(args.hostfile) if args.hostfile else None
-    if args.node_rank is not None:
+    hosts = read_hostfile(launch.hostfile) if launch.hostfile else None
+    if launch.node_rank is not None:
         if not hosts:
             raise TrainConfigError("--node-rank needs --hostfile (every node must see the same host list)")
-        if not args.master_addr:
+        if not launch.master_addr:
             raise TrainConfigError("--node-rank needs --master-addr (the address of node 0)")
-        nodes = min(args.num_nodes or len(hosts), len(hosts))
-        if not 0 <= args.node_rank < nodes:
-            raise TrainConfigError(f"--node-rank {args.node_rank} is outside 0..{nodes - 1}")
-    if on_gpu and args.num_accelerators:
+        nodes = min(launch.num_nodes or len(hosts), len(hosts))
+        if not 0 <= launch.node_rank < nodes:
+            raise TrainConfigError(f"--node-rank {launch.node_rank} is outside 0..{nodes - 1}")
+    if on_gpu and launch.num_accelerators:
         raise TrainConfigError("--num-accelerators is for CPU runs; use --num-gpus on a GPU machine")
-    per_node = args.num_gpus if on_gpu else (args.num_accelerators or (None if hosts else 1))
-    if not on_gpu and args.num_gpus:
+    per_node = launch.num_gpus if on_gpu else (launch.num_accelerators or (None if hosts else 1))
+    if not on_gpu and launch.num_gpus:
         raise TrainConfigError("no GPU here: use --num-accelerators for CPU ranks")
     if per_node is None and on_gpu and not hosts:
         import torch
 
         per_node = torch.cuda.device_count()
-    world = world_size_for(hosts, per_node, args.num_nodes)
+    world = world_size_for(hosts, per_node, launch.num_nodes)
     cmd = [deepspeed_executable()]
     if per_node is not None:
         cmd += ["--num_gpus" if on_gpu else "--num_accelerators", str(per_node)]
     if hosts:
-        cmd += ["--hostfile", str(Path(args.hostfile).resolve())]
-        if args.num_nodes:
-            cmd += ["--num_nodes", str(args.num_nodes)]
-        if args.launcher != "pdsh":
-            cmd += ["--launcher", args.launcher]
-        if args.node_rank is not None:
-            cmd += ["--no_ssh", "--node_rank", str(args.node_rank)]
-    if args.master_addr:
-        cmd += ["--master_addr", args.master_addr]
+        cmd += ["--hostfile", str(Path(launch.hostfile).resolve())]
+        if launch.num_nodes:
+            cmd += ["--num_nodes", str(launch.num_nodes)]
+        if launch.launcher != "pdsh":
+            cmd += ["--launcher", launch.launcher]
+        if launch.node_rank is not None:
+            cmd += ["--no_ssh", "--node_rank", str(launch.node_rank)]
+    if launch.master_addr:
+        cmd += ["--master_addr", launch.master_addr]
     # a fixed single-node default collides when two runs share a machine (the pipeline's stages, tests)
-    port = args.master_port or (MULTI_NODE_PORT if hosts else free_port())
-    cmd += ["--master_port", str(port), "--module", "toolkit.train"]
-    if args.config:
-        cmd += ["--config", str(Path(args.config).resolve())]
-    for pair in args.overrides:
-        cmd += ["--set", pair]
-    if args.ds_config:
-        cmd += ["--ds-config", args.ds_config]
-    if args.resume is not None:
-        cmd += ["--resume"] + ([] if args.resume is True else [str(args.resume)])
+    port = launch.master_port or (MULTI_NODE_PORT if hosts else free_port())
+    cmd += ["--master_port", str(port), "--module", "toolkit.train", "--config", str(Path(config_path).resolve())]
     return cmd, world, hosts
 
 
-def cmd_train(args) -> int:
-    from .plan import describe, prepare
+def plan_launch(cfg: TrainConfig, launch: LaunchConfig):
+    """Every check of a launch, nothing written: (deepspeed command, RunPlan)."""
+    from .plan import prepare
 
-    # a GPU cluster may be launched from a node without GPUs: --num-gpus with a hostfile says so
-    on_gpu = _on_gpu() or bool(args.num_gpus and args.hostfile)
-    cmd, world, hosts = build_command(args, on_gpu)
-    plan = prepare(config_from_args(args), world, on_gpu=on_gpu, hosts=hosts)  # raises before any launch
+    on_gpu = launch.on_gpu()
+    cmd, world, hosts = build_command(launch, cfg.out / RESOLVED_CONFIG, on_gpu)
+    return cmd, prepare(cfg, world, on_gpu=on_gpu, hosts=hosts)  # raises before any launch
+
+
+def check_training(cfg: TrainConfig, launch: LaunchConfig) -> int:
+    """The checks of a launch that need neither data nor model (hostfile, world size, ds_config, batch
+    arithmetic, DeepSpeed's own parser), for a caller that checks before its first step; the world size."""
+    from .dsconfig import load_ds_config, resolve
+
+    on_gpu = launch.on_gpu()
+    _, world, _ = build_command(launch, Path(RESOLVED_CONFIG), on_gpu)
+    ds_path = cfg.ds_config_path()
+    resolve(cfg, load_ds_config(ds_path), world, on_gpu, str(ds_path))
+    return world
+
+
+def write_resolved_config(cfg: TrainConfig) -> Path:
+    """The keys the user (or the pipeline) set, merged from YAML, --set and flags: what every rank
+    loads. Keys left out keep their defaults, so explicit ds_config values can still fill them."""
+    path = cfg.out / RESOLVED_CONFIG
+    write_text(path, yaml.safe_dump(to_dict(cfg, given_only=True), sort_keys=True))
+    return path
+
+
+def cmd_train(args) -> int:
+    from .plan import describe
+
+    cfg = config_from_args(args)
+    cmd, plan = plan_launch(cfg, launch_from_args(args))
     if args.dry_run:
         print(describe(plan))
         print(f"== launch command\n{shlex.join(cmd)}")
         return 0
+    write_resolved_config(cfg)
     print(f"[gradual train] {shlex.join(cmd)}", file=sys.stderr, flush=True)
     if args.print_only:
         return 0
-    env = dict(os.environ)
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[2] / ".cache" / "torch_extensions"))
-    return subprocess.call(cmd, env=env)
+    return subprocess.call(cmd, env=launch_env())

@@ -15,6 +15,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+from toolkit.config import to_dict
 from toolkit.io import atomic_path, read_jsonl, write_json, write_jsonl
 from toolkit.models import ModelSpec, load_model, newline_token_ids
 
@@ -116,7 +117,7 @@ def _train(plan: RunPlan, strategy: DeepSpeedStrategy) -> dict:
                      state.global_step)
     if rank0:
         cfg.out.mkdir(parents=True, exist_ok=True)
-        write_json(cfg.out / "train_config.resolved.json", cfg.to_dict())
+        write_json(cfg.out / "train_config.resolved.json", to_dict(cfg))
         write_json(cfg.out / "ds_config.resolved.json", plan.ds_config)
     records = Records(plan, rank0, state.global_step if plan.resume_tag else None)
     stop_ids = newline_token_ids(tokenizer)
@@ -149,7 +150,7 @@ def _train(plan: RunPlan, strategy: DeepSpeedStrategy) -> dict:
 
     def save() -> str:
         tag = checkpoint_tag(state.global_step)
-        saved = {"train_state": dataclasses.asdict(state), "config": cfg.to_dict(), "world_size": b.world}
+        saved = {"train_state": dataclasses.asdict(state), "config": to_dict(cfg), "world_size": b.world}
         strategy.save_checkpoint(cfg.checkpoint_dir, tag, client_state=saved, trainer_state={**saved, "tag": tag})
         keep = {state.best_tag} if state.best_dir == str(cfg.checkpoint_dir) else set()
         strategy.rotate_checkpoints(cfg.checkpoint_dir, cfg.keep_last_n, keep)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from toolkit.config import to_dict
 from toolkit.data.loading import load_qa
 from toolkit.data.schema import DataError, QAItem
 
@@ -55,6 +56,7 @@ def prepare(cfg: TrainConfig, world_size: int, on_gpu: bool | None = None, hosts
     """Validate everything and build the plan; raises TrainConfigError / DataError / ModelError."""
     from toolkit.models import load_tokenizer
 
+    cfg.require_paths()
     if on_gpu is None:
         import torch
 
@@ -139,7 +141,7 @@ def count_parameters(model_ref: str) -> int:
 
 def describe(plan: RunPlan) -> str:
     cfg, ds, tok = plan.cfg, plan.ds_config, plan.tokenizer
-    lines = ["== training config (resolved)", yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip(),
+    lines = ["== training config (resolved)", yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip(),
              f"== ds_config: {cfg.ds_config_path()} (resolved)", json.dumps(ds, indent=2)]
     if plan.hosts:
         lines += ["== hostfile", *(f"{h} slots={n}" for h, n in plan.hosts.items())]
