@@ -243,7 +243,7 @@ def bench_ray(args, on_gpu, tmp: Path) -> dict | None:
                                            ("bfloat16" if on_gpu else "float32"))
     probe = ProbeConfig(num_exemplar_sets=args.exemplar_sets, shots=args.shots, samples=args.samples,
                         max_new_tokens=args.max_new_tokens)
-    ray.init(num_cpus=max(max(args.actors), 2), include_dashboard=False, logging_level="WARNING",
+    ray.init(address="local", num_cpus=max(max(args.actors), 2), include_dashboard=False, logging_level="WARNING",
              object_store_memory=256 * 2**20)
     rows = []
     try:

@@ -1,5 +1,6 @@
 """The pipeline config: shipped presets and the documented example validate; bad keys are refused."""
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -72,3 +73,69 @@ def test_run_locked_by_an_older_toolkit_resumes_if_only_new_keys_are_missing(tmp
     changed = load_pipeline_config(None, ["probe.samples=3"])
     with pytest.raises(ConfigError, match="probe.samples"):
         Pipeline(changed, tmp_path)._lock_config()
+
+
+# ---------------------------------------------------------------- gradual run: checked before anything is written
+
+
+@pytest.fixture(scope="module")
+def user_inputs(tmp_path_factory, tiny_model_dir, synthetic_items):
+    """A user's good data directory and config, and the held-out mistakes a new user makes."""
+    import csv
+
+    import yaml
+
+    root = tmp_path_factory.mktemp("run-inputs")
+    data = root / "data"
+    data.mkdir()
+    for split in ("train", "dev", "test"):
+        rows = [it.to_dict() for it in synthetic_items if it.split == split]
+        (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    empty = root / "empty-train"
+    shutil.copytree(data, empty)
+    (empty / "train.jsonl").write_text("")
+    no_answer = root / "qa.csv"
+    with open(no_answer, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["id", "question", "relation", "split"])
+        writer.writerow(["q1", "What is it?", "color", "train"])
+    (root / "bad.json").write_text('{"zero_optimization": {"stage": 2,}}\n')
+    good = {"model": str(tiny_model_dir), "data": {"path": str(data)},
+            "probe": {"num_exemplar_sets": 1, "shots": 1, "samples": 1},
+            "train": {"num_accelerators": 1, "options": {"micro_batch_size": 8}}}
+    (root / "good.yaml").write_text(yaml.safe_dump(good))
+    return root
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["train.options.train_batch_size=12"], "train.options: batch arithmetic: train_batch_size=12 is not divisible"),
+    (["train.options.ds_config={root}/bad.json"], "train.options: {root}/bad.json:1: malformed JSON"),
+    (["model={root}/no-such-model"], "model path not found: {root}/no-such-model"),
+    (["data.path={root}/no-such-data"], "{root}/no-such-data: no such file or directory"),
+    (["data.path={root}/empty-train"], "no items in split(s) train"),
+    (["data.path={root}/qa.csv"], "field 'answer'"),
+    (["train.options.lr=-1"], "train.options.lr=-1.0 must be > 0"),
+    (["probe.placement.gpus_per_actor=1", "probe.placement.num_actors=64"],
+     "probe.placement.gpus_per_actor=1.0: 64 actor(s) need 64 GPU(s)"),
+])
+def test_run_refuses_bad_input_before_writing_anything(user_inputs, capsys, sets, message):
+    from toolkit.cli import main
+
+    root = user_inputs
+    out = root / "out"
+    argv = ["run", str(root / "good.yaml"), "--out", str(out)]
+    for pair in sets:
+        argv += ["--set", pair.format(root=root)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message.format(root=root) in err[0], err
+    assert not out.exists()  # nothing written, so the corrected config can use the same --out
+
+
+def test_dry_run_checks_the_inputs_too(user_inputs, capsys):
+    from toolkit.cli import main
+
+    root = user_inputs
+    assert main(["run", str(root / "good.yaml"), "--dry-run"]) == 0
+    assert "config ok (data, model and training launch checked: 1 training rank(s))" in capsys.readouterr().out
+    assert main(["run", str(root / "good.yaml"), "--dry-run", "--set", f"data.path={root}/qa.csv"]) == 2

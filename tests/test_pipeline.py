@@ -19,7 +19,8 @@ from toolkit.gradual.pipeline import Pipeline
 from toolkit.io import read_jsonl, write_jsonl
 from tests import tiny
 from toolkit.data.prompts import ExemplarPool
-from toolkit.probe.slick import CATEGORIES, ProbeConfig
+from toolkit.probe.slick import CATEGORIES
+from toolkit.probe.types import ProbeConfig
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,7 +37,8 @@ def pipeline_config(model_dir, data_dir) -> dict:
     return {
         "preset": "test", "model": str(model_dir), "baselines": ["known_only", "upgraded_only"],
         "data": {"path": str(data_dir), "test_items": TEST_ITEMS},
-        "probe": {**PROBE, "num_actors": 1, "cpus_per_actor": 1, "shard_size": 8, "splits": ["train", "test"]},
+        "probe": {**PROBE, "shard_size": 8, "splits": ["train", "test"],
+                  "placement": {"num_actors": 1, "cpus_per_actor": 1}},
         # A 2-layer model cannot carry facts learned in the SFT format over to the few-shot probe
         # format, so few items get upgraded for real. For the plumbing, stage 2 here takes every item
         # that was Weakly/Unknown before stage 1 whatever it became (upgraded_to: all categories);

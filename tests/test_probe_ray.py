@@ -18,9 +18,10 @@ from tests.tiny import train_memoriser
 from toolkit.cli import main
 from toolkit.data.prompts import ExemplarPool
 from toolkit.io import read_jsonl, write_jsonl
-from toolkit.probe.pool import ActorGroup, ActorGroupError, GroupConfig
+from toolkit.probe.pool import ActorGroup, ActorGroupError, Placement
 from toolkit.probe.runner import RunConfig, run_probe
-from toolkit.probe.slick import ProbeConfig, ProbeConfigError
+from toolkit.probe.slick import ProbeConfigError
+from toolkit.probe.types import ProbeConfig
 
 REPO = Path(__file__).resolve().parents[1]
 PROBE = ProbeConfig(num_exemplar_sets=3, shots=2, samples=4, max_new_tokens=8, engine="reference",
@@ -68,8 +69,9 @@ def baseline(cluster, workload):
     return summary, read_jsonl(Path(run.out) / "categories.jsonl")
 
 
-def _run(run: RunConfig, out: Path, overrides: dict | None = None, **kwargs) -> tuple[dict, list[dict]]:
-    summary = run_probe(dataclasses.replace(run, out=str(out), **(overrides or {})), PROBE, **kwargs)
+def _run(run: RunConfig, out: Path, placement: Placement = Placement(), probe: ProbeConfig = PROBE,
+         **kwargs) -> tuple[dict, list[dict]]:
+    summary = run_probe(dataclasses.replace(run, out=str(out)), probe, placement, **kwargs)
     return summary, read_jsonl(out / "categories.jsonl")
 
 
@@ -93,10 +95,24 @@ def test_baseline_outputs(baseline, workload):
 @pytest.mark.slow
 def test_two_actors_one_per_node_same_rows(baseline, workload, tmp_path):
     root, run, _ = workload
-    summary, rows = _run(run, tmp_path, dict(num_actors=2, strategy="STRICT_SPREAD"))
+    summary, rows = _run(run, tmp_path, Placement(num_actors=2, strategy="STRICT_SPREAD"))
     assert rows == baseline[1]
     nodes = {w["node_id"] for w in summary["workers"] if w["shards"] > 0}
     assert len(nodes) == 2, summary["workers"]  # both nodes did work
+
+
+@pytest.mark.slow
+def test_fast_engine_in_actors_on_two_nodes(baseline, workload, tmp_path):
+    """The toolkit's own engine inside Ray actors: the same rows as one actor, and the greedy answers
+    (hence P_greedy, HighlyKnown and MaybeKnown) of the reference engine."""
+    root, run, memorised = workload
+    fast = dataclasses.replace(PROBE, engine="fast")
+    summary, rows = _run(run, tmp_path / "two", Placement(num_actors=2, strategy="STRICT_SPREAD"), probe=fast)
+    assert summary["engine"] == "fast" and len({w["node_id"] for w in summary["workers"] if w["shards"]}) == 2
+    assert _run(run, tmp_path / "one", probe=fast)[1] == rows
+    reference = {r["id"]: r for r in baseline[1]}
+    assert [r["greedy_answers"] for r in rows] == [reference[r["id"]]["greedy_answers"] for r in rows]
+    assert all(r["category"] == "HighlyKnown" for r in rows if r["id"] in memorised)
 
 
 @pytest.mark.slow
@@ -118,7 +134,7 @@ def test_killed_actor_loses_nothing(baseline, workload, tmp_path):
             killed.append(result["worker"]["pid"])
             os.kill(killed[0], signal.SIGKILL)
 
-    summary, rows = _run(run, tmp_path, dict(num_actors=2), on_shard=kill_after_first_shard)
+    summary, rows = _run(run, tmp_path, Placement(num_actors=2), on_shard=kill_after_first_shard)
     assert summary["actor_restarts"] >= 1 and rows == baseline[1]
     assert sum(w["shards"] for w in summary["workers"]) == 9  # every shard persisted exactly once
     assert sum(w["items"] for w in summary["workers"] if w["pid"] == killed[0]) == 2  # only its first shard
@@ -153,6 +169,22 @@ def test_killed_driver_resumes_from_finished_shards(baseline, workload, cluster,
 
 
 @pytest.mark.slow
+def test_local_probe_starts_its_own_ray_beside_a_running_cluster(baseline, workload, cluster, tmp_path):
+    """Without --ray-address the probe starts a Ray of its own: it neither joins the cluster already
+    running on this machine (Ray 2.60's ray.init() would, then refuse num_cpus) nor disturbs it."""
+    root, run, _ = workload
+    cmd = [sys.executable, "-m", "toolkit.cli", "probe", "--model", run.model, "--data", run.data,
+           "--out", str(tmp_path / "out"), "--num-exemplar-sets", "3", "--shots", "2", "--samples", "4",
+           "--max-new-tokens", "8", "--engine", "reference", "--keep-samples", "--shard-size", "2", "--no-progress"]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=os.environ.copy(), timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert read_jsonl(tmp_path / "out" / "categories.jsonl") == baseline[1]
+    import ray
+
+    assert len([n for n in ray.nodes() if n["Alive"]]) == 2  # the test cluster is untouched
+
+
+@pytest.mark.slow
 def test_rerun_skips_everything_and_other_arguments_are_refused(baseline, workload):
     root, run, _ = workload
     summary = run_probe(run, PROBE)  # all shards exist: no actor is started
@@ -183,23 +215,23 @@ class _Toy:
 @pytest.mark.slow
 def test_group_errors(cluster):
     with pytest.raises(ActorGroupError, match="actor 0 failed to start: ValueError: no weights here"):
-        with ActorGroup(_Toy, (True,), GroupConfig()) as group:  # a constructor error: no restart loop
+        with ActorGroup(_Toy, (True,), Placement()) as group:  # a constructor error: no restart loop
             group.wait_ready()
-    with ActorGroup(_Toy, (), GroupConfig(num_actors=2)) as group:
+    with ActorGroup(_Toy, (), Placement(num_actors=2)) as group:
         results = {}
         group.run([(i, i) for i in range(6)], "work", results.__setitem__)
         assert results == {i: i * 10 for i in range(6)} and sum(group.tasks_done.values()) == 6
         with pytest.raises(KeyError, match="bad payload"):  # a task's own error propagates, typed
             group.run([("k", "boom")], "work", results.__setitem__)
     with pytest.raises(ActorGroupError, match="cannot place 9 actor"):
-        ActorGroup(_Toy, (), GroupConfig(num_actors=9, ready_timeout_s=2))
+        ActorGroup(_Toy, (), Placement(num_actors=9, ready_timeout_s=2))
 
 
 def test_group_config_bundles():
-    assert GroupConfig(cpus_per_actor=2, gpus_per_actor=0.5).bundle == {"CPU": 2, "GPU": 0.5}
-    assert GroupConfig(resources_per_actor={"node1": 1}).bundle == {"CPU": 1.0, "node1": 1}
-    with pytest.raises(ValueError, match="num-actors must be >= 1"):
-        GroupConfig(num_actors=0)
+    assert Placement(cpus_per_actor=2, gpus_per_actor=0.5).bundle == {"CPU": 2, "GPU": 0.5}
+    assert Placement(resources_per_actor={"node1": 1}).bundle == {"CPU": 1.0, "node1": 1}
+    with pytest.raises(ValueError, match="num_actors=0 must be >= 1"):
+        Placement(num_actors=0)
 
 
 # ---------------------------------------------------------------- CLI errors: exit 2, one line
@@ -218,7 +250,7 @@ def cli_inputs(tmp_path_factory):
     (["--model", "/nonexistent/model", "--data", "{root}/small.jsonl", "--shots", "2"], "model path not found: /nonexistent/model"),
     (["--model", "{model}", "--data", "{root}/empty.jsonl"], "the dataset is empty"),
     (["--model", "{model}", "--data", "{root}/small.jsonl", "--shots", "4"], "relation 'color' has 2 usable exemplars"),
-    (["--model", "{model}", "--data", "{root}/small.jsonl", "--samples", "-1"], "samples must be >= 0, got -1"),
+    (["--model", "{model}", "--data", "{root}/small.jsonl", "--samples", "-1"], "samples=-1 must be >= 0"),
     (["--model", "{model}", "--data", "{root}/small.jsonl", "--shots", "2", "--ray-address", "127.0.0.1:1"],
      "cannot reach the Ray cluster at 127.0.0.1:1"),
 ])
