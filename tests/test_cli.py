@@ -1,9 +1,13 @@
 """The command line: exit codes, one-line errors, validate and doctor output."""
+import importlib.metadata
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from toolkit.cli import EXIT_BAD_INPUT, main
 
@@ -37,23 +41,48 @@ def test_console_script_exit_code_for_missing_file(tmp_path):
 
 
 def test_help_lists_the_commands(capsys):
-    try:
+    with pytest.raises(SystemExit) as exit_:
         main(["--help"])
-    except SystemExit as exit_:
-        assert exit_.code == 0
+    assert exit_.value.code == 0
     out = capsys.readouterr().out
-    for command in ("data", "doctor"):
-        assert command in out
+    for command in ("data", "probe", "train", "run", "report", "bench", "doctor"):
+        assert f"    {command} " in out, command
+
+
+def _installed_version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
 
 
 def test_doctor_reports_versions_backend_and_embedded_model(capsys):
+    """What doctor says must match this machine, whichever kind it is (CPU only, GPU, flash-attn)."""
+    import torch
+
     assert main(["doctor", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     for key in ("torch", "deepspeed", "ray", "transformers", "datasets", "bitsandbytes"):
-        assert report[key][0].isdigit(), (key, report[key])
-    assert report["attention_backend"] == "sdpa"  # CPU: no flash-attn
-    assert report["embedded_model"].endswith(".gguf")
-    assert report["flash-attn"] == "not installed"
+        assert report[key] == importlib.metadata.version(key) and report[key][0].isdigit(), (key, report[key])
+    assert report["flash-attn"] == _installed_version("flash-attn")
+    gpu = torch.cuda.is_available()
+    flash = importlib.util.find_spec("flash_attn") is not None
+    assert report["attention_backend"] == ("flash_attention_2" if gpu and flash else "sdpa")
+    assert report["default_dtype"] == ("bfloat16" if gpu else "float32")
+    assert (report["cuda_devices"] == "none") == (not gpu)
+    assert report["embedded_model"].endswith(".gguf") and Path(report["embedded_model"]).is_file()
+
+
+@pytest.mark.parametrize("device, flash, expected", [
+    ("cuda", True, "flash_attention_2"), ("cuda:1", True, "flash_attention_2"),
+    ("cuda", False, "sdpa"), ("cpu", True, "sdpa"), ("cpu", False, "sdpa"),
+])
+def test_attention_backend_choice(monkeypatch, device, flash, expected):
+    """FlashAttention-2 only on CUDA with flash-attn installed (both kinds of machine, simulated)."""
+    from toolkit import models
+
+    monkeypatch.setattr(models, "flash_attn_available", lambda: flash)
+    assert models.choose_attention(device) == expected
 
 
 def test_build_facts_then_validate(tmp_path, capsys):

@@ -1,40 +1,47 @@
-"""The report renders from metrics.json: the HTML parses, figures exist and are non-empty PNGs."""
+"""The report, from the metrics.json of a real `gradual run` (the committed CPU demo,
+benchmarks/results/demo-cpu): what toolkit/report/collect.py writes today must have that file's keys
+and shape, and toolkit/report/render.py must turn that file into a report that states its numbers.
+A key renamed on either side breaks one of these tests."""
+import base64
 import json
+import re
+import shutil
 from html.parser import HTMLParser
+from pathlib import Path
 
 import pytest
 
-from toolkit.report import metrics as M
+from toolkit.report.collect import collect_metrics
 from toolkit.report.render import ReportError, render_report
 
-H, MK, W, U = "HighlyKnown", "MaybeKnown", "WeaklyKnown", "Unknown"
-C0 = {"a": H, "b": H, "c": MK, "d": W, "e": U, "f": U}
-C1 = {"a": H, "b": MK, "c": H, "d": MK, "e": U, "f": MK}
-C2 = {"a": H, "b": H, "c": H, "d": H, "e": W, "f": H}
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "benchmarks" / "results" / "demo-cpu"  # written by `gradual run` (default preset, seed 0)
+CATEGORIES = ("HighlyKnown", "MaybeKnown", "WeaklyKnown", "Unknown")  # the report's column order
 
 
-def constructed_metrics():
-    correct = {"M0": dict(zip("abcdef", [True, False, False, False, False, False])),
-               "M1": dict(zip("abcdef", [True, True, True, False, False, False])),
-               "M2": dict(zip("abcdef", [True, True, True, True, False, True]))}
-    seed = {
-        "categories": {"m0_train": M.category_counts(C0), "m1_train": M.category_counts(C1),
-                       "m2_train": M.category_counts(C2)},
-        "per_relation": {"capital": {H: 0.5, MK: 0.25, W: 0.25, U: 0.0}, "city": {H: 0.1, MK: 0.1, W: 0.2, U: 0.6}},
-        "transitions": {"C0 -> C1": M.transition_matrix(C0, C1), "C1 -> C2": M.transition_matrix(C1, C2)},
-        "knowledge_acquired": M.knowledge_acquired(C1, C2),
-        "forgetting": {"M1": M.forgetting(C0, C1), "M2": M.forgetting(C0, C2)},
-        "test_accuracy": {name: M.accuracy_by_category(c, C0) for name, c in correct.items()},
-        "comparisons": {"M2 vs M1": M.paired_difference(correct["M2"], correct["M1"])},
-        "fit_speed": {"stage1": [{"epoch": 1, "accuracy_by_category": {MK: 0.5}},
-                                 {"epoch": 2, "accuracy_by_category": {MK: 1.0}}]},
-        "selection": {"stage1": 1, "stage2.upgraded": 2, "stage2.replay": 0},
-        "costs": {"steps": {"probe_m0_train": 12.5},
-                  "probe": {"m0_train": {"questions_per_s": 2.0, "answers_per_s": 30.0, "generated_tokens_per_s": 90.0}},
-                  "train": {"stage1": {"tokens_per_s": 500.0, "steps": 10, "wall_s": 20.0}}},
-    }
-    return {"run": {"model": "tiny", "preset": "test"}, "seeds": {"0": seed},
-            "aggregate": {"M2 test accuracy": M.mean_over_seeds([0.5, 0.6, 0.7])}}
+@pytest.fixture(scope="module")
+def real_metrics() -> dict:
+    return json.loads((DEMO / "metrics.json").read_text())
+
+
+@pytest.fixture
+def demo_run(tmp_path) -> Path:
+    """A copy of the demo run's metrics.json, alone in a run directory."""
+    shutil.copy(DEMO / "metrics.json", tmp_path / "metrics.json")
+    return tmp_path
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def headings(markdown: str) -> list[str]:
+    return [line for line in markdown.splitlines() if line.startswith("#")]
+
+
+def table_rows(markdown: str) -> set[tuple[str, ...]]:
+    return {tuple(c.strip() for c in line.strip("|").split("|")) for line in markdown.splitlines()
+            if line.startswith("|")}
 
 
 class StrictParser(HTMLParser):
@@ -42,9 +49,10 @@ class StrictParser(HTMLParser):
 
     def __init__(self):
         super().__init__()
-        self.stack, self.images = [], []
+        self.stack, self.images, self.tags = [], [], []
 
     def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
         if tag == "img":
             self.images.append(dict(attrs)["src"])
         if tag not in self.VOID:
@@ -55,22 +63,162 @@ class StrictParser(HTMLParser):
         self.stack.pop()
 
 
-def test_report_renders_html_markdown_and_figures(tmp_path):
-    (tmp_path / "metrics.json").write_text(json.dumps(constructed_metrics()))
-    out = render_report(tmp_path)
-    parser = StrictParser()
-    parser.feed(out["html"].read_text())
-    assert parser.stack == []  # every tag closed
-    assert len(parser.images) == len(out["figures"]) == 6
-    assert all(src.startswith("data:image/png;base64,") for src in parser.images)
+# ---------------------------------------------------------------- collect.py writes the demo's schema
+
+
+def shape(x):
+    """Keys all the way down; leaves reduced to their JSON type (a list: the set of its items' shapes)."""
+    if isinstance(x, dict):
+        return {k: shape(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return ["list", sorted({json.dumps(shape(v), sort_keys=True) for v in x})]
+    if isinstance(x, bool):
+        return "bool"
+    if isinstance(x, (int, float)):
+        return "number"
+    return type(x).__name__
+
+
+def write_jsonl(path: Path, rows) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def write_json(path: Path, value) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(value))
+
+
+def build_run_dir(run_dir: Path, real: dict) -> None:
+    """The files `gradual run` leaves for one seed (toolkit/gradual/pipeline.py's layout and the files
+    the probe, the trainer and the evaluation write), small, with the demo's names for what depends
+    on the data (relations, steps, training-set parts, the categories a stage trains on)."""
+    m = real["seeds"]["0"]
+    relations = list(m["per_relation"])
+    train = [(f"train-{i:02d}", relations[i % len(relations)]) for i in range(2 * len(relations))]
+    test = [f"test-{i:02d}" for i in range(12)]
+    sd = run_dir / "seed-0"
+
+    def probe(name: str, ids, shift: int) -> list[dict]:
+        rows = [{"id": i, "relation": rel, "category": CATEGORIES[(n + shift) % 4]} for n, (i, rel) in enumerate(ids)]
+        write_jsonl(sd / "probe" / name / "categories.jsonl", rows)
+        return rows
+
+    base = probe("m0-train", train, 0)
+    probe("m1-train", train, 1)
+    probe("m2-train", train, 3)
+    probe("m0-test", [(i, relations[0]) for i in test], 0)
+    per_relation = {}
+    for rel in relations:
+        counts = {c: sum(r["relation"] == rel and r["category"] == c for r in base) for c in CATEGORIES}
+        n = sum(counts.values())
+        per_relation[rel] = {"items": n, "counts": counts, "fractions": {c: k / n for c, k in counts.items()}}
+    write_json(sd / "probe" / "m0-train" / "summary.json", {"items": len(base), "relations": per_relation})
+    for k, model in enumerate(("M0", "M1", "M2")):
+        write_jsonl(sd / "eval" / f"{model}.jsonl",
+                    [{"id": i, "answer": "x", "correct": n % 3 < k} for n, i in enumerate(test)])
+
+    parts: dict[str, dict[str, int]] = {}
+    for name, size in m["selection"].items():
+        stage, part = name.split(": ", 1)
+        parts.setdefault(stage, {})[part] = size
+    for stage, sizes in parts.items():
+        write_json(sd / stage / "data" / "selection.json", sizes)
+    for stage, rows in m["fit_speed"].items():
+        trained_on = sorted(rows[0]["accuracy_by_category"])
+        out = sd / stage / "train"
+        write_jsonl(out / "evals.jsonl", [
+            {"step": 2 * e, "epoch": float(e), "dev": {"accuracy": 0.25 * e, "count": 4, "by_category": {}},
+             "train": {"accuracy": 0.5 * e, "count": 4, "by_category": {c: 0.5 * e for c in trained_on}},
+             "best_step": 2 * e, "bad_evals": 0, "stopped_early": False} for e in (1, 2)])
+        write_jsonl(out / "losses.jsonl", [{"step": s, "epoch": 0, "loss": 1.0 / s, "lr": 1e-5, "grad_norm": 1.0,
+                                            "tokens": 100, "tokens_per_s": 50.0 * s} for s in (1, 2, 3, 4)])
+        write_json(out / "train_summary.json", {"global_step": 4, "epochs_completed": 2, "best_step": 4,
+                                                "best_tag": "step000004", "best_dev_accuracy": 0.5,
+                                                "stopped_early": False, "seconds": 12.5, "model_dir": str(out / "model")})
+    for step in m["costs"]["steps"]:
+        summary = {}
+        if step.startswith("probe_"):  # the probe step's summary, as the pipeline keeps it
+            summary = dict(m["costs"]["probe"][step[len("probe_"):]])
+        write_json(run_dir / "state" / f"seed0.{step}.json", {"step": f"seed0.{step}", "wall_s": 2.5, "summary": summary})
+    write_json(run_dir / "state" / "data.json", {"step": "data", "wall_s": 0.5,
+                                                 "summary": {"items": {"train": len(train), "dev": 0, "test": 12}}})
+
+
+def test_collect_writes_the_keys_of_the_real_run(tmp_path, real_metrics):
+    build_run_dir(tmp_path, real_metrics)
+    run_info = {k: v for k, v in real_metrics["run"].items() if k != "items (train/dev/test)"}
+    got = json.loads(json.dumps(collect_metrics(tmp_path, [0], (), run_info=run_info)))
+    assert shape(got) == shape(real_metrics)
+    m = got["seeds"]["0"]  # and from these files, the right numbers
+    n_train = 2 * len(real_metrics["seeds"]["0"]["per_relation"])
+    assert got["run"]["items (train/dev/test)"] == f"{n_train}/0/12"
+    assert sum(m["categories"]["M0 train"].values()) == n_train and m["categories"]["M0 test"]["HighlyKnown"] == 3
+    assert m["test_accuracy"]["M2"]["overall"]["accuracy"] == pytest.approx(8 / 12)
+    assert m["costs"]["train"]["stage1"] == {"tokens_per_s": 125.0, "steps": 4, "wall_s": 12.5, "best_dev_accuracy": 0.5}
+    assert m["fit_speed"]["stage1"][1]["epoch"] == 2.0 and m["selection"] == real_metrics["seeds"]["0"]["selection"]
+    # the report of what collect wrote has the same sections as the real run's report
+    write_json(tmp_path / "metrics.json", got)
+    assert headings(render_report(tmp_path)["markdown"].read_text()) == headings((DEMO / "report.md").read_text())
+
+
+# ---------------------------------------------------------------- render.py reports the demo's numbers
+
+
+def test_report_of_the_real_run_states_its_numbers(demo_run, real_metrics):
+    out = render_report(demo_run)
+    md = out["markdown"].read_text()
+    rows = table_rows(md)
+    m = real_metrics["seeds"]["0"]
+    assert headings(md) == headings((DEMO / "report.md").read_text())
+    assert "## Seed 0" in headings(md)
+
+    assert ("preset", f"`{real_metrics['run']['preset']}`") in rows
+    assert ("items (train/dev/test)", f"`{real_metrics['run']['items (train/dev/test)']}`") in rows
+    for name, agg in real_metrics["aggregate"].items():
+        assert (name, f"{agg['mean']:.4f}", f"[{agg['low']:.4f}, {agg['high']:.4f}]", str(agg["seeds"])) in rows
+    for probe, counts in m["categories"].items():
+        assert (probe, *(str(counts[c]) for c in CATEGORIES), str(sum(counts.values()))) in rows
+    for model, acc in m["test_accuracy"].items():
+        cells = [f"{pct(a['accuracy'])} [{pct(a['low'])}, {pct(a['high'])}] (n={a['n']})" if a["n"] else "–"
+                 for a in (acc["overall"], *(acc[c] for c in CATEGORIES))]
+        assert (model, *cells) in rows
+    for name, d in m["comparisons"].items():
+        significant = "yes" if d["low"] > 0 or d["high"] < 0 else "no"
+        assert (name, pct(d["difference"]), f"[{pct(d['low'])}, {pct(d['high'])}]", significant) in rows
+    assert ("M2 vs M1 (two stages vs one)", "12.0%", "[4.0%, 22.0%]", "yes") in rows  # spelled out once
+    k = m["knowledge_acquired"]
+    assert (f"HighlyKnown training items: {k['highly_known_one_stage']} after one stage, "
+            f"{k['highly_known_two_stage']} after two stages ({k['gain']:+d}, relative gain "
+            f"{pct(k['relative_gain'])}") in md
+    for model, f in m["forgetting"].items():
+        assert (model, str(f["base_highly_known"]), str(f["dropped"]), pct(f["fraction"])) in rows
+    for name, size in m["selection"].items():
+        assert (name, str(size)) in rows
+    for step, seconds in m["costs"]["steps"].items():
+        assert (step, f"{seconds:.1f}") in rows
+    for name, p in m["costs"]["probe"].items():
+        assert (name, f"{p['questions_per_s']:.2f}", f"{p['answers_per_s']:.1f}",
+                f"{p['generated_tokens_per_s']:.1f}") in rows
+    for name, t in m["costs"]["train"].items():
+        assert (name, f"{t['tokens_per_s']:.1f}", str(t["steps"]), f"{t['wall_s']:.1f}") in rows
+
+    # the figures the real run made, each embedded in the self-contained HTML
+    assert sorted(f.name for f in out["figures"]) == sorted(p.name for p in (DEMO / "figures").glob("*.png"))
     for fig in out["figures"]:
         assert fig.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and fig.stat().st_size > 5000
-    md = out["markdown"].read_text()
-    assert "HighlyKnown training items: 2 after one stage, 5 after two stages (+3, relative gain 150.0%" in md
-    assert "| M2 | 83.3%" in md  # 5 of 6 correct overall
-    assert "| M1 | 2 | 1 | 50.0% |" in md  # forgetting row
+    page = out["html"].read_text()
+    parser = StrictParser()
+    parser.feed(page)
+    assert parser.stack == []  # every tag closed
+    assert [base64.b64decode(src.split(",", 1)[1]) for src in parser.images] == [f.read_bytes() for f in out["figures"]]
+    assert parser.tags.count("table") == len(re.findall(r"^\|---", md, flags=re.M))
+    assert "<td>M2 vs M1 (two stages vs one)</td><td>12.0%</td><td>[4.0%, 22.0%]</td><td>yes</td>" in page
 
 
 def test_report_without_metrics_is_a_clear_error(tmp_path):
     with pytest.raises(ReportError, match="metrics.json: not found"):
+        render_report(tmp_path)
+    (tmp_path / "metrics.json").write_text(json.dumps({"run": {}, "seeds": {}}))
+    with pytest.raises(ReportError, match="no per-seed metrics"):
         render_report(tmp_path)

@@ -11,9 +11,9 @@ from tests import tiny
 from toolkit.data.prompts import ExemplarPool
 from toolkit.data.schema import DataError, QAItem
 from toolkit.probe.shards import data_hash, make_plan
-from toolkit.probe.slick import (CATEGORIES, ProbeConfig, ProbeConfigError, build_requests, category,
-                                 check_engine, fast_engine_available, probe_items, score_item)
-from toolkit.probe.types import PromptAnswers
+from toolkit.config import FieldError
+from toolkit.probe.slick import CATEGORIES, build_requests, category, make_engine, probe_items, score_item
+from toolkit.probe.types import ProbeConfig, PromptAnswers
 
 ITEM = QAItem(id="x-1", question="What color is the alpha bravo?", answer="amber", relation="color",
               split="train", aliases=("orange",))
@@ -52,25 +52,39 @@ def test_category_boundaries_and_sample_count_check():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(samples=-1), "samples must be >= 0, got -1"),
-    (dict(temperature=0.0), "temperature must be > 0"),
-    (dict(num_exemplar_sets=0), "num-exemplar-sets must be >= 1"),
-    (dict(shots=-2), "shots must be >= 0"),
-    (dict(engine="turbo"), "unknown engine 'turbo'"),
-    (dict(max_new_tokens=0), "max-new-tokens must be >= 1"),
+    (dict(samples=-1), "samples=-1 must be >= 0"),
+    (dict(temperature=0.0), "temperature=0.0 must be > 0 when sampling"),
+    (dict(num_exemplar_sets=0), "num_exemplar_sets=0 must be >= 1"),
+    (dict(shots=-2), "shots=-2 must be >= 0"),
+    (dict(top_k=-1), "top_k=-1 must be >= 0"),
+    (dict(engine="turbo"), "engine='turbo' must be one of fast, reference"),
+    (dict(max_new_tokens=0), "max_new_tokens=0 must be >= 1"),
 ])
 def test_probe_config_validation(kwargs, message):
-    with pytest.raises(ProbeConfigError, match=message):
+    with pytest.raises(FieldError, match=message) as caught:
         ProbeConfig(**kwargs)
-    assert issubclass(ProbeConfigError, ValueError)
+    assert (caught.value.name, caught.value.value) == next(iter(kwargs.items()))
 
 
-def test_fast_engine_choice():
-    if fast_engine_available():
-        check_engine("fast")  # once engine.py lands, the default just works
-    else:
-        with pytest.raises(ProbeConfigError, match="--engine reference"):
-            check_engine("fast")
+def test_greedy_only_probe_needs_no_temperature():
+    assert ProbeConfig(samples=0, temperature=0.0).temperature == 0.0  # nothing is sampled
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--samples", "-1"], "samples=-1 must be >= 0"),
+    (["--temperature", "0"], "temperature=0.0 must be > 0 when sampling"),
+    (["--num-exemplar-sets", "0"], "num_exemplar_sets=0 must be >= 1"),
+    (["--max-new-tokens", "0"], "max_new_tokens=0 must be >= 1"),
+])
+def test_cli_reports_a_bad_probe_setting_in_one_line_and_exit_2(tmp_path, capsys, flags, message):
+    """Bad settings stop `gradual probe` before any data, model or Ray is touched."""
+    from toolkit.cli import EXIT_BAD_INPUT, main
+
+    out = tmp_path / "out"
+    assert main(["probe", "--data", str(tmp_path / "missing.jsonl"), "--out", str(out), *flags]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert err == f"error: gradual probe: {message}\n"
+    assert not out.exists()
 
 
 # ---------------------------------------------------------------- prompts and shard plan
@@ -120,17 +134,16 @@ def memorised(tmp_path_factory):
 @pytest.mark.parametrize("engine", ["reference", "fast"])
 def test_memorised_facts_highly_known_unseen_unknown(memorised, engine):
     from toolkit.models import ModelSpec, load_model
-    from toolkit.probe.slick import make_engine
 
-    if engine == "fast" and not fast_engine_available():
-        pytest.skip("toolkit.probe.engine is not there yet")
     model_dir, items, pool, config, facts = memorised
     config = dataclasses.replace(config, engine=engine)
     # Never-seen facts get an answer the model never saw: with 6 answers per relation, a real
     # answer would be guessed by some of the samples (that is WeaklyKnown, correctly).
     unseen = [dataclasses.replace(it, answer=f"Zeppelin {i}") for i, it in enumerate(items) if it.split == "test"]
     model, tok = load_model(ModelSpec(source=str(model_dir)))
-    rows = probe_items(make_engine(model, tok, config), facts + unseen, pool, config)
+    built = make_engine(model, tok, config)
+    assert type(built).__name__ == {"fast": "FastEngine", "reference": "ReferenceEngine"}[engine]
+    rows = probe_items(built, facts + unseen, pool, config)
     known, new = rows[:len(facts)], rows[len(facts):]
     assert Counter(r["category"] for r in known) == {"HighlyKnown": len(facts)}
     assert Counter(r["category"] for r in new) == {"Unknown": len(unseen)}

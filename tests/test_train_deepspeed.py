@@ -298,13 +298,34 @@ def test_bnb_adamw8bit_under_zero2_trains(runs):
 
 @pytest.mark.slow  # starts (or shares) multi-process training launches
 def test_early_stopping_keeps_the_best_and_facts_are_learned(runs):
+    """The learning run must stop early: its dev set repeats its 8 training facts, so once they are
+    learned dev accuracy is 1.0, which no later evaluation can beat (only a strict improvement
+    counts), and 40 epochs leave far more evaluations than `patience` after that."""
+    import yaml
+
     out = runs.get("learn")
     rows, s = evals(out), summary(out)
+    cfg = yaml.safe_load((runs.w / "learn.yaml").read_text())
+    patience, every = cfg["patience"], cfg["eval_every_steps"]
+    steps_per_epoch = sum(1 for r in read_jsonl(out / "losses.jsonl") if r["epoch"] == 0)
+    planned_evals = cfg["epochs"] * steps_per_epoch // every
     dev = [r["dev"]["accuracy"] for r in rows]
     best = dev.index(max(dev))  # the first evaluation with the best dev accuracy
+    # the situation that forces a stop: the ceiling reached, with more than `patience` evaluations left
+    assert max(dev) == 1.0 and best + patience < planned_evals, (dev, planned_evals)
+    assert s["stopped_early"] and rows[-1]["stopped_early"] and not any(r["stopped_early"] for r in rows[:-1])
+    assert len(rows) == best + 1 + patience  # stopped at the patience-th evaluation without improvement
+    assert [r["bad_evals"] for r in rows[best:]] == list(range(patience + 1))
+    # the counter over the whole run: back to 0 on every strict improvement (plateaus included), else +1
+    record, bad, best_step = -1.0, 0, None
+    for r in rows:
+        record, bad, best_step = ((r["dev"]["accuracy"], 0, r["step"]) if r["dev"]["accuracy"] > record
+                                  else (record, bad + 1, best_step))
+        assert (r["bad_evals"], r["best_step"]) == (bad, best_step), r
+    # no optimizer step after the stopping evaluation, well before the planned end
+    assert s["global_step"] == rows[-1]["step"] == len(losses(out)) == every * len(rows)
+    assert s["global_step"] < cfg["epochs"] * steps_per_epoch and s["epochs_completed"] < cfg["epochs"]
     assert s["best_step"] == rows[best]["step"] and s["best_dev_accuracy"] == max(dev)
-    if s["stopped_early"]:
-        assert len(rows) - 1 - best == 5  # patience: 5 evaluations without improvement
     assert max(r["train"]["accuracy"] for r in rows) == 1.0  # every training fact learned
     assert set(rows[-1]["train"]["by_category"]) == {"HighlyKnown", "MaybeKnown", "WeaklyKnown", "Unknown"}
     tags = sorted(p.name for p in (out / "checkpoints").glob("step*"))
@@ -320,6 +341,7 @@ def test_early_stopping_keeps_the_best_and_facts_are_learned(runs):
     assert evaluate(model, tok, dev_items, batch_size=8, max_new_tokens=16).accuracy == max(dev)
 
 
+@pytest.mark.slow  # shares the 40-epoch learning launch (it stops early, at about epoch 26)
 def test_report_draws_the_curves_of_a_training_run(runs, capsys):
     from toolkit.cli import main
 
@@ -334,16 +356,13 @@ def test_report_draws_the_curves_of_a_training_run(runs, capsys):
 # writes that tag's trainer_state.json: a real engine (one CPU rank), a real save, then SystemExit.
 CRASH_AFTER_DEEPSPEED_SAVE = r"""
 import sys
-from pathlib import Path
-
-import yaml
 
 import toolkit.train.strategy as strategy_module
 from toolkit.models import ModelSpec, load_model
-from toolkit.train.config import build_config
+from toolkit.train.config import load_config
 from toolkit.train.plan import prepare
 
-cfg = build_config({**yaml.safe_load(Path(sys.argv[1]).read_text()), "output_dir": sys.argv[2]})
+cfg = load_config(sys.argv[1], [f"output_dir={sys.argv[2]}"])
 plan = prepare(cfg, 1, on_gpu=False)
 strategy = strategy_module.DeepSpeedStrategy(plan.cfg, plan.ds_config)
 strategy.setup_distributed()
