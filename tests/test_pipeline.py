@@ -193,3 +193,40 @@ def test_killed_in_the_middle_of_a_step_resumes_to_the_same_metrics(finished_run
     assert without_costs(resumed) == without_costs(finished_run[1])
     assert "[skip] seed0.probe_m1_train (done)" in done.stdout
     assert "resumed from" in (sd / "stage2" / "train.log").read_text()
+
+
+@pytest.fixture(scope="module")
+def real_rule_run(setup):
+    """The schedule with the paper's stage-2 rule as shipped (upgraded = Weakly/Unknown under C0 and
+    MaybeKnown or better under C1), on the same base model, and stage 1 on every item not known."""
+    root, config, _ = setup
+    cfg = yaml.safe_load(config.read_text())
+    cfg.update(baselines=[], selection={"stage1_categories": ["MaybeKnown", "WeaklyKnown", "Unknown"],
+                                        "replay_ratio": 0.5})
+    cfg["train"]["options"].update(epochs=6, lr=3.0e-3)
+    path = root / "real-rule.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    run_dir = root / "run-real-rule"
+    Pipeline(load_pipeline_config(path), run_dir, echo=lambda line: None).run()
+    return run_dir
+
+
+def test_the_real_upgrade_rule_end_to_end(real_rule_run):
+    """Stage 2 holds exactly the items the probes of M0 and M1 say were upgraded, plus replay; when
+    there are none (the usual outcome for a 2-layer model, whose SFT does not carry over to the
+    few-shot format), stage 2 is skipped and M2 is M1."""
+    sd = real_rule_run / "seed-0"
+    categories = {name: {r["id"]: r["category"] for r in read_jsonl(sd / "probe" / name / "categories.jsonl")}
+                  for name in ("m0-train", "m1-train", "m2-train")}
+    c0, c1 = categories["m0-train"], categories["m1-train"]
+    upgraded = sorted(i for i in c0 if c0[i] in ("WeaklyKnown", "Unknown") and c1[i] in ("HighlyKnown", "MaybeKnown"))
+    selection = json.loads((sd / "stage2" / "data" / "selection.json").read_text())
+    assert selection["upgraded"] == len(upgraded) and selection["replay"] == round(0.5 * len(upgraded))
+    stage2_ids = sorted(r["id"] for r in read_jsonl(sd / "stage2" / "data" / "train.jsonl"))
+    assert set(upgraded) <= set(stage2_ids) and len(stage2_ids) == sum(selection.values())
+    stage2 = json.loads((real_rule_run / "state" / "seed0.train_stage2.json").read_text())["summary"]
+    m1 = json.loads((real_rule_run / "state" / "seed0.train_stage1.json").read_text())["summary"]["model_dir"]
+    if upgraded:
+        assert not stage2.get("skipped") and stage2["model_dir"] != m1
+    else:
+        assert stage2 == {"skipped": True, "model_dir": m1} and categories["m2-train"] == c1
