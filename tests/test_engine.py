@@ -1,7 +1,9 @@
 """FastEngine (toolkit/probe/engine.py): same greedy answers as the HF-generate reference, samples from
 the right distribution, independent of batching and of every feature flag."""
 import collections
+import logging
 import random
+import warnings
 
 import pytest
 import torch
@@ -260,3 +262,31 @@ def test_prefill_once_per_prompt_with_fan_out(tiny_lm):
     stats = fan_out.last_stats
     assert stats["prompts"] == 7 and stats["answers"] == 42 and stats["batches"] == 3
     assert stats["decode_steps"] <= 3 * (cfg.max_new_tokens - 1) and stats["seconds"] > 0
+
+
+# ------------------------------------------------------------------ the transformers API it uses
+
+
+def test_generate_uses_no_deprecated_transformers_api(stoppy_lm):
+    """No FutureWarning/DeprecationWarning (nor a transformers log line saying 'deprecated') from a
+    generate call covering every cache path: allocation, reuse by later batches, compaction."""
+    model, tokenizer = stoppy_lm
+    engine = FastEngine(model, tokenizer, ProbeConfig(samples=3, max_new_tokens=6),
+                        max_batch_prompts=3, compact_below=1.0)
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logging.getLogger("transformers").addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            engine.generate(tiny_requests(7))  # 3 batches, the last one smaller
+            compactions, cache = engine.last_stats["compactions"], engine._cache
+            engine.generate(tiny_requests(2))  # a later call reusing the cache with fewer rows
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    assert compactions > 0 and engine._cache is cache
+    deprecated = [f"{w.category.__name__}: {w.message}" for w in caught
+                  if issubclass(w.category, (FutureWarning, DeprecationWarning))]
+    deprecated += [r.getMessage() for r in records if "deprecat" in r.getMessage().lower()]
+    assert not deprecated, deprecated

