@@ -111,6 +111,24 @@ def test_greedy_matches_reference_on_tiny_model(tiny_lm):
     assert len({a.greedy for a in fast}) > 5  # arbitrary tokens, but varied ones
 
 
+def test_samples_asked_for_a_few_at_a_time_are_the_same_samples(tiny_lm):
+    """Lazy probing asks for greedy answers first and samples in rounds: sample j of a prompt must not
+    depend on which other answers the call produced (the key is (seed, question, prompt, j))."""
+    model, tokenizer = tiny_lm
+    requests = tiny_requests(9)
+    cfg = ProbeConfig(samples=6, max_new_tokens=6, temperature=1.0)
+    engine = FastEngine(model, tokenizer, cfg, max_batch_prompts=4)
+    full = engine.generate(requests)
+    greedy_only = engine.generate(requests, sample_indices=[])
+    some = engine.generate(requests[::-1], sample_indices=[4, 1], greedy=False)[::-1]
+    assert [a.greedy for a in greedy_only] == [a.greedy for a in full] and all(not a.samples for a in greedy_only)
+    assert [a.samples for a in some] == [[a.samples[4], a.samples[1]] for a in full]
+    assert all(a.greedy is None and a.greedy_tokens == 0 for a in some)
+    assert len({s for a in full for s in a.samples}) > 3  # varied samples, so the equality means something
+    with pytest.raises(ValueError, match="asked for no answer"):
+        engine.generate(requests, sample_indices=[], greedy=False)
+
+
 def test_stops_match_reference_and_finished_rows_are_compacted(stoppy_lm):
     model, tokenizer = stoppy_lm
     requests = tiny_requests(12)

@@ -149,4 +149,60 @@ def test_memorised_facts_highly_known_unseen_unknown(memorised, engine):
     assert Counter(r["category"] for r in new) == {"Unknown": len(unseen)}
     assert all(r["greedy_answers"] == [f.answer] * 3 for r, f in zip(known, facts))
     assert [r["id"] for r in rows] == [it.id for it in facts + unseen]
-    assert all(r["generated_tokens"] > 0 and r["num_samples"] == 12 for r in rows)
+    assert all(r["generated_tokens"] > 0 for r in rows)
+    # lazy sampling (the fast engine's default) samples only items whose greedy answers are all wrong
+    assert [r["num_samples"] for r in known] == [0 if engine == "fast" else 12] * len(known)
+    assert [r["num_samples"] for r in new] == [12] * len(new)
+
+
+def test_lazy_sampling_gives_the_categories_of_full_sampling(memorised):
+    """Greedy first, samples in rounds only for items with no right greedy answer: the same
+    categories and greedy answers as full sampling, each lazy sample equal to the full run's sample of
+    the same index, P_sample a lower bound, and fewer answers."""
+    from toolkit.models import ModelSpec, load_model
+
+    model_dir, items, pool, config, facts = memorised
+    full_cfg = dataclasses.replace(config, engine="fast", keep_samples=True, samples=6, full_sampling=True,
+                                   temperature=1.5, top_k=6)
+    lazy_cfg = dataclasses.replace(full_cfg, full_sampling=False, sample_round=2)
+    model, tok = load_model(ModelSpec(source=str(model_dir)))
+    # Unseen facts, half of them given as gold an answer the model samples but never answers greedily
+    # (WeaklyKnown), besides the memorised ones (HighlyKnown). Same ids: same exemplars, same samples.
+    unseen = [it for it in items if it.split == "test"]
+    for k, (it, row) in enumerate(zip(unseen, probe_items(make_engine(model, tok, full_cfg), unseen, pool, full_cfg))):
+        others = [a for got in row["sampled_answers"] for a in got if a and a not in row["greedy_answers"]]
+        if others and k % 2 == 0:
+            unseen[k] = dataclasses.replace(it, answer=others[-1], aliases=())
+    probed = facts + unseen
+    full = probe_items(make_engine(model, tok, full_cfg), probed, pool, full_cfg)
+    lazy = probe_items(make_engine(model, tok, lazy_cfg), probed, pool, lazy_cfg)
+    assert len({r["category"] for r in full}) >= 3  # a mix, so the equality means something
+    assert [r["category"] for r in lazy] == [r["category"] for r in full]
+    assert [r["greedy_answers"] for r in lazy] == [r["greedy_answers"] for r in full]
+    for f, z in zip(full, lazy):
+        assert z["sampling"] == "lazy" and f["sampling"] == "full" and z["p_sample"] <= f["p_sample"]
+        for full_samples, lazy_samples in zip(f["sampled_answers"], z["sampled_answers"]):
+            assert lazy_samples == full_samples[:len(lazy_samples)]  # keyed: sample j is sample j
+        if z["greedy_correct"]:
+            assert z["num_samples"] == 0  # decided by its greedy answers
+        elif z["category"] == "WeaklyKnown":
+            assert z["sample_correct"] >= 1 and z["num_samples"] % (2 * 3) == 0  # left at a round's end
+        else:
+            assert z["num_samples"] == f["num_samples"]  # Unknown: every sample was needed
+    assert sum(r["num_samples"] for r in lazy) < sum(r["num_samples"] for r in full)
+
+
+def test_lazy_sampling_falls_back_to_full_with_an_engine_whose_samples_depend_on_the_batch(memorised):
+    from toolkit.models import ModelSpec, load_model
+
+    model_dir, items, pool, config, facts = memorised
+    model, tok = load_model(ModelSpec(source=str(model_dir)))
+    rows = probe_items(make_engine(model, tok, config), facts[:2], pool, config)  # reference engine
+    assert all(r["sampling"] == "full" and r["num_samples"] == 12 for r in rows)
+
+
+def test_sample_rounds():
+    from toolkit.probe.slick import sample_rounds
+
+    assert sample_rounds(16, 4) == [range(0, 4), range(4, 8), range(8, 12), range(12, 16)]
+    assert sample_rounds(5, 2) == [range(0, 2), range(2, 4), range(4, 5)] and sample_rounds(3, 8) == [range(0, 3)]

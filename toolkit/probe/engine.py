@@ -68,6 +68,8 @@ class FastEngine:
     """Engine protocol implementation; the feature flags exist so the benchmark can switch the
     optimisations off one at a time. Answers are identical under every flag combination."""
 
+    keyed_samples = True  # sample j of a prompt is the same whichever other samples a call asks for
+
     def __init__(self, model, tokenizer, config: ProbeConfig, max_batch_prompts: int = 16, *,
                  fan_out_kv: bool = True, bucket_by_length: bool = True, compile_decode: bool = False,
                  compact_below: float = 0.5):
@@ -93,9 +95,16 @@ class FastEngine:
     # ------------------------------------------------------------------ public
 
     @torch.inference_mode()
-    def generate(self, requests: Sequence[PromptRequest]) -> list[PromptAnswers]:
+    def generate(self, requests: Sequence[PromptRequest], sample_indices: Sequence[int] | None = None,
+                 greedy: bool = True) -> list[PromptAnswers]:
+        """Per request: the greedy answer (if `greedy`) and the sampled answers of `sample_indices`
+        (default: all `config.samples`), each a pure function of its key."""
         start = time.perf_counter()
-        streams = 1 + self.config.samples
+        indices = range(self.config.samples) if sample_indices is None else list(sample_indices)
+        stream_keys = ([-1] if greedy else []) + list(indices)  # -1: the greedy stream
+        if not stream_keys:
+            raise ValueError("generate() asked for no answer (greedy=False and no sample index)")
+        streams = len(stream_keys)
         self.last_stats = dict(prompts=len(requests), answers=len(requests) * streams, batches=0,
                                prefill_tokens=0, prefill_padded_tokens=0, generated_tokens=0,
                                decode_steps=0, decode_rows=0, compactions=0)
@@ -111,7 +120,7 @@ class FastEngine:
         results: list[PromptAnswers | None] = [None] * len(requests)
         for s in range(0, len(order), self.max_batch_prompts):
             chunk = order[s:s + self.max_batch_prompts]
-            batch = self._run_batch([requests[i] for i in chunk], [ids[i] for i in chunk], capacity)
+            batch = self._run_batch([requests[i] for i in chunk], [ids[i] for i in chunk], capacity, stream_keys)
             for i, answers in zip(chunk, batch):
                 results[i] = answers
         self.last_stats["generated_tokens"] = sum(a.total_tokens for a in results)
@@ -120,15 +129,16 @@ class FastEngine:
 
     # ------------------------------------------------------------------ one batch
 
-    def _run_batch(self, reqs: list[PromptRequest], ids: list[list[int]],
-                   capacity: tuple[int, int]) -> list[PromptAnswers]:
+    def _run_batch(self, reqs: list[PromptRequest], ids: list[list[int]], capacity: tuple[int, int],
+                   stream_keys: list[int]) -> list[PromptAnswers]:
         cfg, dev, stats = self.config, self.device, self.last_stats
-        streams, n_prompts = 1 + cfg.samples, len(reqs)
-        rows = n_prompts * streams  # prompt-major: stream 0 is greedy, stream 1 + j is sample j
+        streams, n_prompts = len(stream_keys), len(reqs)
+        rows = n_prompts * streams  # prompt-major: a prompt's streams in stream_keys order (-1: greedy)
         prompt_of = torch.arange(n_prompts, device=dev).repeat_interleave(streams)
-        greedy = torch.arange(rows, device=dev) % streams == 0
+        greedy = torch.tensor([j == -1 for j in stream_keys], device=dev).repeat(n_prompts)
+        sampling = any(j >= 0 for j in stream_keys)
         keys = torch.tensor([to_int64(stable_seed(cfg.seed, r.question_id, r.prompt_index, j))
-                             for r in reqs for j in range(-1, cfg.samples)], device=dev)
+                             for r in reqs for j in stream_keys], device=dev)
         lengths = torch.tensor([len(x) for x in ids], device=dev)[prompt_of]
         plen = max(map(len, ids))
 
@@ -146,7 +156,7 @@ class FastEngine:
 
         out = torch.full((rows, cfg.max_new_tokens), self.tokenizer.pad_token_id, device=dev)
         row_ids = torch.arange(rows, device=dev)  # original row of each live batch row
-        tokens = self._pick(logits[src], keys, greedy, torch.zeros((), dtype=torch.long, device=dev))
+        tokens = self._pick(logits[src], keys, greedy, torch.zeros((), dtype=torch.long, device=dev), sampling)
         out[:, 0] = tokens
         alive = ~torch.isin(tokens, self._stop_tensor)
         for step in range(1, cfg.max_new_tokens):
@@ -164,27 +174,27 @@ class FastEngine:
             if self.compile_decode:
                 torch.compiler.cudagraph_mark_step_begin()
             tokens = self._step(tokens, lengths + step - 1, kv_mask, keys, greedy,
-                                torch.tensor(step, device=dev)).clone()
+                                torch.tensor(step, device=dev), sampling).clone()
             out[row_ids, step] = tokens
             alive &= ~torch.isin(tokens, self._stop_tensor)
             stats["decode_steps"] += 1
             stats["decode_rows"] += len(row_ids)
-        return self._answers(out.tolist(), streams)
+        return self._answers(out.tolist(), stream_keys)
 
-    def _decode_step(self, tokens, positions, kv_mask, keys, greedy, step) -> torch.Tensor:
+    def _decode_step(self, tokens, positions, kv_mask, keys, greedy, step, sampling: bool) -> torch.Tensor:
         """The one decode step: feed each row's last token, pick each row's next token."""
         logits = self.model(input_ids=tokens[:, None], position_ids=positions[:, None],
                             attention_mask=kv_mask[:, None, None, :],  # 4D bool: used as is, no mask building
                             **{self._cache_arg: self._cache}, use_cache=True).logits[:, -1]
-        return self._pick(logits, keys, greedy, step)
+        return self._pick(logits, keys, greedy, step, sampling)
 
-    def _pick(self, logits, keys, greedy, step) -> torch.Tensor:
+    def _pick(self, logits, keys, greedy, step, sampling: bool) -> torch.Tensor:
         """Greedy rows: argmax. Sampled rows: argmax(logits/T + Gumbel) over the top-k logits, which
         is an exact draw from softmax(top-k logits / T)."""
         logits = logits.float()
         best = logits.argmax(-1)
         cfg = self.config
-        if cfg.samples == 0:
+        if not sampling:  # greedy rows only
             return best
         if cfg.top_k:
             values, candidates = logits.topk(min(cfg.top_k, logits.shape[-1]), dim=-1)
@@ -260,17 +270,20 @@ class FastEngine:
 
     # ------------------------------------------------------------------ answers
 
-    def _answers(self, rows: list[list[int]], streams: int) -> list[PromptAnswers]:
+    def _answers(self, rows: list[list[int]], stream_keys: list[int]) -> list[PromptAnswers]:
         """Text up to the first newline; token counts include the stop token (as ReferenceEngine)."""
         decoded = []
         for ids in rows:
             used = tokens_until_stop(ids, self._stop_set)
             decoded.append((ids[:used], used))
         texts = self.tokenizer.batch_decode([ids for ids, _ in decoded], skip_special_tokens=True)
+        streams, has_greedy = len(stream_keys), stream_keys[0] == -1
         answers = []
         for p in range(0, len(rows), streams):
             texts_p, used_p = texts[p:p + streams], [u for _, u in decoded[p:p + streams]]
-            answers.append(PromptAnswers(greedy=extract_answer(texts_p[0]), greedy_tokens=used_p[0],
-                                         samples=[extract_answer(t) for t in texts_p[1:]],
-                                         sample_tokens=used_p[1:]))
+            first = 1 if has_greedy else 0
+            answers.append(PromptAnswers(greedy=extract_answer(texts_p[0]) if has_greedy else None,
+                                         greedy_tokens=used_p[0] if has_greedy else 0,
+                                         samples=[extract_answer(t) for t in texts_p[first:]],
+                                         sample_tokens=used_p[first:]))
         return answers

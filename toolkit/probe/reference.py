@@ -18,6 +18,10 @@ from .types import PromptAnswers, PromptRequest, ProbeConfig
 
 
 class ReferenceEngine:
+    """`generate` seeds one torch generator per batch, so a sample depends on its batch: lazy probing
+    cannot ask for a few samples at a time and stay exact (the probe samples in full with it)."""
+
+    keyed_samples = False
     def __init__(self, model, tokenizer, config: ProbeConfig, batch_size: int = 16):
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.batch_size = batch_size
@@ -41,8 +45,11 @@ class ReferenceEngine:
                                   **kwargs)
         return out[:, enc["input_ids"].shape[1]:]
 
-    def generate(self, requests: Sequence[PromptRequest]) -> list[PromptAnswers]:
+    def generate(self, requests: Sequence[PromptRequest], sample_indices: Sequence[int] | None = None,
+                 greedy: bool = True) -> list[PromptAnswers]:
         cfg = self.config
+        if sample_indices is not None or not greedy:
+            raise ValueError("the reference engine answers whole requests only (greedy + every sample)")
         results: list[PromptAnswers] = []
         for start in range(0, len(requests), self.batch_size):
             batch = list(requests[start:start + self.batch_size])

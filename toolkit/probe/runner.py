@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from toolkit.config import knob, require
+from toolkit.config import knob, require, to_dict
 
 from toolkit.data.loading import load_qa
 from toolkit.data.prompts import ExemplarPool
@@ -68,12 +68,10 @@ def _load_inputs(run: RunConfig, probe: ProbeConfig):
 
 
 def _manifest(run: RunConfig, probe: ProbeConfig, plan: ShardPlan, exemplars) -> dict:
+    # every probe setting (a resumed run must not mix sampling modes or dtypes), and what fixes the plan
     return dict(version=MANIFEST_VERSION, model=run.model or EMBEDDED_MODEL, data_hash=plan.data_hash,
                 exemplar_hash=data_hash(exemplars), split=run.split, exemplar_split=run.exemplar_split,
-                seed=probe.seed, num_exemplar_sets=probe.num_exemplar_sets, shots=probe.shots,
-                samples=probe.samples, temperature=probe.temperature, top_k=probe.top_k,
-                max_new_tokens=probe.max_new_tokens, keep_samples=probe.keep_samples, engine=probe.engine,
-                shard_size=run.shard_size, limit=run.limit, num_items=plan.num_items,
+                **to_dict(probe), shard_size=run.shard_size, limit=run.limit, num_items=plan.num_items,
                 num_shards=len(plan.shards))
 
 
@@ -141,6 +139,10 @@ class _RunStats:
     actor_start_s: float = 0.0
     probe_s: float = 0.0
 
+    @property
+    def answers(self) -> int:
+        return sum(r["num_prompts"] + r["num_samples"] for r in self.rows)
+
     def add(self, result: dict) -> None:
         self.rows.extend(result["rows"])
         w = result["worker"]
@@ -187,7 +189,6 @@ def _run_shards(run: RunConfig, probe: ProbeConfig, placement: Placement, plan: 
     out = Path(run.out)
     owns_ray = _connect_ray(placement)
     bar = None
-    answers_per_item = probe.num_exemplar_sets * (1 + probe.samples)
     try:
         t_actors = time.perf_counter()
         # The original source, not the driver's resolved path: each node resolves (and caches) it.
@@ -209,7 +210,7 @@ def _run_shards(run: RunConfig, probe: ProbeConfig, placement: Placement, plan: 
                 elapsed = max(time.perf_counter() - t0, 1e-9)
                 bar.update(len(result["rows"]))
                 bar.set_postfix({"q/s": f"{len(stats.rows) / elapsed:.2f}",
-                                 "ans/s": f"{len(stats.rows) * answers_per_item / elapsed:.1f}"})
+                                 "ans/s": f"{stats.answers / elapsed:.1f}"})
                 if on_shard is not None:
                     on_shard(index, result)
 
@@ -238,8 +239,7 @@ def _fractions(counts: Counter, total: int) -> dict:
 
 
 def _summary(rows: list[dict], stats: _RunStats, probe: ProbeConfig, run: RunConfig, placement: Placement,
-             plan: ShardPlan,
-             wall_s: float) -> dict:
+             plan: ShardPlan, wall_s: float) -> dict:
     counts = Counter(r["category"] for r in rows)
     per_relation: dict[str, Counter] = defaultdict(Counter)
     for r in rows:
@@ -255,6 +255,10 @@ def _summary(rows: list[dict], stats: _RunStats, probe: ProbeConfig, run: RunCon
                              fractions=_fractions(c, sum(c.values())))
                    for rel, c in sorted(per_relation.items())},
         total_answers=answers, generated_tokens=sum(r["generated_tokens"] for r in rows),
+        # what lazy sampling did not have to generate (full sampling: every prompt x (1 + n))
+        sampling=dict(Counter(r.get("sampling", "full") for r in rows)),
+        answers_full=len(rows) * probe.num_exemplar_sets * (1 + probe.samples),
+        answers_saved=len(rows) * probe.num_exemplar_sets * (1 + probe.samples) - answers,
         # Throughput covers this invocation's probing only: loaded actors to last shard.
         probed_items=len(stats.rows), probed_answers=new_answers, wall_s=wall_s,
         actor_start_s=stats.actor_start_s, probe_wall_s=stats.probe_s,

@@ -23,6 +23,9 @@ class ProbeConfig:
     max_new_tokens: int = knob(16, "answer length limit in tokens (answers also stop at a newline)")
     seed: int = knob(0, "fixes the exemplar sets and every sampled answer")
     keep_samples: bool = knob(False, "store every sampled answer in the result rows")
+    full_sampling: bool = knob(False, "all n samples of every prompt (exact P_sample); default: lazy, the same "
+                                      "categories from far fewer answers, P_sample a lower bound")
+    sample_round: int = knob(4, "lazy sampling: samples per prompt asked for in each round")
     engine: Literal["fast", "reference"] = knob("fast", "fast: the toolkit's engine; reference: HF generate")
 
     def __post_init__(self):
@@ -33,6 +36,7 @@ class ProbeConfig:
                 "must be > 0 when sampling")
         require(self.top_k >= 0, "top_k", self.top_k, "must be >= 0 (0 = no top-k)")
         require(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "must be >= 1")
+        require(self.sample_round >= 1, "sample_round", self.sample_round, "must be >= 1")
         require(self.engine in ENGINES, "engine", self.engine, f"must be one of {', '.join(ENGINES)}")
 
 
@@ -48,7 +52,7 @@ class PromptRequest:
 
 @dataclass
 class PromptAnswers:
-    greedy: str
+    greedy: str | None  # None: the call did not ask for the greedy answer
     samples: list[str] = field(default_factory=list)
     greedy_tokens: int = 0  # generated tokens, stop token included when one was produced
     sample_tokens: list[int] = field(default_factory=list)
@@ -60,7 +64,10 @@ class PromptAnswers:
 
 class Engine(Protocol):
     config: ProbeConfig
+    keyed_samples: bool  # sample j depends only on its key, so samples can be asked for a few at a time
 
-    def generate(self, requests: Sequence[PromptRequest]) -> list[PromptAnswers]:
-        """Answers for each request, in request order."""
+    def generate(self, requests: Sequence[PromptRequest], sample_indices: Sequence[int] | None = None,
+                 greedy: bool = True) -> list[PromptAnswers]:
+        """Answers for each request, in request order: the greedy one (if `greedy`) and the samples
+        of `sample_indices` (default: all of `config.samples`)."""
         ...
