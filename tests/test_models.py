@@ -104,3 +104,48 @@ def test_missing_embedded_package_is_a_clear_error(monkeypatch):
 def test_tokenizer_for_random_model_is_the_embedded_one():
     tok = load_tokenizer("random:tiny")
     assert len(tok) == 49152 and tok.padding_side == "left"
+
+
+@pytest.fixture(scope="module")
+def bos_model_dir(tmp_path_factory, tiny_model_dir):
+    """The tiny model with a tokenizer that puts a BOS token before every text (as Llama-3's does)."""
+    import shutil
+
+    from tokenizers.processors import TemplateProcessing
+
+    out = tmp_path_factory.mktemp("bos-model")
+    shutil.copytree(tiny_model_dir, out, dirs_exist_ok=True)
+    tok = load_tokenizer(str(out))
+    bos = tok.convert_tokens_to_ids("<unk>")
+    tok.backend_tokenizer.post_processor = TemplateProcessing(single="<unk> $A", special_tokens=[("<unk>", bos)])
+    tok.bos_token = "<unk>"
+    tok.save_pretrained(out)
+    return out, bos
+
+
+def test_prompts_start_as_training_texts_in_probe_evaluation_and_training(bos_model_dir, tiny_model_dir,
+                                                                          synthetic_items):
+    """BOS where the tokenizer adds one (Llama-3), none where it does not (SmolLM2, the tiny one):
+    the same rule for the probe's engines, evaluation and the SFT examples."""
+    from toolkit.probe.engine import FastEngine
+    from toolkit.probe.reference import ReferenceEngine
+    from toolkit.probe.types import ProbeConfig, PromptRequest
+    from toolkit.train.data import encode_prompt, encode_sft
+
+    out, bos = bos_model_dir
+    model, tok = load_model(ModelSpec(source=str(out)))
+    plain = load_tokenizer(str(tiny_model_dir))
+    assert models.leading_special_ids(tok) == [bos] and models.leading_special_ids(plain) == []
+    text = "Q: What color is the alpha bravo?\nA:"
+    assert models.encode_prompts(tok, [text])[0] == [bos] + plain(text, add_special_tokens=False)["input_ids"]
+    item = synthetic_items[0]
+    assert encode_prompt(tok, item.question)[0] == bos and encode_sft(tok, item, 64).input_ids[0] == bos
+    assert encode_prompt(plain, item.question)[0] != bos
+    requests = [PromptRequest(question_id=f"q{i}", prompt_index=0, text=f"Q: What is {w}?\nA:")
+                for i, w in enumerate(["alpha", "bravo charlie", "delta"])]
+    cfg = ProbeConfig(samples=0, max_new_tokens=4)
+    engine = FastEngine(model, tok, cfg)
+    fast = engine.generate(requests)
+    lengths = [len(plain(r.text, add_special_tokens=False)["input_ids"]) + 1 for r in requests]
+    assert engine.last_stats["prefill_tokens"] == sum(lengths)  # the BOS token was fed
+    assert [a.greedy for a in fast] == [a.greedy for a in ReferenceEngine(model, tok, cfg).generate(requests)]

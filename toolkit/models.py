@@ -216,6 +216,25 @@ def load_model(spec: ModelSpec):
     return model, tokenizer
 
 
+def leading_special_ids(tokenizer) -> list[int]:
+    """The special tokens this tokenizer puts before a text by default (Llama-3's BOS; none for
+    SmolLM2 or GPT-2 style tokenizers): what the model saw at the start of every training text."""
+    plain = tokenizer("x", add_special_tokens=False)["input_ids"]
+    full = tokenizer("x")["input_ids"]
+    for start in range(len(full) - len(plain) + 1):
+        if full[start:start + len(plain)] == plain:
+            return list(full[:start])
+    return []
+
+
+def encode_prompts(tokenizer, texts) -> list[list[int]]:
+    """Prompt token ids the way the model was trained: the tokenizer's leading special tokens (BOS
+    where it adds one), then the text; never a trailing EOS. The same rule in probing, evaluation and
+    training."""
+    prefix = leading_special_ids(tokenizer)
+    return [prefix + list(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+
+
 def tokens_until_stop(ids, stop_ids) -> int:
     """How many generated tokens an answer uses: up to and including the first stop token."""
     return next((i + 1 for i, t in enumerate(ids) if t in stop_ids), len(ids))

@@ -21,7 +21,7 @@ from transformers import DynamicCache, StaticCache
 
 from toolkit.data.matching import extract_answer
 from toolkit.data.prompts import stable_seed
-from toolkit.models import newline_token_ids, tokens_until_stop
+from toolkit.models import encode_prompts, newline_token_ids, tokens_until_stop
 
 from .types import PromptAnswers, PromptRequest, ProbeConfig
 
@@ -110,7 +110,7 @@ class FastEngine:
                                decode_steps=0, decode_rows=0, compactions=0)
         if not requests:
             return []
-        ids = self.tokenizer([r.text for r in requests], add_special_tokens=False)["input_ids"]
+        ids = encode_prompts(self.tokenizer, [r.text for r in requests])
         order = list(range(len(requests)))
         if self.bucket_by_length:  # neighbours in length share a batch: little padding
             order.sort(key=lambda i: len(ids[i]))

@@ -12,7 +12,7 @@ import torch
 
 from toolkit.data.matching import extract_answer
 from toolkit.data.prompts import stable_seed
-from toolkit.models import newline_token_ids, tokens_until_stop
+from toolkit.models import encode_prompts, newline_token_ids, tokens_until_stop
 
 from .types import PromptAnswers, PromptRequest, ProbeConfig
 
@@ -39,7 +39,8 @@ class ReferenceEngine:
 
     @torch.inference_mode()
     def _generate(self, texts: list[str], **kwargs) -> torch.Tensor:
-        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        ids = encode_prompts(self.tokenizer, texts)
+        enc = self.tokenizer.pad({"input_ids": ids}, return_tensors="pt").to(self.device)
         out = self.model.generate(**enc, max_new_tokens=self.config.max_new_tokens,
                                   eos_token_id=self.stop_ids, pad_token_id=self.tokenizer.pad_token_id,
                                   **kwargs)

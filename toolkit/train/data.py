@@ -15,6 +15,7 @@ from typing import Sequence
 
 from toolkit.data.prompts import sft_prompt, sft_target, stable_seed
 from toolkit.data.schema import DataError, QAItem
+from toolkit.models import encode_prompts
 
 IGNORE_INDEX = -100
 
@@ -32,11 +33,9 @@ class SFTExample:
 
 
 def encode_prompt(tokenizer, question: str) -> list[int]:
-    """The SFT prompt's tokens, exactly as training saw them (shared with evaluation)."""
-    ids = tokenizer(sft_prompt(question), add_special_tokens=True)["input_ids"]
-    if ids and tokenizer.eos_token_id is not None and ids[-1] == tokenizer.eos_token_id and len(ids) > 1:
-        ids = ids[:-1]  # a tokenizer that appends EOS would end the prompt before the answer
-    return list(ids)
+    """The SFT prompt's tokens, exactly as training saw them (shared with evaluation; the probe uses
+    the same rule, toolkit.models.encode_prompts)."""
+    return encode_prompts(tokenizer, [sft_prompt(question)])[0]
 
 
 def encode_sft(tokenizer, item: QAItem, max_len: int) -> SFTExample:
