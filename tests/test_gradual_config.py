@@ -139,3 +139,34 @@ def test_dry_run_checks_the_inputs_too(user_inputs, capsys):
     assert main(["run", str(root / "good.yaml"), "--dry-run"]) == 0
     assert "config ok (data, model and training launch checked: 1 training rank(s))" in capsys.readouterr().out
     assert main(["run", str(root / "good.yaml"), "--dry-run", "--set", f"data.path={root}/qa.csv"]) == 2
+
+
+@pytest.mark.parametrize("gpus, micro, accum", [(1, 16, 4), (2, 16, 2), (4, 16, 1), (8, 8, 1), (16, 4, 1)])
+def test_paper_preset_plans_the_same_global_batch_on_any_number_of_gpus(gpus, micro, accum):
+    """What `gradual run --preset paper --dry-run --set train.num_gpus=N` plans, on a machine without GPUs."""
+    import dataclasses
+
+    from toolkit.train.launch import check_training
+
+    paper = load_pipeline_config(preset="paper")
+    planned = check_training(paper.train.options, dataclasses.replace(paper.train, num_gpus=gpus), launching=False)
+    ds = planned["ds_config"]
+    assert planned["world_size"] == gpus and planned["on_gpu"] and planned["bf16"]
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (
+        64, micro, accum)
+    assert planned["batch"].startswith(f"train_batch_size 64 = micro_batch_size {micro} x gradient_accumulation_steps "
+                                       f"{accum} x world size {gpus}")
+
+
+def test_paper_preset_dry_run_through_the_cli(capsys):
+    from toolkit.cli import main
+
+    assert main(["run", "--preset", "paper", "--dry-run", "--set", "train.num_gpus=8"]) == 0
+    out = capsys.readouterr().out
+    assert "training launch: train_batch_size 64 = micro_batch_size 8 x gradient_accumulation_steps 1 x world size 8" in out
+    assert "config ok" in out
+    # a world size that no micro batch fits: one line, exit 2
+    assert main(["run", "--preset", "paper", "--dry-run", "--set", "train.num_gpus=3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("error: train.options: batch arithmetic: train_batch_size=64 cannot be split over world size 3: "
+                   "no micro batch fits (a global batch for 3 ranks is a multiple of 3, e.g. 63 or 66)")

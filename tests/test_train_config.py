@@ -149,6 +149,57 @@ def test_batch_arithmetic(setup):
         batch_arithmetic(cfg_with(setup, "train_batch_size=8", "gradient_accumulation_steps=1"), 2)
 
 
+@pytest.mark.parametrize("world, micro, accum", [(1, 16, 4), (2, 16, 2), (4, 16, 1), (8, 8, 1), (16, 4, 1), (64, 1, 1)])
+def test_stated_global_batch_adapts_to_the_world_size(setup, world, micro, accum):
+    """The paper preset's shape: a global batch of 64 and a micro batch of at most 16 per rank."""
+    cfg = cfg_with(setup, "train_batch_size=64", "max_micro_batch_size=16", micro_batch_size=None)
+    assert "micro_batch_size" not in cfg.given_keys or cfg.micro_batch_size is None
+    assert batch_arithmetic(cfg, world) == (micro, accum, 64)
+
+
+def test_no_valid_micro_batch_is_one_clear_error(setup):
+    cfg = cfg_with(setup, "train_batch_size=64", micro_batch_size=None)
+    for world in (3, 128):  # 64 sequences cannot be split evenly over 3 ranks, nor over 128
+        with pytest.raises(TrainConfigError) as err:
+            batch_arithmetic(cfg, world)
+        assert f"train_batch_size=64 cannot be split over world size {world}: no micro batch fits" in str(err.value)
+    # a stated micro batch that no longer fits names the ones that do
+    with pytest.raises(TrainConfigError, match=r"micro_batch_size=16 x world size 8 \(= 128\); micro batches that "
+                                               r"fit: 1, 2, 4, 8 \(or leave micro_batch_size out"):
+        batch_arithmetic(cfg_with(setup, "train_batch_size=64", "micro_batch_size=16"), 8)
+    # stated accumulation: the micro batch is what is left
+    assert batch_arithmetic(cfg_with(setup, "train_batch_size=64", "gradient_accumulation_steps=2",
+                                     micro_batch_size=None), 8) == (4, 2, 64)
+    with pytest.raises(TrainConfigError, match="not divisible by gradient_accumulation_steps=3 x world size 8"):
+        batch_arithmetic(cfg_with(setup, "train_batch_size=64", "gradient_accumulation_steps=3",
+                                  micro_batch_size=None), 8)
+    # the largest micro batch that divides a rank's share (20), not merely the largest allowed (16)
+    assert batch_arithmetic(cfg_with(setup, "train_batch_size=40", "max_micro_batch_size=16",
+                                     micro_batch_size=None), 2) == (10, 2, 40)
+    # nothing stated: micro = max_micro_batch_size, no accumulation, the global batch grows with the world
+    assert batch_arithmetic(cfg_with(setup, micro_batch_size=None), 4) == (8, 1, 32)
+
+
+def test_dry_run_plans_stated_gpus_on_a_machine_without_them(setup, capsys):
+    """`gradual train --num-gpus 8 --dry-run` on a login node: the 8-GPU plan (bf16, the arithmetic for
+    8 ranks, the launcher's --num_gpus 8); the launch itself needs the GPUs."""
+    from toolkit.cli import main
+    from toolkit.train.launch import LaunchConfig, check_launchable
+
+    assert main(["train", "--config", str(setup / "cfg.yaml"), "--num-gpus", "8", "--dry-run",
+                 "--set", "train_batch_size=64", "--set", "micro_batch_size=null"]) == 0
+    out = capsys.readouterr().out
+    assert "== batch arithmetic (8 GPU rank(s))" in out
+    assert "train_batch_size 64 = micro_batch_size 8 x gradient_accumulation_steps 1 x world size 8" in out
+    assert "micro_batch_size derived" in out and "bf16: true" in out and "--num_gpus 8" in out
+    with pytest.raises(TrainConfigError, match="num_gpus=8: this machine has no GPU; a dry run plans it"):
+        check_launchable(LaunchConfig(num_gpus=8), gpus_here=0)
+    with pytest.raises(TrainConfigError, match="num_gpus=8: this machine has 4 GPU"):
+        check_launchable(LaunchConfig(num_gpus=8), gpus_here=4)
+    check_launchable(LaunchConfig(num_gpus=8, hostfile="h"), gpus_here=0)  # the nodes check their own GPUs
+    check_launchable(LaunchConfig(num_gpus=4), gpus_here=4)
+
+
 def test_hostfile_and_world_size(tmp_path):
     (tmp_path / "h").write_text("# two nodes\nworker-0 slots=8\nworker-1 slots=8  # comment\n")
     hosts = read_hostfile(tmp_path / "h")

@@ -68,7 +68,7 @@ def preflight(cfg: PipelineConfig, check_devices: bool = True) -> dict:
             pool.check_covers([it for split in cfg.probe.splits for it in splits[split]], cfg.probe.shots)
     load_tokenizer(cfg.model)  # ModelError for a missing path; converts the embedded GGUF once (cache)
     try:
-        world = check_training(cfg.train.options, cfg.train)
+        training = check_training(cfg.train.options, cfg.train, launching=check_devices)
     except TrainConfigError as err:
         raise TrainConfigError(f"train.options: {err}") from None
     placement = cfg.probe.placement
@@ -82,7 +82,7 @@ def preflight(cfg: PipelineConfig, check_devices: bool = True) -> dict:
             raise ConfigError(f"probe.placement.gpus_per_actor={placement.gpus_per_actor}: "
                               f"{placement.num_actors} actor(s) need {wanted:g} GPU(s), this machine has {have} "
                               "(set probe.placement.ray_address to use a cluster)")
-    return {"train_world_size": world}
+    return {"train_world_size": training["world_size"], "train_batch": training["batch"]}
 
 
 def read_categories(probe_dir: Path) -> dict[str, str]:

@@ -36,10 +36,15 @@ class TrainConfig:
     offload: bool = knob(False, "ZeRO optimizer offload to CPU (needs optimizer deepspeed_adam)")
     bf16: Union[bool, Literal["auto"]] = knob("auto", "auto: bf16 on GPU, fp32 on CPU")
     gradient_checkpointing: bool = knob(False, "recompute activations in the backward pass")
-    # batch arithmetic: train_batch_size = micro_batch_size x gradient_accumulation_steps x world size
-    micro_batch_size: int = knob(8, "sequences per rank per forward pass")
-    gradient_accumulation_steps: Optional[int] = knob(None, "default: from train_batch_size, else 1")
-    train_batch_size: Optional[int] = knob(None, "global batch (sequences per optimizer step)")
+    # batch arithmetic: train_batch_size = micro_batch_size x gradient_accumulation_steps x world size.
+    # State the global batch; the micro batch and the accumulation then adapt to the world size.
+    train_batch_size: Optional[int] = knob(
+        None, "global batch (sequences per optimizer step); default: micro_batch_size x accumulation x world size")
+    micro_batch_size: Optional[int] = knob(
+        None, "sequences per rank per forward pass; default: the largest that divides train_batch_size / world "
+              "size and is at most max_micro_batch_size (without train_batch_size: max_micro_batch_size)")
+    max_micro_batch_size: int = knob(8, "upper bound of a derived micro_batch_size (what one rank's memory holds)")
+    gradient_accumulation_steps: Optional[int] = knob(None, "default: derived from train_batch_size, else 1")
     max_len: int = knob(256, "tokens per sequence (a longer prompt loses its start)")
     # optimisation
     epochs: int = knob(3, "passes over the training set")
@@ -68,8 +73,7 @@ class TrainConfig:
     given_keys: frozenset = given_keys()
 
     def __post_init__(self):
-        require(self.micro_batch_size >= 1, "micro_batch_size", self.micro_batch_size, "must be >= 1")
-        for name in ("gradient_accumulation_steps", "train_batch_size"):
+        for name in ("micro_batch_size", "gradient_accumulation_steps", "train_batch_size"):
             value = getattr(self, name)
             require(value is None or value >= 1, name, value, "must be >= 1")
         require(self.epochs >= 1, "epochs", self.epochs, "must be >= 1")
@@ -87,7 +91,7 @@ class TrainConfig:
         require(self.bf16 in (True, False, "auto"), "bf16", self.bf16, "must be true, false or auto")
         for name in ("eval_every_steps", "patience", "stop_after_epoch"):
             require(getattr(self, name) >= 0, name, getattr(self, name), "must be >= 0")
-        for name in ("eval_batch_size", "keep_last_n", "max_new_tokens"):
+        for name in ("eval_batch_size", "keep_last_n", "max_new_tokens", "max_micro_batch_size"):
             require(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
         require(self.max_len >= 8, "max_len", self.max_len, "must be >= 8")
         require(not self.offload or self.optimizer == "deepspeed_adam", "offload", self.offload,

@@ -105,7 +105,8 @@ def resolve(cfg: TrainConfig, raw: dict, world_size: int, on_gpu: bool, source: 
     micro, accum, total = batch_arithmetic(cfg, world_size)
     stage = 0 if cfg.zero_stage is None else cfg.zero_stage
     bf16 = on_gpu if cfg.bf16 == AUTO else bool(cfg.bf16)
-    cfg = replace(cfg, gradient_accumulation_steps=accum, train_batch_size=total, zero_stage=stage, bf16=bf16)
+    cfg = replace(cfg, micro_batch_size=micro, gradient_accumulation_steps=accum, train_batch_size=total,
+                  zero_stage=stage, bf16=bf16)
     if cfg.offload and stage < 1:
         raise TrainConfigError("offload needs ZeRO stage 1 or 2")
     # write every owned value back: the resolved ds_config has no "auto" left
@@ -138,21 +139,68 @@ def validate_with_deepspeed(ds: dict, source: str) -> None:
 
 
 def batch_arithmetic(cfg: TrainConfig, world_size: int) -> tuple[int, int, int]:
-    """(micro, accumulation, train_batch_size) with train_batch_size = micro x accumulation x world."""
+    """(micro, accumulation, train_batch_size) with train_batch_size = micro x accumulation x world.
+
+    A stated train_batch_size is kept and split over the world size: each rank takes
+    train_batch_size / world sequences per step, as micro batches of micro_batch_size (given, or the
+    largest divisor up to max_micro_batch_size) times the accumulation steps (derived). So one config
+    gives the same global batch, and the same training trajectory, on 1, 8 or 16 GPUs."""
     micro, accum, total = cfg.micro_batch_size, cfg.gradient_accumulation_steps, cfg.train_batch_size
-    per_step = micro * world_size
-    if total is not None:
-        if total % per_step:
+    if total is None:
+        micro = micro or cfg.max_micro_batch_size
+        accum = accum or 1
+        return micro, accum, micro * accum * world_size
+    if total % world_size:
+        fits = [m * world_size for m in (total // world_size, total // world_size + 1) if m >= 1]
+        raise TrainConfigError(
+            f"batch arithmetic: train_batch_size={total} cannot be split over world size {world_size}: no micro "
+            f"batch fits (a global batch for {world_size} ranks is a multiple of {world_size}, e.g. "
+            f"{' or '.join(map(str, fits))})")
+    per_rank = total // world_size
+    if micro is not None:
+        if per_rank % micro:
             raise TrainConfigError(
                 f"batch arithmetic: train_batch_size={total} is not divisible by micro_batch_size={micro} "
-                f"x world size {world_size} (= {per_step})")
-        if accum is not None and accum * per_step != total:
+                f"x world size {world_size} (= {micro * world_size}); micro batches that fit: "
+                f"{', '.join(map(str, divisors(per_rank)[:8]))} (or leave micro_batch_size out to derive it)")
+        if accum is not None and accum * micro != per_rank:
             raise TrainConfigError(
                 f"batch arithmetic: train_batch_size={total} != micro_batch_size={micro} x "
-                f"gradient_accumulation_steps={accum} x world size {world_size} (= {accum * per_step})")
-        accum = total // per_step
-    accum = accum or 1
-    return micro, accum, micro * accum * world_size
+                f"gradient_accumulation_steps={accum} x world size {world_size} (= {accum * micro * world_size})")
+        return micro, per_rank // micro, total
+    if accum is not None:
+        if per_rank % accum:
+            raise TrainConfigError(
+                f"batch arithmetic: train_batch_size={total} is not divisible by gradient_accumulation_steps="
+                f"{accum} x world size {world_size} (= {accum * world_size})")
+        return per_rank // accum, accum, total
+    micro = max(d for d in divisors(per_rank) if d <= cfg.max_micro_batch_size)
+    return micro, per_rank // micro, total
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def derived_batch_note(cfg: TrainConfig, world_size: int, raw_ds: dict | None = None) -> str | None:
+    """How the micro batch and the accumulation are chosen when neither the (unresolved) training
+    config nor the ds_config as written (`raw_ds`) states them."""
+    def stated(index: int, name: str) -> bool:
+        return getattr(cfg, name) is not None or _get(raw_ds or {}, MAPPED[index][0]) not in (None, AUTO)
+
+    total = cfg.train_batch_size if cfg.train_batch_size is not None else _get(raw_ds or {}, ("train_batch_size",))
+    if total in (None, AUTO):
+        return None
+    micro, accum = stated(0, "micro_batch_size"), stated(1, "gradient_accumulation_steps")
+    if micro and accum:
+        return None
+    if micro:
+        return "gradient_accumulation_steps derived: train_batch_size / (micro_batch_size x world size)"
+    if accum:
+        return "micro_batch_size derived: train_batch_size / (gradient_accumulation_steps x world size)"
+    return (f"micro_batch_size derived: the largest divisor of train_batch_size / world size = "
+            f"{int(total) // world_size} up to max_micro_batch_size={cfg.max_micro_batch_size}; "
+            "accumulation: the rest")
 
 
 def _reject_leftover_auto(d, source, prefix=""):

@@ -47,11 +47,28 @@ class LaunchConfig:
             require(value is None or value >= 1, name, value, "must be >= 1")
 
     def on_gpu(self) -> bool:
-        """GPU ranks: this machine has a GPU, or a cluster is launched from a node without one
-        (a login node) with --num-gpus and a hostfile."""
+        """GPU ranks: this machine has a GPU, or GPUs are stated (--num-gpus): a dry run plans them
+        on any machine (a cluster's login node), a launch needs them (`check_launchable`)."""
         import torch
 
-        return torch.cuda.is_available() or bool(self.num_gpus and self.hostfile)
+        return torch.cuda.is_available() or bool(self.num_gpus)
+
+
+def check_launchable(launch: LaunchConfig, gpus_here: int | None = None) -> None:
+    """What only a real launch needs: the GPUs it asks for on this machine (a hostfile's nodes are
+    checked by their own ranks). A dry run plans without them."""
+    if launch.num_gpus is None or launch.hostfile:
+        return
+    if gpus_here is None:
+        import torch
+
+        gpus_here = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus_here == 0:
+        raise TrainConfigError(f"num_gpus={launch.num_gpus}: this machine has no GPU; a dry run plans it "
+                               "(--dry-run), a launch needs the GPUs (or a hostfile naming GPU nodes; "
+                               "num_accelerators for CPU ranks)")
+    if launch.num_gpus > gpus_here:
+        raise TrainConfigError(f"num_gpus={launch.num_gpus}: this machine has {gpus_here} GPU(s)")
 
 
 def deepspeed_executable() -> str:
@@ -100,8 +117,6 @@ def build_command(launch: LaunchConfig, config_path: Path, on_gpu: bool) -> tupl
     if on_gpu and launch.num_accelerators:
         raise TrainConfigError("--num-accelerators is for CPU runs; use --num-gpus on a GPU machine")
     per_node = launch.num_gpus if on_gpu else (launch.num_accelerators or (None if hosts else 1))
-    if not on_gpu and launch.num_gpus:
-        raise TrainConfigError("no GPU here: use --num-accelerators for CPU ranks")
     if per_node is None and on_gpu and not hosts:
         import torch
 
@@ -126,25 +141,37 @@ def build_command(launch: LaunchConfig, config_path: Path, on_gpu: bool) -> tupl
     return cmd, world, hosts
 
 
-def plan_launch(cfg: TrainConfig, launch: LaunchConfig):
-    """Every check of a launch, nothing written: (deepspeed command, RunPlan)."""
+def plan_launch(cfg: TrainConfig, launch: LaunchConfig, dry_run: bool = False):
+    """Every check of a launch, nothing written: (deepspeed command, RunPlan). A dry run plans the
+    stated GPUs on a machine without them."""
     from .plan import prepare
 
+    if not dry_run:
+        check_launchable(launch)
     on_gpu = launch.on_gpu()
     cmd, world, hosts = build_command(launch, cfg.out / RESOLVED_CONFIG, on_gpu)
     return cmd, prepare(cfg, world, on_gpu=on_gpu, hosts=hosts)  # raises before any launch
 
 
-def check_training(cfg: TrainConfig, launch: LaunchConfig) -> int:
+def check_training(cfg: TrainConfig, launch: LaunchConfig, launching: bool = True) -> dict:
     """The checks of a launch that need neither data nor model (hostfile, world size, ds_config, batch
-    arithmetic, DeepSpeed's own parser), for a caller that checks before its first step; the world size."""
-    from .dsconfig import load_ds_config, resolve
+    arithmetic, DeepSpeed's own parser, and for a real launch the GPUs), for a caller that checks
+    before its first step. Returns what was planned: world size, batch arithmetic, precision."""
+    from .dsconfig import derived_batch_note, load_ds_config, resolve
 
+    if launching:
+        check_launchable(launch)
     on_gpu = launch.on_gpu()
     _, world, _ = build_command(launch, Path(RESOLVED_CONFIG), on_gpu)
     ds_path = cfg.ds_config_path()
-    resolve(cfg, load_ds_config(ds_path), world, on_gpu, str(ds_path))
-    return world
+    raw = load_ds_config(ds_path)
+    resolved, ds = resolve(cfg, raw, world, on_gpu, str(ds_path))
+    note = derived_batch_note(cfg, world, raw)
+    return {"world_size": world, "on_gpu": on_gpu, "bf16": ds["bf16"]["enabled"], "config": resolved,
+            "ds_config": ds,
+            "batch": f"train_batch_size {ds['train_batch_size']} = micro_batch_size "
+                     f"{ds['train_micro_batch_size_per_gpu']} x gradient_accumulation_steps "
+                     f"{ds['gradient_accumulation_steps']} x world size {world}" + (f" ({note})" if note else "")}
 
 
 def write_resolved_config(cfg: TrainConfig) -> Path:
@@ -159,7 +186,7 @@ def cmd_train(args) -> int:
     from .plan import describe
 
     cfg = config_from_args(args)
-    cmd, plan = plan_launch(cfg, launch_from_args(args))
+    cmd, plan = plan_launch(cfg, launch_from_args(args), dry_run=args.dry_run or args.print_only)
     if args.dry_run:
         print(describe(plan))
         print(f"== launch command\n{shlex.join(cmd)}")

@@ -17,7 +17,8 @@ from toolkit.data.schema import DataError, QAItem
 
 from .config import TrainConfig, TrainConfigError, replace
 from .data import BatchPlan, SFTExample, encode_sft, load_categories
-from .dsconfig import human_bytes, load_ds_config, memory_estimate, resolve, validate_with_deepspeed
+from .dsconfig import (derived_batch_note, human_bytes, load_ds_config, memory_estimate, resolve,
+                       validate_with_deepspeed)
 
 log = logging.getLogger("toolkit.train")
 # fields that shape the training trajectory: a resumed run must not change them
@@ -42,6 +43,7 @@ class RunPlan:
     hosts: dict | None = None
     resume_tag: str | None = None
     notes: list[str] = field(default_factory=list)
+    batch_note: str | None = None  # how micro batch / accumulation were derived from the world size
 
     @property
     def total_steps(self) -> int:
@@ -65,7 +67,9 @@ def prepare(cfg: TrainConfig, world_size: int, on_gpu: bool | None = None, hosts
             cfg = replace(cfg, bf16=False)  # pre-Ampere GPUs: fp32 rather than fp16 loss scaling
     # cheap checks first; the ones that import deepspeed / transformers (seconds) last
     ds_path = cfg.ds_config_path()
-    cfg, ds = resolve(cfg, load_ds_config(ds_path), world_size, on_gpu, str(ds_path), deepspeed_checks=False)
+    raw_ds = load_ds_config(ds_path)
+    batch_note = derived_batch_note(cfg, world_size, raw_ds)
+    cfg, ds = resolve(cfg, raw_ds, world_size, on_gpu, str(ds_path), deepspeed_checks=False)
     resume_tag = check_resume(cfg, world_size)
     train = load_qa(cfg.data, splits=(cfg.train_split,))
     dev = load_qa(cfg.data, splits=(cfg.dev_split,)) if cfg.dev_split else []
@@ -84,7 +88,7 @@ def prepare(cfg: TrainConfig, world_size: int, on_gpu: bool | None = None, hosts
     examples = [encode_sft(tokenizer, it, cfg.max_len) for it in train]
     plan = RunPlan(cfg, ds, world_size, on_gpu, tokenizer, train, dev, categories, examples,
                    BatchPlan(len(examples), cfg.micro_batch_size, cfg.gradient_accumulation_steps, world_size,
-                             cfg.seed), hosts, resume_tag)
+                             cfg.seed), hosts, resume_tag, batch_note=batch_note)
     truncated = sum(ex.truncated for ex in examples)
     if truncated:
         plan.notes.append(f"{truncated} prompt(s) longer than max_len={cfg.max_len} lost their start")
@@ -146,9 +150,10 @@ def describe(plan: RunPlan) -> str:
     if plan.hosts:
         lines += ["== hostfile", *(f"{h} slots={n}" for h, n in plan.hosts.items())]
     b = plan.batches
-    lines += ["== batch arithmetic",
+    note = plan.batch_note
+    lines += [f"== batch arithmetic ({plan.world_size} {'GPU' if plan.on_gpu else 'CPU'} rank(s))",
               f"train_batch_size {b.global_batch} = micro_batch_size {b.micro} x gradient_accumulation_steps "
-              f"{b.accum} x world size {b.world}",
+              f"{b.accum} x world size {b.world}", *([f"({note})"] if note else []),
               f"{len(plan.train_items)} training items -> {b.steps_per_epoch} optimizer steps per epoch "
               f"(last batch padded by wrap-around), {plan.total_steps} steps in {cfg.epochs} epoch(s), "
               f"{plan.warmup_steps} warm-up",
