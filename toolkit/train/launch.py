@@ -80,8 +80,11 @@ def deepspeed_executable() -> str:
 
 
 def launch_env() -> dict[str, str]:
-    """The launcher's environment: JIT-built DeepSpeed ops are cached in the project, not rebuilt."""
-    env = dict(os.environ)
+    """The launcher's environment: JIT-built DeepSpeed ops are cached in the project, not rebuilt, and
+    the venv's bin/ is on PATH (its ninja, which DeepSpeed's JIT builds run)."""
+    from .ops import with_venv_path
+
+    env = with_venv_path(os.environ)
     env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO_ROOT / ".cache" / "torch_extensions"))
     return env
 

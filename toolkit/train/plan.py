@@ -17,6 +17,7 @@ from toolkit.data.schema import DataError, QAItem
 
 from .config import TrainConfig, TrainConfigError, replace
 from .data import BatchPlan, SFTExample, encode_sft, load_categories
+from .ops import check_optimizer_build
 from .dsconfig import (derived_batch_note, human_bytes, load_ds_config, memory_estimate, resolve,
                        validate_with_deepspeed)
 
@@ -70,6 +71,10 @@ def prepare(cfg: TrainConfig, world_size: int, on_gpu: bool | None = None, hosts
     raw_ds = load_ds_config(ds_path)
     batch_note = derived_batch_note(cfg, world_size, raw_ds)
     cfg, ds = resolve(cfg, raw_ds, world_size, on_gpu, str(ds_path), deepspeed_checks=False)
+    import torch
+
+    gpu_here = torch.cuda.is_available()
+    check_optimizer_build(cfg.optimizer, cfg.offload, gpu_here and on_gpu)  # this node compiles its ranks' op
     resume_tag = check_resume(cfg, world_size)
     train = load_qa(cfg.data, splits=(cfg.train_split,))
     dev = load_qa(cfg.data, splits=(cfg.dev_split,)) if cfg.dev_split else []
@@ -89,6 +94,10 @@ def prepare(cfg: TrainConfig, world_size: int, on_gpu: bool | None = None, hosts
     plan = RunPlan(cfg, ds, world_size, on_gpu, tokenizer, train, dev, categories, examples,
                    BatchPlan(len(examples), cfg.micro_batch_size, cfg.gradient_accumulation_steps, world_size,
                              cfg.seed), hosts, resume_tag, batch_note=batch_note)
+    if on_gpu and not gpu_here and cfg.optimizer == "deepspeed_adam":
+        plan.notes.append("optimizer deepspeed_adam: each GPU node compiles DeepSpeed's "
+                          f"{'CPUAdam' if cfg.offload else 'FusedAdam (nvcc, CUDA_HOME)'} at the first step; "
+                          "not checked on this machine without a GPU")
     truncated = sum(ex.truncated for ex in examples)
     if truncated:
         plan.notes.append(f"{truncated} prompt(s) longer than max_len={cfg.max_len} lost their start")
