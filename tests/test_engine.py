@@ -10,7 +10,7 @@ import torch
 
 from tests import tiny
 from toolkit.data.matching import extract_answer
-from toolkit.models import load_tokenizer, newline_token_ids
+from toolkit.models import ModelSpec, load_model, load_tokenizer, newline_token_ids
 from toolkit.probe.engine import FastEngine, gumbel_noise, mix64, to_int64
 from toolkit.probe.reference import ReferenceEngine
 from toolkit.probe.types import PromptRequest, ProbeConfig
@@ -308,3 +308,62 @@ def test_generate_uses_no_deprecated_transformers_api(stoppy_lm):
                   if issubclass(w.category, (FutureWarning, DeprecationWarning))]
     deprecated += [r.getMessage() for r in records if "deprecat" in r.getMessage().lower()]
     assert not deprecated, deprecated
+
+
+# ------------------------------------------------------------------ attention
+
+
+def test_single_query_gqa_attention_equals_sdpa_over_repeated_heads():
+    from types import SimpleNamespace
+
+    from toolkit.probe.attention import sdpa_single_query_gqa
+
+    torch.manual_seed(0)
+    batch, heads, kv_heads, kv_len, dim = 3, 8, 2, 11, 16
+    query, key, value = (torch.randn(batch, heads, 1, dim), torch.randn(batch, kv_heads, kv_len, dim),
+                         torch.randn(batch, kv_heads, kv_len, dim))
+    mask = torch.rand(batch, 1, 1, kv_len) > 0.3
+    mask[:, :, :, 0] = True
+    module = SimpleNamespace(num_key_value_groups=heads // kv_heads, is_causal=True)
+    out, _ = sdpa_single_query_gqa(module, query, key, value, mask, scaling=dim ** -0.5)
+    repeat = lambda t: t.repeat_interleave(heads // kv_heads, dim=1)  # noqa: E731 (repeat_kv's order)
+    expected = torch.nn.functional.scaled_dot_product_attention(query, repeat(key), repeat(value), attn_mask=mask)
+    assert out.shape == (batch, 1, heads, dim)
+    torch.testing.assert_close(out, expected.transpose(1, 2), rtol=1e-5, atol=1e-6)
+    wrong = torch.nn.functional.scaled_dot_product_attention(query, key.repeat(1, heads // kv_heads, 1, 1),
+                                                              value.repeat(1, heads // kv_heads, 1, 1), attn_mask=mask)
+    assert not torch.allclose(out, wrong.transpose(1, 2))  # the head order matters, and is the right one
+
+
+def test_fast_engine_probes_whatever_attention_was_asked_for(tiny_model_dir):
+    """FlashAttention-2 takes no explicit mask: the fast engine loads with SDPA and switches any model
+    to its own SDPA function, so a config asking for FA2 (or eager) probes, with the same answers."""
+    from toolkit.probe.attention import ATTENTION
+
+    requests = tiny_requests(6)
+    cfg = ProbeConfig(samples=2, max_new_tokens=5)
+    assert ProbeConfig(attention="flash_attention_2").load_attention() == "sdpa"
+    assert ProbeConfig(attention="flash_attention_2", engine="reference").load_attention() == "flash_attention_2"
+    answers = []
+    for attention in ("eager", "sdpa"):
+        model, tokenizer = load_model(ModelSpec(source=str(tiny_model_dir), attention=attention))
+        engine = FastEngine(model, tokenizer, cfg)
+        assert model.config._attn_implementation == ATTENTION
+        answers.append([(a.greedy, a.samples) for a in engine.generate(requests)])
+    assert answers[0] == answers[1]
+
+
+def test_prompt_batch_fills_half_the_free_gpu_memory():
+    from transformers import LlamaConfig
+
+    from toolkit.models import RANDOM_SHAPES
+    from toolkit.probe.engine import kv_bytes_per_row, prompt_batch_size
+
+    llama8b = LlamaConfig(**RANDOM_SHAPES["llama-3-8b"])
+    row = kv_bytes_per_row(llama8b, length=112, dtype_bytes=2)  # a ~96-token prompt + 16 new tokens, bf16
+    assert row == 2 * 32 * 8 * 128 * 112 * 2 + 8 * 128256  # K and V of 32 layers x 8 KV heads, + logits
+    free = 60 * 2**30  # an 80 GB GPU holding the 16 GB of weights
+    prompts = prompt_batch_size(free, row, streams=17)
+    assert prompts == int(free * 0.5) // row // 17 and 100 <= prompts <= 256
+    assert prompt_batch_size(2**30, row, streams=17) == 2  # a small GPU: fewer prompts, still some
+    assert prompt_batch_size(10, row, streams=17) == 1 and prompt_batch_size(2**50, row, 17) == 256

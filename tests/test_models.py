@@ -149,3 +149,14 @@ def test_prompts_start_as_training_texts_in_probe_evaluation_and_training(bos_mo
     lengths = [len(plain(r.text, add_special_tokens=False)["input_ids"]) + 1 for r in requests]
     assert engine.last_stats["prefill_tokens"] == sum(lengths)  # the BOS token was fed
     assert [a.greedy for a in fast] == [a.greedy for a in ReferenceEngine(model, tok, cfg).generate(requests)]
+
+
+def test_probe_dtype_is_bf16_where_the_hardware_has_it():
+    amx = "processor: 0\nflags\t\t: fpu sse avx512f amx_bf16 amx_tile\n"
+    avx = "flags : fpu avx512f avx512_bf16\n"
+    old = "flags : fpu sse avx2 avx512f\n"
+    assert models.cpu_has_native_bf16(amx) and models.cpu_has_native_bf16(avx) and not models.cpu_has_native_bf16(old)
+    assert models.choose_probe_dtype("auto", on_gpu=False, cpuinfo=avx) == "bfloat16"
+    assert models.choose_probe_dtype("auto", on_gpu=False, cpuinfo=old) == "float32"
+    assert models.choose_probe_dtype("auto", on_gpu=True, cpuinfo=old) == "bfloat16"
+    assert models.choose_probe_dtype("float32", on_gpu=True, cpuinfo=avx) == "float32"  # asked for: kept

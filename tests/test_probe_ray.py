@@ -25,7 +25,7 @@ from toolkit.probe.types import ProbeConfig
 
 REPO = Path(__file__).resolve().parents[1]
 PROBE = ProbeConfig(num_exemplar_sets=3, shots=2, samples=4, max_new_tokens=8, engine="reference",
-                    keep_samples=True)
+                    keep_samples=True, dtype="float32")
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +97,7 @@ def test_two_actors_one_per_node_same_rows(baseline, workload, tmp_path):
     root, run, _ = workload
     summary, rows = _run(run, tmp_path, Placement(num_actors=2, strategy="STRICT_SPREAD"))
     assert rows == baseline[1]
+    assert {w["device"] for w in summary["workers"]} == {"cpu"}  # no GPU share: the CPU, whatever CUDA says
     nodes = {w["node_id"] for w in summary["workers"] if w["shards"] > 0}
     assert len(nodes) == 2, summary["workers"]  # both nodes did work
 
@@ -147,7 +148,7 @@ def test_killed_driver_resumes_from_finished_shards(baseline, workload, cluster,
     cmd = [sys.executable, "-m", "toolkit.cli", "probe", "--model", run.model, "--data", run.data,
            "--out", str(out), "--num-exemplar-sets", "3", "--shots", "2", "--samples", "4",
            "--max-new-tokens", "8", "--engine", "reference", "--keep-samples", "--shard-size", "2",
-           "--ray-address", cluster.address, "--no-progress"]
+           "--ray-address", cluster.address, "--no-progress", "--dtype", "float32"]
     with open(tmp_path / "driver.log", "w") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                                 env=os.environ.copy())
@@ -175,7 +176,8 @@ def test_local_probe_starts_its_own_ray_beside_a_running_cluster(baseline, workl
     root, run, _ = workload
     cmd = [sys.executable, "-m", "toolkit.cli", "probe", "--model", run.model, "--data", run.data,
            "--out", str(tmp_path / "out"), "--num-exemplar-sets", "3", "--shots", "2", "--samples", "4",
-           "--max-new-tokens", "8", "--engine", "reference", "--keep-samples", "--shard-size", "2", "--no-progress"]
+           "--max-new-tokens", "8", "--engine", "reference", "--keep-samples", "--shard-size", "2", "--no-progress",
+           "--dtype", "float32"]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=os.environ.copy(), timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert read_jsonl(tmp_path / "out" / "categories.jsonl") == baseline[1]
@@ -194,6 +196,8 @@ def test_rerun_skips_everything_and_other_arguments_are_refused(baseline, worklo
         run_probe(run, dataclasses.replace(PROBE, seed=1))
     with pytest.raises(ProbeConfigError, match=r"shard_size was 2, now 3"):
         run_probe(dataclasses.replace(run, shard_size=3), PROBE)
+    with pytest.raises(ProbeConfigError, match=r"dtype was 'float32', now 'bfloat16'"):  # never mix dtypes
+        run_probe(run, dataclasses.replace(PROBE, dtype="bfloat16"))
 
 
 class _Toy:
@@ -225,6 +229,12 @@ def test_group_errors(cluster):
             group.run([("k", "boom")], "work", results.__setitem__)
     with pytest.raises(ActorGroupError, match="cannot place 9 actor"):
         ActorGroup(_Toy, (), Placement(num_actors=9, ready_timeout_s=2))
+
+
+def test_actor_device_follows_the_gpu_share():
+    from toolkit.probe.pool import actor_device
+
+    assert actor_device([]) == "cpu" and actor_device([3]) == "cuda" and actor_device(["0"]) == "cuda"
 
 
 def test_group_config_bundles():

@@ -23,6 +23,7 @@ from toolkit.data.matching import extract_answer
 from toolkit.data.prompts import stable_seed
 from toolkit.models import encode_prompts, newline_token_ids, tokens_until_stop
 
+from .attention import use_engine_attention
 from .types import PromptAnswers, PromptRequest, ProbeConfig
 
 # splitmix64 constants as signed int64: torch int64 arithmetic wraps around, i.e. it is uint64
@@ -64,18 +65,38 @@ def gumbel_noise(row_keys: torch.Tensor, step: torch.Tensor, token_ids: torch.Te
     return -torch.log(-torch.log(uniform))
 
 
+def kv_bytes_per_row(model_config, length: int, dtype_bytes: int) -> int:
+    """Device bytes one decode row needs: its K and V for `length` positions in every layer, plus the
+    fp32 logits of a step and their top-k work (a vocabulary-sized row, twice)."""
+    heads = model_config.num_attention_heads
+    kv_heads = getattr(model_config, "num_key_value_heads", None) or heads
+    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // heads
+    kv = 2 * model_config.num_hidden_layers * kv_heads * head_dim * length * dtype_bytes
+    return kv + 2 * 4 * model_config.vocab_size
+
+
+def prompt_batch_size(free_bytes: int, row_bytes: int, streams: int, fraction: float = 0.5, cap: int = 256) -> int:
+    """Prompts per batch so that their streams' rows fill `fraction` of the free device memory
+    (the rest: activations, the prefill's own cache, fragmentation), at least 1, at most `cap`."""
+    rows = int(free_bytes * fraction) // max(1, row_bytes)
+    return max(1, min(cap, rows // max(1, streams)))
+
+
 class FastEngine:
     """Engine protocol implementation; the feature flags exist so the benchmark can switch the
     optimisations off one at a time. Answers are identical under every flag combination."""
 
     keyed_samples = True  # sample j of a prompt is the same whichever other samples a call asks for
 
-    def __init__(self, model, tokenizer, config: ProbeConfig, max_batch_prompts: int = 16, *,
-                 fan_out_kv: bool = True, bucket_by_length: bool = True, compile_decode: bool = False,
+    def __init__(self, model, tokenizer, config: ProbeConfig, max_batch_prompts: int | None = None, *,
+                 fan_out_kv: bool = True, bucket_by_length: bool = True, compile_decode: bool = True,
                  compact_below: float = 0.5):
-        if max_batch_prompts < 1:
+        """max_batch_prompts None: 16 on CPU; on a GPU as many as half its free memory holds (per call).
+        compile_decode: CUDA graphs for the decode step, on CUDA only (on CPU there is nothing to gain)."""
+        if max_batch_prompts is not None and max_batch_prompts < 1:
             raise ValueError(f"max_batch_prompts must be >= 1, got {max_batch_prompts}")
         self.model, self.tokenizer, self.config = model, tokenizer, config
+        use_engine_attention(model)  # SDPA with a copy-free GQA decode step, whatever the model was loaded with
         self.max_batch_prompts = max_batch_prompts
         self.fan_out_kv, self.bucket_by_length = fan_out_kv, bucket_by_length
         self.compact_below = compact_below  # compact when live rows <= this fraction of the batch
@@ -84,7 +105,6 @@ class FastEngine:
         self.stop_ids = sorted({*newline_token_ids(tokenizer), tokenizer.eos_token_id})
         self._stop_set = set(self.stop_ids)
         self._stop_tensor = torch.tensor(self.stop_ids, device=self.device)
-        # CUDA graphs remove per-step launch overhead on GPU; on CPU there is nothing to gain.
         self.compile_decode = compile_decode and self.device.type == "cuda"
         self._step = (torch.compile(self._decode_step, mode="reduce-overhead")
                       if self.compile_decode else self._decode_step)
@@ -114,18 +134,30 @@ class FastEngine:
         order = list(range(len(requests)))
         if self.bucket_by_length:  # neighbours in length share a batch: little padding
             order.sort(key=lambda i: len(ids[i]))
+        length = max(map(len, ids)) + self.config.max_new_tokens
+        per_batch = self._batch_prompts(streams, length)
         # The static cache is sized once for the largest batch and the longest prompt.
-        capacity = (min(len(requests), self.max_batch_prompts) * streams,
-                    max(map(len, ids)) + self.config.max_new_tokens)
+        capacity = (min(len(requests), per_batch) * streams, length)
         results: list[PromptAnswers | None] = [None] * len(requests)
-        for s in range(0, len(order), self.max_batch_prompts):
-            chunk = order[s:s + self.max_batch_prompts]
+        for s in range(0, len(order), per_batch):
+            chunk = order[s:s + per_batch]
             batch = self._run_batch([requests[i] for i in chunk], [ids[i] for i in chunk], capacity, stream_keys)
             for i, answers in zip(chunk, batch):
                 results[i] = answers
         self.last_stats["generated_tokens"] = sum(a.total_tokens for a in results)
         self.last_stats["seconds"] = time.perf_counter() - start
         return results
+
+    def _batch_prompts(self, streams: int, length: int) -> int:
+        if self.max_batch_prompts is not None:
+            return self.max_batch_prompts
+        if self.device.type != "cuda":
+            return 16
+        free, _ = torch.cuda.mem_get_info(self.device)
+        if self._cache is not None:  # the cache we hold is reusable memory too
+            free += sum(k.numel() * k.element_size() * 2 for k, _ in self._buffers)
+        dtype_bytes = next(self.model.parameters()).element_size()
+        return prompt_batch_size(free, kv_bytes_per_row(self.model.config, length, dtype_bytes), streams)
 
     # ------------------------------------------------------------------ one batch
 

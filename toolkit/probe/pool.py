@@ -226,10 +226,21 @@ def worker_info() -> dict:
                 actor_id=ctx.get_actor_id())
 
 
+def actor_device(gpu_ids: list) -> str:
+    """The device of an actor with these Ray GPU ids: its own GPU (Ray sets CUDA_VISIBLE_DEVICES to
+    it, so it is cuda:0 inside the actor), or the CPU with no GPU share. Ray 2.60 no longer hides the
+    GPUs from a process without a share, so "cuda if available" would put every such actor on GPU 0."""
+    return "cuda" if gpu_ids else "cpu"
+
+
 class ProbeWorker:
     """A Ray actor holding one model replica; probes the shards it is handed."""
 
     def __init__(self, spec, config, exemplars, cpu_threads: int | None = None):
+        import dataclasses
+
+        import ray
+
         from toolkit.data.prompts import ExemplarPool
         from toolkit.models import load_model
 
@@ -240,14 +251,15 @@ class ProbeWorker:
 
             torch.set_num_threads(cpu_threads)  # Ray's OMP_NUM_THREADS default may differ per node
         t0 = time.perf_counter()
-        model, tokenizer = load_model(spec)
+        self.device = actor_device(ray.get_gpu_ids())
+        model, tokenizer = load_model(dataclasses.replace(spec, device=self.device))
         self.engine = make_engine(model, tokenizer, config)
         self.config = config
         self.pool = ExemplarPool(exemplars)
         self.load_s = time.perf_counter() - t0
 
     def info(self) -> dict:
-        return dict(worker_info(), load_s=self.load_s)
+        return dict(worker_info(), load_s=self.load_s, device=self.device)
 
     def probe_shard(self, task: tuple[int, list]) -> dict:
         from .slick import probe_items
@@ -255,4 +267,5 @@ class ProbeWorker:
         index, items = task
         t0 = time.perf_counter()
         rows = probe_items(self.engine, items, self.pool, self.config)
-        return dict(index=index, rows=rows, seconds=time.perf_counter() - t0, worker=worker_info())
+        return dict(index=index, rows=rows, seconds=time.perf_counter() - t0,
+                    worker=dict(worker_info(), device=self.device))

@@ -9,6 +9,7 @@ Output directory layout:
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -25,7 +26,7 @@ from toolkit.data.loading import load_qa
 from toolkit.data.prompts import ExemplarPool
 from toolkit.data.schema import DataError
 from toolkit.io import read_jsonl, write_json, write_jsonl
-from toolkit.models import EMBEDDED_MODEL, ModelSpec, resolve_source
+from toolkit.models import EMBEDDED_MODEL, ModelSpec, choose_probe_dtype, resolve_source
 
 from .pool import ActorGroup, Placement, ProbeWorker
 from .shards import ShardPlan, data_hash, make_plan
@@ -161,6 +162,8 @@ def run_probe(run: RunConfig, probe: ProbeConfig, placement: Placement = Placeme
     resolve_source(run.model)  # ModelError for a bad path; converts a GGUF once, before any actor starts
     if placement.ray_address:
         check_reachable(placement.ray_address)
+    # "auto" resolved once, here: the manifest records the dtype the answers come from
+    probe = dataclasses.replace(probe, dtype=choose_probe_dtype(probe.dtype, on_gpu=placement.gpus_per_actor > 0))
     plan = make_plan(items, run.shard_size, probe.seed, run.limit)
     out = Path(run.out)
     _check_or_write_manifest(out, _manifest(run, probe, plan, exemplars))
@@ -193,7 +196,8 @@ def _run_shards(run: RunConfig, probe: ProbeConfig, placement: Placement, plan: 
         t_actors = time.perf_counter()
         # The original source, not the driver's resolved path: each node resolves (and caches) it.
         threads = None if placement.gpus_per_actor else max(1, int(placement.cpus_per_actor))
-        args = (ModelSpec(source=run.model), probe, ray.put(exemplars), threads)
+        spec = ModelSpec(source=run.model, dtype=probe.dtype, attention=probe.load_attention())
+        args = (spec, probe, ray.put(exemplars), threads)
         log.info("starting %d actor(s) with %s each", placement.num_actors, placement.bundle)
         with ActorGroup(ProbeWorker, args, placement) as group:
             # Every replica loaded before the first shard: model errors surface at once, all actors
@@ -264,6 +268,6 @@ def _summary(rows: list[dict], stats: _RunStats, probe: ProbeConfig, run: RunCon
         actor_start_s=stats.actor_start_s, probe_wall_s=stats.probe_s,
         questions_per_s=rate(len(stats.rows)), answers_per_s=rate(new_answers),
         generated_tokens_per_s=rate(new_tokens),
-        num_actors=placement.num_actors, engine=probe.engine, model=run.model or EMBEDDED_MODEL,
+        num_actors=placement.num_actors, engine=probe.engine, dtype=probe.dtype, model=run.model or EMBEDDED_MODEL,
         num_shards=len(plan.shards), shards_skipped=len(plan.shards) - sum(w["shards"] for w in workers),
         actor_restarts=stats.restarts, workers=workers)

@@ -27,6 +27,10 @@ class ProbeConfig:
                                       "categories from far fewer answers, P_sample a lower bound")
     sample_round: int = knob(4, "lazy sampling: samples per prompt asked for in each round")
     engine: Literal["fast", "reference"] = knob("fast", "fast: the toolkit's engine; reference: HF generate")
+    attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = knob(
+        "auto", "attention kernels; the fast engine always runs SDPA with a copy-free GQA decode step")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = knob(
+        "auto", "model precision; auto: bf16 on GPUs and on CPUs with native bf16 (AVX512-BF16/AMX), else fp32")
 
     def __post_init__(self):
         require(self.num_exemplar_sets >= 1, "num_exemplar_sets", self.num_exemplar_sets, "must be >= 1")
@@ -38,6 +42,14 @@ class ProbeConfig:
         require(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "must be >= 1")
         require(self.sample_round >= 1, "sample_round", self.sample_round, "must be >= 1")
         require(self.engine in ENGINES, "engine", self.engine, f"must be one of {', '.join(ENGINES)}")
+
+    def load_attention(self) -> str | None:
+        """The attention a replica is loaded with (None: the loader's choice for the device). The fast
+        engine switches any model to its own SDPA function (toolkit.probe.attention), so it loads
+        with SDPA: a request for FlashAttention-2 still probes, where flash_attn is not even installed."""
+        if self.engine == "fast":
+            return "sdpa"
+        return None if self.attention == "auto" else self.attention
 
 
 @dataclass(frozen=True)
