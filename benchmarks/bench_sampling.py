@@ -15,6 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+from probe_modes import bench_probe_modes  # noqa: E402
 from sampling_report import ENGINES, check_targets, extrapolate, report  # noqa: E402
 
 FEATURE_OFF = {"no-fanout": "fan_out_kv", "no-cuda-graphs": "compile_decode", "no-bucketing": "bucket_by_length"}
@@ -24,16 +25,17 @@ PRESETS = {
     "cpu": dict(models=["smollm2"], questions=12, exemplar_sets=2, shots=4, samples=8, max_new_tokens=16,
                 engines=["toolkit", "generate", "no-fanout", "no-bucketing"], batch_prompts=16, baseline_prompts=0,
                 warmup_prompts=2, repeats=1, prefill_engines=["toolkit"], actors=[1, 2], ray_questions=4,
-                shard_size=1, budget_s=0),
+                shard_size=1, budget_s=0, probe_items=48, probe_dtypes=["float32", "bfloat16"], sample_round=4),
     # random-init real shapes in bf16, generation forced to max_new_tokens; one 10-minute H100 run
     "gpu": dict(models=list(SHAPES), questions=24, exemplar_sets=10, shots=4, samples=16, max_new_tokens=16,
                 engines=list(ENGINES), batch_prompts=16, baseline_prompts=32, warmup_prompts=-1, repeats=2,
                 prefill_engines=["toolkit", "no-cuda-graphs"], actors=[1, 2], ray_questions=16, shard_size=2,
-                inputs=str(common.DEFAULT_INPUTS), budget_s=480),
+                inputs=str(common.DEFAULT_INPUTS), budget_s=480, probe_items=0, probe_dtypes=[], sample_round=4),
     # seconds: tests and quick checks
     "smoke": dict(models=["random:tiny"], questions=2, exemplar_sets=1, shots=2, samples=2, max_new_tokens=2,
                   engines=list(ENGINES), batch_prompts=16, baseline_prompts=0, warmup_prompts=1, repeats=1,
-                  prefill_engines=["toolkit"], actors=[1], ray_questions=2, shard_size=1, budget_s=0),
+                  prefill_engines=["toolkit"], actors=[1], ray_questions=2, shard_size=1, budget_s=0, probe_items=3,
+                  probe_dtypes=["float32"], sample_round=1),
 }
 
 
@@ -60,6 +62,9 @@ def parse_args(argv, prog=None):
     p.add_argument("--ray-model", help="model of the Ray section (default: the first of --models)")
     p.add_argument("--shard-size", type=int, help="questions per Ray shard")
     p.add_argument("--dtype", help="float32 / bfloat16 (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--probe-items", type=int, help="lazy vs full sampling on this many items, per dtype (0: skip)")
+    p.add_argument("--probe-dtypes", nargs="*", help="dtypes of the lazy/full section (e.g. float32 bfloat16)")
+    p.add_argument("--sample-round", type=int, help="lazy sampling: samples per prompt per round")
     p.add_argument("--threads", type=int, help="torch CPU threads (1 is steadier on a busy machine)")
     p.add_argument("--budget-s", type=float, help="start no new section after this many seconds (0: no limit)")
     p.add_argument("--export-inputs", type=Path, metavar="DIR", help="write the input bundle for a GPU machine; exit")
@@ -290,7 +295,7 @@ def main(argv=None, prog=None) -> int:
                         max_new_tokens=args.max_new_tokens)
     requests = [r for it in common.spread(train, args.questions) for r in build_requests(it, ExemplarPool(dev), probe)]
     payload = dict(benchmark="sampling", env=common.environment(), config=common.config_of(args), ceilings=ceilings,
-                   models=[], ray=None)
+                   models=[], ray=None, probe_modes=None)
     path = common.result_path("sampling", args.out, args.tag)
 
     def save() -> None:  # after every section: a run cut short by its time limit keeps what it measured
@@ -313,6 +318,14 @@ def main(argv=None, prog=None) -> int:
             print(f"model {source} failed: {err!r}", file=sys.stderr)
             payload["models"].append(dict(model=source, error=repr(err)[:1000], engines=[], failed=[]))
             common.free_memory()
+        save()
+    if not over_budget("the lazy/full section"):
+        try:  # the real model only: a random-init one knows nothing, so lazy sampling has nothing to skip
+            payload["probe_modes"] = bench_probe_modes(args.models[0], common.spread(train, args.probe_items or 0,
+                                                       salt="probe-modes"), ExemplarPool(dev), args)
+        except Exception as err:  # noqa: BLE001 -- keep the engine figures
+            print(f"lazy/full section failed: {err!r}", file=sys.stderr)
+            payload["probe_modes"] = dict(error=repr(err)[:1000], runs=[])
         save()
     with tempfile.TemporaryDirectory(prefix="bench-sampling-") as tmp:
         try:

@@ -63,6 +63,18 @@ def report(payload: dict, path: Path) -> None:
         parts.append(f"Ray actors ({ray['model']}):\n\n" + common.table(ray["runs"], [
             ("actors", "actors"), ("answers_per_s", "answers/s"), ("speedup_vs_1", "speed-up"),
             ("driver_overhead_per_shard_s", "driver overhead/shard s"), ("actor_start_s", "actor start s")]))
+    modes = payload.get("probe_modes") or {}
+    if modes.get("error"):
+        parts.append(f"Lazy/full section failed: {modes['error']}")
+    elif modes:
+        parts.append(f"Lazy vs full sampling, bf16 vs fp32 ({modes['model']}, the probe's own loop on the same "
+                     f"items: N_ex={modes['exemplar_sets']}, n={modes['samples']}, lazy rounds of "
+                     f"{modes['sample_round']}):\n\n" + common.table(modes["runs"], [
+                         ("dtype", "dtype"), ("sampling", "sampling"), ("items", "items"), ("answers", "answers"),
+                         ("answers_saved", "saved vs full"), ("questions_per_s", "questions/s"),
+                         ("x_fp32_full", "x fp32 full"), ("categories_equal_to_full", "categories = full"),
+                         ("greedy_agreement_vs_fp32", "greedy = fp32"),
+                         ("category_agreement_vs_fp32", "categories = fp32")]))
     unit = "GPU" if payload["ceilings"] else "machine like this one (CPU)"
     parts.append(f"Probing SliCK's scale ({SLICK_QUESTIONS:,} questions x {SLICK_ANSWERS} answers) per {unit} at the toolkit "
                  "engine's rate (8 devices: 8 independent actors, linear):\n\n" + common.table(payload["extrapolation"], [

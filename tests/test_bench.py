@@ -38,7 +38,12 @@ def test_sampling_smoke_through_the_cli(tmp_path, capsys):
     assert rows["generate"]["x_generate"] == 1 and rows["toolkit"]["prefill_tokens_per_s"] > 0
     assert set(model["feature_gain"]) == {"fan_out_kv", "bucket_by_length"}
     assert result["extrapolation"][0]["hours_8"] == pytest.approx(result["extrapolation"][0]["hours_1"] / 8)
-    assert "| toolkit" in capsys.readouterr().out
+    modes = {r["sampling"]: r for r in result["probe_modes"]["runs"]}  # lazy vs full, the probe's own loop
+    assert set(modes) == {"full", "lazy"} and modes["full"]["answers"] == 3 * 1 * 3
+    assert modes["lazy"]["categories_equal_to_full"] and modes["lazy"]["answers"] <= modes["full"]["answers"]
+    assert modes["full"]["answers_saved"] == 0 and modes["full"]["greedy_agreement_vs_fp32"] == 1
+    out = capsys.readouterr().out
+    assert "| toolkit" in out and "Lazy vs full sampling" in out
     next(tmp_path.glob("*.png")).unlink()
     assert main(["bench", "sampling", "--replot", str(next(tmp_path.glob("sampling-*.json")))]) == 0
     assert next(tmp_path.glob("*.png"))
