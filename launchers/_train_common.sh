@@ -18,6 +18,9 @@ train_args=(--module toolkit.train --config "$config" "$@")
 DEEPSPEED=${DEEPSPEED:-$root/.venv/bin/deepspeed}
 [[ -x $DEEPSPEED ]] || DEEPSPEED=$(command -v deepspeed || true)
 [[ -n $DEEPSPEED ]] || { echo "error: the deepspeed launcher is not installed" >&2; exit 2; }
+# the Python beside the launcher (the venv's), for the toolkit's helpers
+PYTHON=${PYTHON:-$(dirname "$DEEPSPEED")/python}
+[[ -x $PYTHON ]] || PYTHON=$(command -v python3)
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$root/.cache/torch_extensions}
 export GRADUAL_CACHE_DIR=${GRADUAL_CACHE_DIR:-$root/.cache/gradual}
 MASTER_PORT=${MASTER_PORT:-29500}

@@ -115,6 +115,8 @@ def test_every_step_wrote_real_content(finished_run, setup):
     for stage in ("stage1", "stage2", "baseline-known_only", "baseline-upgraded_only"):
         summary = json.loads((sd / stage / "train" / "train_summary.json").read_text())
         assert Path(summary["model_dir"], "config.json").exists() and summary["global_step"] > 0
+        # the stage's DeepSpeed checkpoints went once its model was exported (train.keep_checkpoints: false)
+        assert not (sd / stage / "train" / "checkpoints").exists()
     for model in ("M0", "M1", "M2", "known_only", "upgraded_only"):
         assert len(read_jsonl(sd / "eval" / f"{model}.jsonl")) == TEST_ITEMS
     # the metrics agree with the files they come from
@@ -193,6 +195,33 @@ def test_killed_in_the_middle_of_a_step_resumes_to_the_same_metrics(finished_run
     assert without_costs(resumed) == without_costs(finished_run[1])
     assert "[skip] seed0.probe_m1_train (done)" in done.stdout
     assert "resumed from" in (sd / "stage2" / "train.log").read_text()
+    # kept while the stage was unfinished (the resume needed them), deleted once its model was exported
+    assert not (sd / "stage2" / "train" / "checkpoints").exists() and (sd / "stage2" / "train" / "model").is_dir()
+    assert f"deleted {sd / 'stage2' / 'train' / 'checkpoints'}" in done.stdout
+
+
+def test_checkpoints_are_deleted_only_after_the_export(tmp_path):
+    """A finished stage (export written, completion recorded) loses its checkpoints; an interrupted one
+    (no export yet) keeps them for its resume; train.keep_checkpoints keeps them all."""
+    def stage(name: str, exported: bool) -> Path:
+        train = tmp_path / name / "train"
+        (train / "checkpoints" / "step000004").mkdir(parents=True)
+        (train / "checkpoints" / "step000004" / "mp_rank_00_model_states.pt").write_bytes(b"weights")
+        (train / "checkpoints" / "latest").write_text("step000004")
+        (train / "model").mkdir()
+        if exported:
+            (train / "model" / "config.json").write_text("{}")
+        (train / "train_summary.json").write_text(json.dumps({"model_dir": str(train / "model") if exported else None}))
+        return tmp_path / name
+
+    deleting = Pipeline(load_pipeline_config(None), tmp_path / "run", echo=lambda line: None)
+    keeping = Pipeline(load_pipeline_config(None, ["train.keep_checkpoints=true"]), tmp_path / "run", echo=print)
+    done, interrupted, kept = stage("done", True), stage("interrupted", False), stage("kept", True)
+    assert deleting.clean_checkpoints(done) and not (done / "train" / "checkpoints").exists()
+    assert (done / "train" / "model" / "config.json").exists()
+    assert not deleting.clean_checkpoints(interrupted) and (interrupted / "train" / "checkpoints" / "latest").exists()
+    assert not keeping.clean_checkpoints(kept) and (kept / "train" / "checkpoints" / "latest").exists()
+    assert not deleting.clean_checkpoints(done)  # nothing left: a re-run passes by
 
 
 @pytest.fixture(scope="module")

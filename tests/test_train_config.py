@@ -102,13 +102,29 @@ def test_shipped_ds_configs_resolve(setup, name, on_gpu):
     assert ds["gradient_accumulation_steps"] == 1 and ds["gradient_clipping"] == 1.0
     assert ds["bf16"]["enabled"] is on_gpu  # bf16 on GPU, fp32 on CPU
     assert ds["zero_optimization"]["stage"] == (1 if name == "zero1" else 2)
+    # GPU: bf16 weights with gradients accumulated in fp32, gradient reduction overlapped with the backward
+    assert ds["data_types"] == ({"grad_accum_dtype": "fp32"} if on_gpu else {})
+    assert ds["zero_optimization"]["overlap_comm"] is on_gpu
     if name == "zero2_offload":  # its optimizer section picks DeepSpeed's Adam (CPUAdam with offload)
         assert cfg.optimizer == "deepspeed_adam" and cfg.offload
         assert ds["optimizer"]["params"]["lr"] == 1e-3 and ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
 
 
-def _resolve(setup, ds: dict, *sets, world=2):
-    return resolve(cfg_with(setup, *sets), ds, world_size=world, on_gpu=False)
+def _resolve(setup, ds: dict, *sets, world=2, on_gpu=False):
+    return resolve(cfg_with(setup, *sets), ds, world_size=world, on_gpu=on_gpu)
+
+
+def test_bf16_gradient_accumulation_dtype_follows_the_zero_stage(setup):
+    auto = {"data_types": {"grad_accum_dtype": "auto"}, "zero_optimization": {"stage": 2, "overlap_comm": "auto"}}
+    for stage, expect in ((0, {}), (1, {"grad_accum_dtype": "fp32"}), (2, {"grad_accum_dtype": "fp32"})):
+        _, ds = _resolve(setup, auto, f"zero_stage={stage}", on_gpu=True)
+        assert ds["data_types"] == expect and ds["bf16"]["enabled"]  # ZeRO-0: DeepSpeed accumulates in bf16
+    _, ds = _resolve(setup, {**auto, "zero_optimization": {"stage": 2, "overlap_comm": False}}, on_gpu=True)
+    assert ds["zero_optimization"]["overlap_comm"] is False  # an explicit value is kept
+    _, ds = _resolve(setup, {"data_types": {"grad_accum_dtype": "bf16"}}, "zero_stage=2", on_gpu=True)
+    assert ds["data_types"] == {"grad_accum_dtype": "bf16"}
+    with pytest.raises(TrainConfigError, match="data_types.grad_accum_dtype=fp32 with bf16 needs ZeRO stage 1 or 2"):
+        _resolve(setup, {"data_types": {"grad_accum_dtype": "fp32"}}, "zero_stage=0", on_gpu=True)
 
 
 def test_explicit_ds_values_fill_defaults_and_conflicts_are_named(setup):
@@ -389,7 +405,46 @@ def test_launcher_scripts_print_the_resolved_command(setup, tmp_path, script, en
     assert run.returncode == 0, run.stderr
     assert expect in run.stderr and f"--config {setup / 'cfg.yaml'} --set lr=1e-4" in run.stderr
     if script == "train_multi_node.sh":  # environment propagation to the other nodes
-        assert "TORCH_EXTENSIONS_DIR=" in (tmp_path / ".deepspeed_env").read_text()
+        assert "TORCH_EXTENSIONS_DIR=" in (tmp_path / ".deepspeed_env.gradual").read_text()
+
+
+def test_multi_node_launcher_writes_the_variables_remote_ranks_need(setup, tmp_path):
+    """PATH, CUDA_HOME, LD_LIBRARY_PATH, HF_HOME, NCCL_* (and the toolkit's) into the env file DeepSpeed's
+    runner exports on every node; the user's own .deepspeed_env lines kept (and winning), their file
+    untouched; a value a remote shell would expand left out, and said so."""
+    (tmp_path / "hosts").write_text("a slots=8\nb slots=8\n")
+    user_file = "HF_HOME=/shared/hf\nUSER_ONLY=yes\n\n"
+    (tmp_path / ".deepspeed_env").write_text(user_file)
+    env = {**os.environ, "PRINT_ONLY": "1", "HOSTFILE": "hosts", "MASTER_ADDR": "10.0.0.1", "CUDA_HOME": "/opt/cuda-12",
+           "LD_LIBRARY_PATH": "/opt/cuda-12/lib64:/opt/nccl/lib", "HF_HOME": "/home/me/hf", "NCCL_DEBUG": "INFO",
+           "NCCL_SOCKET_IFNAME": "ib0", "TORCH_NCCL_BLOCKING_WAIT": "1", "MY_EXTRA": "x y", "BAD_VAR": "$(id)",
+           "DS_ENV_VARS": "MY_EXTRA BAD_VAR"}
+    run = subprocess.run(["bash", str(REPO / "launchers" / "train_multi_node.sh"), str(setup / "cfg.yaml")],
+                         cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    written = tmp_path / ".deepspeed_env.gradual"
+    assert f"DS_ENV_FILE={written}" in run.stderr and "not forwarded" in run.stderr and "BAD_VAR" in run.stderr
+    lines = written.read_text().splitlines()
+    values = dict(line.split("=", 1) for line in lines)
+    assert all(line and "=" in line for line in lines)  # DeepSpeed's reader fails on a blank line
+    assert values["PATH"] == env["PATH"] or values["PATH"].endswith(env["PATH"])  # the venv's bin/ may lead
+    assert values["CUDA_HOME"] == "/opt/cuda-12" and values["LD_LIBRARY_PATH"] == "/opt/cuda-12/lib64:/opt/nccl/lib"
+    assert values["NCCL_DEBUG"] == "INFO" and values["NCCL_SOCKET_IFNAME"] == "ib0"
+    assert values["TORCH_NCCL_BLOCKING_WAIT"] == "1" and values["MY_EXTRA"] == "x y"
+    assert values["HF_HOME"] == "/shared/hf" and values["USER_ONLY"] == "yes"  # the user's file wins
+    assert "TORCH_EXTENSIONS_DIR" in values and "BAD_VAR" not in values
+    assert (tmp_path / ".deepspeed_env").read_text() == user_file
+
+
+def test_gradual_train_with_a_hostfile_writes_the_env_file(setup, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("NCCL_IB_DISABLE", "1")
+    (tmp_path / "hosts").write_text("a slots=2\nb slots=2\n")
+    out = tmp_path / "run"
+    args = _train_args("--config", str(setup / "cfg.yaml"), "--hostfile", str(tmp_path / "hosts"), "--num-gpus", "2",
+                       "--output-dir", str(out), "--print-only")
+    assert args.func(args) == 0
+    assert f"DS_ENV_FILE={out / 'deepspeed_env'} " in capsys.readouterr().err
+    assert "NCCL_IB_DISABLE=1\n" in (out / "deepspeed_env").read_text()
 
 
 def test_launcher_scripts_reject_missing_settings(setup, tmp_path):

@@ -154,6 +154,34 @@ class Runs:
             assert rc == 0, f"node {r} failed:\n{text[-4000:]}"
         return out
 
+    def _pdsh(self, out):
+        """launchers/train_multi_node.sh through DeepSpeed's multi-node runner (pdsh), two one-rank
+        'nodes' on this machine. pdsh and ssh are stand-ins (tests/fake_remote.py) that run each node's
+        command locally in a fresh login environment, as ssh would: the ranks get only what DeepSpeed
+        exports, the env file included."""
+        from tests import fake_remote
+
+        bin_dir = self.w / "fake-bin"
+        bin_dir.mkdir(exist_ok=True)
+        fake_remote.install(bin_dir)
+        (self.w / "hostfile-2").write_text("node0 slots=1\nnode1 slots=1\n")
+        (self.w / "launch-dir").mkdir(exist_ok=True)
+        (self.w / "launch-dir" / ".deepspeed_env").write_text("HF_HOME=/from/the/user/file\n")
+        env = {"HOSTFILE": str(self.w / "hostfile-2"), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+               "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "NCCL_DEBUG": "WARN", "NCCL_SOCKET_IFNAME": "lo",
+               "CUDA_HOME": str(self.w / "no-cuda"), "LD_LIBRARY_PATH": str(self.w / "lib"), "HF_HOME": str(self.w / "hf"),
+               "GLOO_SOCKET_IFNAME": "lo"}
+        cmd = ["bash", str(REPO / "launchers" / "train_multi_node.sh"), str(self.w / "cfg.yaml"),
+               "--set", f"output_dir={out}", "--set", "epochs=1"]
+        tick = time.perf_counter()
+        with open(self.w / "pdsh.log", "w") as log:
+            proc = subprocess.Popen(cmd, cwd=self.w / "launch-dir", stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True, env={**os.environ, **env})
+            rc, text = finish(proc, self.w / "pdsh.log")
+        TIMINGS["pdsh"] = time.perf_counter() - tick
+        assert rc == 0, f"multi-node launch failed:\n{text[-4000:]}"
+        return out
+
     def _resume(self, out):
         run_ok("resume-part1", ds_train(self.w / "cfg.yaml", out, "stop_after_epoch=1"), out)
         (self.w / "part1_summary.json").write_text((out / "train_summary.json").read_text())
@@ -207,6 +235,26 @@ def test_two_simulated_nodes_match_one_node(runs):
     assert max_diff(losses(multi), losses(zero2)) <= 1e-6
     print(f"\nmulti-node bitwise: {losses(multi) == losses(zero2)}", file=sys.stderr)
     assert summary(multi)["world_size"] == 2 and (multi / "model" / "config.json").exists()
+
+
+@pytest.mark.slow  # a 2-rank launch
+def test_multi_node_launch_forwards_the_environment_to_fresh_nodes(runs):
+    """Each rank started by the multi-node runner in a fresh environment has PATH, CUDA_HOME,
+    LD_LIBRARY_PATH, the NCCL_* settings and the toolkit's caches of the launching shell, and the
+    user's own .deepspeed_env value where it sets one (HF_HOME)."""
+    out = runs.get("pdsh")
+    records = [json.loads((out / "ranks" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["rank"] for r in records] == [0, 1] and summary(out)["world_size"] == 2
+    for r in records:
+        env = r["environment"]
+        assert env["CUDA_HOME"] == str(runs.w / "no-cuda") and env["LD_LIBRARY_PATH"] == str(runs.w / "lib")
+        assert env["NCCL_DEBUG"] == "WARN" and env["NCCL_SOCKET_IFNAME"] == "lo" and env["GLOO_SOCKET_IFNAME"] == "lo"
+        assert env["PATH"].split(os.pathsep)[0] == str(Path(sys.executable).parent)  # the venv's bin/ first
+        assert env["TORCH_EXTENSIONS_DIR"] == os.environ["TORCH_EXTENSIONS_DIR"]
+        assert env["HF_HOME"] == "/from/the/user/file"
+    log = (runs.w / "pdsh.log").read_text()
+    assert "fake pdsh: 2 node(s) in fresh environments" in log  # the runner's multi-node path ran
+    assert (out / "model" / "config.json").is_file()
 
 
 @pytest.mark.slow  # starts (or shares) multi-process training launches
@@ -279,7 +327,7 @@ def test_bnb_adamw8bit_under_zero2_trains(runs):
     assert sum(curve[-5:]) / 5 < 0.3 * sum(curve[:5]) / 5
     ds = json.loads((out / "ds_config.resolved.json").read_text())
     assert ds["zero_optimization"]["stage"] == 2 and ds["zero_allow_untested_optimizer"] is True
-    tag = summary(out)["best_tag"]
+    tag = (out / "checkpoints" / "latest").read_text().strip()  # the best one keeps only its weights
     optim = torch.load(out / "checkpoints" / tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt", weights_only=False)
     found = []
 
@@ -350,6 +398,158 @@ def test_report_draws_the_curves_of_a_training_run(runs, capsys):
     best = summary(out)
     assert f"best dev accuracy {best['best_dev_accuracy']} at step {best['best_step']}" in capsys.readouterr().out
     assert (out / "curves.png").stat().st_size > 5000
+
+
+@pytest.mark.slow  # starts (or shares) multi-process training launches
+def test_checkpoints_keep_what_resume_needs_and_the_disk_estimate_holds(runs):
+    """keep_last_n=1 (the default): the newest checkpoint whole (every rank's optimizer partition: a
+    resume needs them), the best one reduced to its weights (the export loads it module-only), nothing
+    else; their sizes are what the dry run's disk estimate says."""
+    from toolkit.train.dsconfig import checkpoint_bytes
+    from toolkit.train.plan import count_parameters
+
+    out = runs.get("zero2")
+    ckpt, s = out / "checkpoints", summary(out)
+    latest = (ckpt / "latest").read_text().strip()
+    tags = sorted(p.name for p in ckpt.glob("step*"))
+    assert latest == checkpoint_tag(s["global_step"]) and set(tags) <= {latest, s["best_tag"]}
+    assert sorted(p.name for p in (ckpt / latest).glob("*optim_states.pt")) == [
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+    assert s["best_tag"] != latest, "this run's best is an earlier checkpoint (dev accuracy stops improving)"
+    best = ckpt / s["best_tag"]
+    assert not list(best.glob("*optim_states.pt")) and (best / "mp_rank_00_model_states.pt").is_file()
+    expect = checkpoint_bytes(count_parameters(yaml_model(runs.w)), bf16=False, optimizer="adamw")
+    size = lambda d: sum(f.stat().st_size for f in d.iterdir())  # noqa: E731
+    assert size(ckpt / latest) == pytest.approx(expect["full"], rel=0.15)
+    assert size(best) == pytest.approx(expect["weights"], rel=0.15)
+
+
+def yaml_model(w: Path) -> str:
+    import yaml
+
+    return yaml.safe_load((w / "cfg.yaml").read_text())["model"]
+
+
+# A real ZeRO-2 engine (one CPU rank, fp32) after one optimizer step, so its weights are views of
+# ZeRO's flat buffer: the export from the CPU state dict beside the engine module's own save_pretrained
+# (the export before), and the timeouts of the process groups, including DeepSpeed's copy of the world.
+EXPORT_BOTH_WAYS = r"""
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+
+from toolkit.models import ModelSpec, load_model
+from toolkit.train.config import load_config
+from toolkit.train.data import collate
+from toolkit.train.plan import prepare
+from toolkit.train.strategy import DeepSpeedStrategy, cpu_state_dict
+
+cfg = load_config(sys.argv[1], [f"output_dir={sys.argv[2]}", "collective_timeout_min=7"])
+plan = prepare(cfg, 1, on_gpu=False)
+strategy = DeepSpeedStrategy(plan.cfg, plan.ds_config)
+strategy.setup_distributed()
+model, tokenizer = load_model(ModelSpec(source=cfg.model, dtype="float32", device="cpu", seed=0))
+engine = strategy.prepare(model, plan.total_steps, plan.warmup_steps)
+for accum_step in range(plan.batches.accum):
+    batch = collate([plan.examples[i] for i in range(2)], tokenizer.pad_token_id)
+    strategy.backward(engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                             labels=batch["labels"]).loss)
+    strategy.step()
+flat = list(engine.optimizer.bit16_groups_flat)
+in_flat = [any(p.data_ptr() >= f.data_ptr() and p.data_ptr() < f.data_ptr() + f.numel() * f.element_size()
+               for f in flat) for p in engine.module.parameters()]
+copies = cpu_state_dict(engine.module)
+shares = any(c.untyped_storage().data_ptr() == p.untyped_storage().data_ptr()
+             for c in copies.values() for p in engine.module.parameters())
+strategy.save_hf_model(tokenizer, f"{sys.argv[2]}/cpu-export")  # the export now
+engine.module.save_pretrained(f"{sys.argv[2]}/module-export", safe_serialization=True)  # the export before
+tokenizer.save_pretrained(f"{sys.argv[2]}/module-export")
+cpu = torch.device("cpu")
+timeouts = {"default": dist.distributed_c10d._get_default_group()._get_backend(cpu).options._timeout.total_seconds()}
+from deepspeed.utils import groups
+world = groups._WORLD_GROUP
+timeouts["deepspeed_world"] = world._get_backend(cpu).options._timeout.total_seconds() if world else None
+print("RESULT " + json.dumps({"params_in_flat_buffer": all(in_flat), "copy_shares_memory": shares,
+                              "timeouts_s": timeouts}))
+strategy.destroy()
+"""
+
+
+def test_export_from_the_cpu_state_dict_equals_the_module_export(work, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    done = subprocess.run([sys.executable, "-c", EXPORT_BOTH_WAYS, str(work / "cfg.yaml"), str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(next(ln for ln in done.stdout.splitlines() if ln.startswith("RESULT "))[7:])
+    assert result["params_in_flat_buffer"]  # what made the old export clone on the device
+    assert not result["copy_shares_memory"]
+    assert result["timeouts_s"] == {"default": 7 * 60, "deepspeed_world": 7 * 60}  # collective_timeout_min=7
+    new, old = load_file(tmp_path / "cpu-export" / "model.safetensors"), load_file(
+        tmp_path / "module-export" / "model.safetensors")
+    assert new.keys() == old.keys() and all(torch.equal(new[k], old[k]) for k in old)
+    ids = torch.tensor([[3, 17, 42, 99, 7, 250, 11]])
+    logits = [AutoModelForCausalLM.from_pretrained(tmp_path / d, dtype=torch.float32).eval()(input_ids=ids).logits
+              for d in ("cpu-export", "module-export")]
+    assert torch.equal(logits[0], logits[1])
+    init = AutoModelForCausalLM.from_pretrained(yaml_model(work), dtype=torch.float32).eval()(input_ids=ids).logits
+    assert not torch.equal(logits[0], init)  # the export holds the trained weights, not the initial ones
+
+
+# bf16 as on a GPU (DeepSpeed's CPU accelerator runs it too): one rank, the shipped ds_config resolved
+# for bf16, two optimizer steps of two accumulated micro-batches, a checkpoint.
+BF16_STEPS = r"""
+import json
+import sys
+
+import torch
+
+from toolkit.models import ModelSpec, load_model
+from toolkit.train.config import load_config
+from toolkit.train.data import collate
+from toolkit.train.plan import prepare
+from toolkit.train.strategy import OPTIMIZER_STATE_GLOB, DeepSpeedStrategy
+
+cfg = load_config(sys.argv[1], [f"output_dir={sys.argv[2]}", "bf16=true", f"zero_stage={sys.argv[3]}",
+                                "micro_batch_size=2", "gradient_accumulation_steps=2"])
+plan = prepare(cfg, 1, on_gpu=False)
+strategy = DeepSpeedStrategy(plan.cfg, plan.ds_config)
+strategy.setup_distributed()
+model, tokenizer = load_model(ModelSpec(source=cfg.model, dtype="bfloat16", device="cpu", seed=0))
+engine = strategy.prepare(model, plan.total_steps, plan.warmup_steps)
+losses = []
+for step in range(2):
+    for accum_step in range(2):
+        batch = collate([plan.examples[i] for i in range(2 * accum_step, 2 * accum_step + 2)], tokenizer.pad_token_id)
+        loss = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+        strategy.backward(loss)
+        strategy.step()
+    losses.append(float(loss.detach()))
+strategy.save_checkpoint(cfg.checkpoint_dir, "step000002", {}, {"tag": "step000002"})
+print("RESULT " + json.dumps({
+    "data_types": plan.ds_config.get("data_types"), "optimizer": type(engine.optimizer).__name__,
+    "weights": str(next(engine.module.parameters()).dtype), "losses": losses,
+    "optimizer_files": sorted(p.name for p in (cfg.checkpoint_dir / "step000002").glob(OPTIMIZER_STATE_GLOB))}))
+strategy.destroy()
+"""
+
+
+@pytest.mark.parametrize("stage, optimizer", [(1, "BF16_Optimizer"), (2, "DeepSpeedZeroOptimizer")])
+def test_bf16_with_fp32_gradient_accumulation_trains_under_zero1_and_zero2(work, tmp_path, stage, optimizer):
+    """What the shipped ds_configs resolve to on GPU (bf16, grad_accum_dtype fp32) is accepted and steps
+    in DeepSpeed 0.19: ZeRO-1 through its BF16_Optimizer, ZeRO-2 with an fp32 accumulation buffer."""
+    done = subprocess.run([sys.executable, "-c", BF16_STEPS, str(work / "cfg.yaml"), str(tmp_path), str(stage)],
+                          cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(next(ln for ln in done.stdout.splitlines() if ln.startswith("RESULT "))[7:])
+    assert result["data_types"] == {"grad_accum_dtype": "fp32"} and result["weights"] == "torch.bfloat16"
+    assert result["optimizer"] == optimizer
+    assert all(0 < loss < 20 for loss in result["losses"])
+    assert result["optimizer_files"] == ["bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"]  # what pruning deletes
 
 
 # The process dies right after DeepSpeed's own save of the second checkpoint, before the strategy

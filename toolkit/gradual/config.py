@@ -74,6 +74,8 @@ class TrainSettings(LaunchConfig):
 
     stage2_lr_factor: float = knob(0.5, "stage 2 continues from M1 with lr x this factor")
     eval_batch_size: int = knob(32, "test-set evaluation of M0, M1, M2 and the baselines")
+    keep_checkpoints: bool = knob(False, "keep a finished stage's DeepSpeed checkpoints (~14 bytes per parameter "
+                                         "each); by default they are deleted once its model is exported")
     options: TrainConfig = knob(factory=TrainConfig, help="the trainer's config: lr, epochs, ds_config, ...")
 
     def __post_init__(self):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -36,7 +37,11 @@ log = logging.getLogger("toolkit.gradual")
 # Settings that change how a step runs, not what it computes: a resumed run may change them
 # (the probe's flat actor keys are those of run directories locked before `probe.placement`).
 EXECUTION_KEYS = {"probe": ("placement", "num_actors", "cpus_per_actor", "gpus_per_actor", "ray_address"),
-                  "train": tuple(f.name for f in dataclasses.fields(LaunchConfig)) + ("eval_batch_size",)}
+                  "train": tuple(f.name for f in dataclasses.fields(LaunchConfig)) + ("eval_batch_size",
+                                                                                       "keep_checkpoints")}
+# trainer options that change how a stage runs, not what it computes
+EXECUTION_OPTIONS = ("progress", "keep_last_n", "collective_timeout_min", "gpu_wait_s", "gpu_busy_mib")
+RAY_RELEASE_S = 120  # how long the actors of a finished probe may take to exit before a training launch
 
 
 class PipelineError(RuntimeError):
@@ -48,6 +53,8 @@ def _comparable(config: dict) -> dict:
     for section, keys in EXECUTION_KEYS.items():
         for key in keys:
             out.get(section, {}).pop(key, None)
+    for key in EXECUTION_OPTIONS:
+        out.get("train", {}).get("options", {}).pop(key, None)
     return out
 
 
@@ -82,7 +89,20 @@ def preflight(cfg: PipelineConfig, check_devices: bool = True) -> dict:
             raise ConfigError(f"probe.placement.gpus_per_actor={placement.gpus_per_actor}: "
                               f"{placement.num_actors} actor(s) need {wanted:g} GPU(s), this machine has {have} "
                               "(set probe.placement.ray_address to use a cluster)")
-    return {"train_world_size": training["world_size"], "train_batch": training["batch"]}
+    from toolkit.train.dsconfig import disk_estimate, human_bytes
+    from toolkit.train.plan import count_parameters
+
+    options = training["config"]
+    stages = len(cfg.seeds) * (2 + len(cfg.baselines))
+    disk = disk_estimate(count_parameters(cfg.model or EMBEDDED_MODEL), training["bf16"], options.optimizer,
+                         options.keep_last_n, stages, cfg.train.keep_checkpoints)
+    return {"train_world_size": training["world_size"], "train_batch": training["batch"], "train_disk": disk,
+            "train_disk_line": f"up to {human_bytes(disk['total_peak'])} for {stages} training stage(s): "
+                               f"{human_bytes(disk['stage_peak'])} while a stage trains (one checkpoint "
+                               f"{human_bytes(disk['checkpoint_full'])}), "
+                               f"{human_bytes(disk['finished_stage'])} left by each finished one ("
+                               + ("its checkpoints kept: train.keep_checkpoints" if cfg.train.keep_checkpoints
+                                  else "its exported model; its checkpoints deleted") + ")"}
 
 
 def read_categories(probe_dir: Path) -> dict[str, str]:
@@ -176,6 +196,29 @@ class Pipeline:
             changes["resume"] = True  # an interrupted stage continues from its last checkpoint
         return cfglib.with_values(options, **changes)
 
+    def train_step(self, name: str, stage_dir: Path, fn: Callable[[], dict]) -> dict:
+        """A training step, then (also when it was done before) its checkpoints cleaned up."""
+        summary = self.step(name, fn)
+        self.clean_checkpoints(stage_dir)
+        return summary
+
+    def clean_checkpoints(self, stage_dir: Path) -> bool:
+        """Delete a finished stage's DeepSpeed checkpoints once its model is exported (unless
+        train.keep_checkpoints). Only after the step's completion marker exists: a stage interrupted
+        before it keeps them, and resumes from them. True if anything was deleted."""
+        train = stage_dir / "train"
+        ckpt = train / "checkpoints"
+        if self.cfg.train.keep_checkpoints or not ckpt.exists():
+            return False
+        summary = train / "train_summary.json"
+        if not summary.exists() or not (train / "model" / "config.json").exists():
+            return False
+        if json.loads(summary.read_text(encoding="utf-8")).get("model_dir") is None:
+            return False  # an interrupted run: no export yet
+        shutil.rmtree(ckpt)
+        self.echo(f"  deleted {ckpt} (the stage's model is exported; train.keep_checkpoints keeps them)")
+        return True
+
     def train(self, stage_dir: Path, model: str, train_ids: list[str], seed: int, lr_factor: float = 1.0) -> dict:
         """Launch the DeepSpeed trainer on the stage's data; returns its summary (with model_dir)."""
         from toolkit.train.launch import launch_env, plan_launch, write_resolved_config
@@ -187,7 +230,7 @@ class Pipeline:
         train_cfg = self.stage_config(stage_dir, model, seed, lr_factor)
         cmd, _ = plan_launch(train_cfg, self.cfg.train)  # the same checks as `gradual train`
         write_resolved_config(train_cfg)
-        _run_logged(cmd, stage_dir / "train.log", self.echo, launch_env())
+        _run_logged(cmd, stage_dir / "train.log", self.echo, launch_env(self.cfg.train, train_cfg.out))
         return json.loads((train_cfg.out / "train_summary.json").read_text(encoding="utf-8"))
 
     # ------------------------------------------------------------ evaluation
@@ -200,7 +243,11 @@ class Pipeline:
         test = load_qa(self.subset, splits=("test",))
         max_new = self.cfg.probe.max_new_tokens
         loaded, tokenizer = load_model(ModelSpec(source=model))
-        result = evaluate(loaded, tokenizer, test, batch_size=self.cfg.train.eval_batch_size, max_new_tokens=max_new)
+        try:
+            result = evaluate(loaded, tokenizer, test, batch_size=self.cfg.train.eval_batch_size, max_new_tokens=max_new)
+        finally:  # the next training launch needs the device this model is on
+            del loaded
+            _free_device_memory()
         write_jsonl(seed_dir / "eval" / f"{name}.jsonl",
                     [{"id": it.id, "answer": result.answers[it.id], "correct": result.correct[it.id]} for it in test])
         return {"accuracy": result.accuracy, "count": result.count}
@@ -219,20 +266,21 @@ class Pipeline:
 
         stage1 = stage1_items(c0, sel)
         self.step(f"{s}.select_stage1", lambda: self.select(sd / "stage1", c0, {"stage1": stage1}))
-        m1 = self.step(f"{s}.train_stage1", lambda: self.train(sd / "stage1", base, stage1, seed))["model_dir"]
+        m1 = self.train_step(f"{s}.train_stage1", sd / "stage1",
+                             lambda: self.train(sd / "stage1", base, stage1, seed))["model_dir"]
         self.step(f"{s}.probe_m1_train", lambda: self.probe(sd, "m1", m1, "train", seed))
         c1 = read_categories(sd / "probe" / "m1-train")
 
         parts = stage2_items(c0, c1, sel)
         stage2 = sorted({i for ids in parts.values() for i in ids})
         self.step(f"{s}.select_stage2", lambda: self.select(sd / "stage2", c0, parts))
-        m2 = self.step(f"{s}.train_stage2", lambda: self.train(sd / "stage2", m1, stage2, seed,
-                                                               cfg.train.stage2_lr_factor))["model_dir"]
+        m2 = self.train_step(f"{s}.train_stage2", sd / "stage2", lambda: self.train(
+            sd / "stage2", m1, stage2, seed, cfg.train.stage2_lr_factor))["model_dir"]
         self.step(f"{s}.probe_m2_train", lambda: self.probe(sd, "m2", m2, "train", seed))
 
         models = {"M0": cfg.model, "M1": m1, "M2": m2}
         for name in cfg.baselines:
-            models[name] = self.step(f"{s}.baseline_{name}", lambda name=name: self._baseline(
+            models[name] = self.train_step(f"{s}.baseline_{name}", sd / f"baseline-{name}", lambda name=name: self._baseline(
                 sd, name, c0, c1, base, m1, seed, sel))["model_dir"]
         for name, model in models.items():
             self.step(f"{s}.evaluate_{name}", lambda name=name, model=model: self.evaluate(sd, name, model))
@@ -288,11 +336,42 @@ def _diff_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def _release_ray() -> None:
+def _release_ray(timeout_s: float = RAY_RELEASE_S) -> None:
+    """Let go of Ray before a training launch: wait (bounded) until the actors this driver started are
+    dead in Ray's view and, on this node, their processes have exited (ray.kill is asynchronous),
+    then disconnect. The training ranks then wait for their GPUs' memory themselves (gpu_wait_s)."""
     import ray
 
-    if ray.is_initialized():
-        ray.shutdown()
+    if not ray.is_initialized():
+        return
+    from toolkit.train.devices import DeviceBusyError, wait_for_exit
+
+    context = ray.get_runtime_context()
+    deadline = time.monotonic() + timeout_s
+    while True:
+        actors = ray._private.state.actors(job_id=ray.JobID.from_hex(context.get_job_id()))
+        alive = [a for a in actors.values() if a["State"] != "DEAD"]
+        if not alive:
+            break
+        if time.monotonic() >= deadline:
+            raise DeviceBusyError(f"{len(alive)} Ray actor(s) of the probe still alive {timeout_s:g} s after it "
+                                  f"finished ({', '.join(sorted({a['ActorClassName'].rsplit('.', 1)[-1] for a in alive}))}); "
+                                  "training would compete with them for the GPUs")
+        time.sleep(0.2)
+    here = context.get_node_id()
+    local = [a["Pid"] for a in actors.values() if a["Address"]["NodeID"] == here and a["Pid"]]
+    wait_for_exit(local, max(1.0, deadline - time.monotonic()), what="Ray actor process")
+    ray.shutdown()
+
+
+def _free_device_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _run_logged(cmd: list[str], log_path: Path, echo: Callable[[str], None], env: dict) -> None:

@@ -67,6 +67,13 @@ def main(argv=None) -> int:
         if rank == 0:
             print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    from .devices import DeviceBusyError, wait_for_this_ranks_gpu
+
+    try:  # the GPU this rank is given must be free (a probe's actors exit asynchronously)
+        wait_for_this_ranks_gpu(plan.cfg.gpu_wait_s, plan.cfg.gpu_busy_mib, log=logging.getLogger("toolkit.train").warning)
+    except DeviceBusyError as err:  # any rank: its own GPU
+        print(f"error: rank {rank}: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
 
     from .loop import train
 

@@ -64,11 +64,18 @@ class TrainConfig:
     eval_train: bool = knob(True, "training accuracy per category at each evaluation (fit speed)")
     max_new_tokens: int = knob(16, "answer length limit in evaluation")
     patience: int = knob(3, "evaluations without a dev improvement before stopping; 0 = never stop early")
-    keep_last_n: int = knob(2, "DeepSpeed checkpoints kept, plus the best one")
+    keep_last_n: int = knob(1, "newest DeepSpeed checkpoints kept whole (a resume needs only the newest); the best "
+                               "one is also kept, reduced to its weights")
     stop_after_epoch: int = knob(0, "stop (as if pre-empted) after this epoch's checkpoint; 0 = off")
     resume: Union[bool, str] = knob(False, "continue from the latest checkpoint (true: <output_dir>/checkpoints, or a directory)")
     log_dir: Optional[str] = knob(None, "TensorBoard directory (default <output_dir>/tensorboard)")
     progress: bool = knob(True, "progress bars")
+    gpu_wait_s: int = knob(300, "seconds a rank waits at start for its GPU to be free of other processes "
+                                "(the probe's actors exiting); 0: no check")
+    gpu_busy_mib: int = knob(2048, "MiB that other processes may hold on a rank's GPU when it starts")
+    collective_timeout_min: int = knob(
+        60, "minutes a rank waits in a collective before the run fails (ranks wait in a barrier while rank 0 "
+            "writes an 8B export or deletes old checkpoints; DeepSpeed's default is 10)")
     # keys the user set (YAML, --set, flags): an explicit ds_config value may fill the others
     given_keys: frozenset = given_keys()
 
@@ -89,9 +96,10 @@ class TrainConfig:
         require(self.zero_stage in (None, 0, 1, 2), "zero_stage", self.zero_stage,
                 "must be 0, 1 or 2 (ZeRO-3 is not supported: evaluation generates with full parameters)")
         require(self.bf16 in (True, False, "auto"), "bf16", self.bf16, "must be true, false or auto")
-        for name in ("eval_every_steps", "patience", "stop_after_epoch"):
+        for name in ("eval_every_steps", "patience", "stop_after_epoch", "gpu_wait_s", "gpu_busy_mib"):
             require(getattr(self, name) >= 0, name, getattr(self, name), "must be >= 0")
-        for name in ("eval_batch_size", "keep_last_n", "max_new_tokens", "max_micro_batch_size"):
+        for name in ("eval_batch_size", "keep_last_n", "max_new_tokens", "max_micro_batch_size",
+                     "collective_timeout_min"):
             require(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
         require(self.max_len >= 8, "max_len", self.max_len, "must be >= 8")
         require(not self.offload or self.optimizer == "deepspeed_adam", "offload", self.offload,

@@ -116,6 +116,24 @@ def resolve(cfg: TrainConfig, raw: dict, world_size: int, on_gpu: bool, source: 
     if cfg.offload and offload_device in (None, "none"):
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
     ds["bf16"] = {**(ds.get("bf16") or {}), "enabled": bf16}
+    # bf16 weights and gradients, but gradients accumulated (micro-steps, and ZeRO's reductions) in fp32;
+    # DeepSpeed 0.19 runs that under ZeRO-1/2 only (ZeRO-1: its BF16_Optimizer), not plain data parallel
+    types = ds.get("data_types")
+    if types is not None and not isinstance(types, dict):
+        raise TrainConfigError(f"{source}: 'data_types' must be an object")
+    if types is not None and types.get("grad_accum_dtype") == AUTO:
+        if bf16 and stage >= 1:
+            types["grad_accum_dtype"] = "fp32"
+        else:
+            del types["grad_accum_dtype"]  # the weights' dtype
+    accum_dtype = (types or {}).get("grad_accum_dtype")
+    if bf16 and stage == 0 and accum_dtype not in (None, "bf16", "bfloat16"):
+        raise TrainConfigError(f"{source}: data_types.grad_accum_dtype={accum_dtype} with bf16 needs ZeRO stage 1 or 2 "
+                               "(DeepSpeed 0.19 accumulates in the weights' dtype without ZeRO)")
+    # overlap the gradient reduction with the backward pass on GPU (separate CUDA streams); on CPU
+    # there is nothing to overlap with
+    if zero.get("overlap_comm") == AUTO:
+        zero["overlap_comm"] = on_gpu
     if "fp16" in ds:
         ds["fp16"] = {**ds["fp16"], "enabled": False}
     if cfg.optimizer == "deepspeed_adam":
@@ -330,9 +348,41 @@ def memory_estimate(num_params: int, stage: int, world_size: int, bf16: bool, op
             "total": weights + grads + device_states, "cpu_offload": states if offload else 0.0}
 
 
+def checkpoint_bytes(num_params: int, bf16: bool, optimizer: str) -> dict[str, float]:
+    """One DeepSpeed ZeRO-1/2 checkpoint on disk, all ranks together: the weights in the training
+    dtype (mp_rank_00_model_states.pt) and the optimizer states (*optim_states.pt: fp32 master copy +
+    Adam's two fp32 moments, or 8-bit moments), pickling overhead aside."""
+    weights = num_params * (2 if bf16 else 4)
+    states = num_params * (4 + (2 if optimizer == "adamw_8bit" else 8))
+    return {"weights": weights, "optimizer": states, "full": weights + states}
+
+
+def disk_estimate(num_params: int, bf16: bool, optimizer: str, keep_last_n: int, stages: int = 1,
+                  keep_checkpoints: bool = True) -> dict[str, float]:
+    """Disk a training run needs at its peak. A stage holds its `keep_last_n` newest checkpoints whole,
+    writes a new one beside them before the oldest goes, keeps the best one's weights, and ends with
+    the exported model. `stages` runs one after another (the pipeline's stages); with
+    keep_checkpoints=False each finished stage keeps only its export."""
+    ckpt = checkpoint_bytes(num_params, bf16, optimizer)
+    export = ckpt["weights"]
+    while_training = (keep_last_n + 1) * ckpt["full"] + ckpt["weights"]
+    at_end = keep_last_n * ckpt["full"] + ckpt["weights"] + export
+    stage_peak = max(while_training, at_end)
+    finished = at_end if keep_checkpoints else export
+    return {**{f"checkpoint_{k}": v for k, v in ckpt.items()}, "export": export, "stage_peak": stage_peak,
+            "finished_stage": finished, "total_peak": (stages - 1) * finished + stage_peak, "stages": stages}
+
+
+def describe_disk(est: dict, keep_last_n: int) -> list[str]:
+    return [f"one checkpoint: weights {human_bytes(est['checkpoint_weights'])} + optimizer states "
+            f"{human_bytes(est['checkpoint_optimizer'])} = {human_bytes(est['checkpoint_full'])} (all ranks)",
+            f"one stage at its peak: {human_bytes(est['stage_peak'])} ({keep_last_n} checkpoint(s) kept + a new one "
+            f"being written + the best one's weights + the export {human_bytes(est['export'])})"]
+
+
 def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
             return f"{n:.1f} {unit}" if unit != "B" else f"{n:.0f} B"
         n /= 1024
     return f"{n:.1f} TiB"

@@ -79,13 +79,18 @@ def deepspeed_executable() -> str:
     return found
 
 
-def launch_env() -> dict[str, str]:
+def launch_env(launch: LaunchConfig | None = None, out_dir: Path | None = None) -> dict[str, str]:
     """The launcher's environment: JIT-built DeepSpeed ops are cached in the project, not rebuilt, and
-    the venv's bin/ is on PATH (its ninja, which DeepSpeed's JIT builds run)."""
+    the venv's bin/ is on PATH (its ninja, which DeepSpeed's JIT builds run). A multi-node launch from
+    one command (hostfile, no node_rank) also gets <out_dir>/deepspeed_env, the variables the remote
+    ranks need (toolkit.train.envfile), named by DS_ENV_FILE."""
+    from .envfile import write_env_file
     from .ops import with_venv_path
 
     env = with_venv_path(os.environ)
     env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO_ROOT / ".cache" / "torch_extensions"))
+    if launch is not None and launch.hostfile and launch.node_rank is None and out_dir is not None:
+        env["DS_ENV_FILE"] = write_env_file(Path(out_dir) / "deepspeed_env", env)["path"]
     return env
 
 
@@ -189,13 +194,16 @@ def cmd_train(args) -> int:
     from .plan import describe
 
     cfg = config_from_args(args)
-    cmd, plan = plan_launch(cfg, launch_from_args(args), dry_run=args.dry_run or args.print_only)
+    launch = launch_from_args(args)
+    cmd, plan = plan_launch(cfg, launch, dry_run=args.dry_run or args.print_only)
     if args.dry_run:
         print(describe(plan))
         print(f"== launch command\n{shlex.join(cmd)}")
         return 0
     write_resolved_config(cfg)
-    print(f"[gradual train] {shlex.join(cmd)}", file=sys.stderr, flush=True)
+    env = launch_env(launch, cfg.out)
+    shown = f"DS_ENV_FILE={env['DS_ENV_FILE']} " if "DS_ENV_FILE" in env else ""
+    print(f"[gradual train] {shown}{shlex.join(cmd)}", file=sys.stderr, flush=True)
     if args.print_only:
         return 0
-    return subprocess.call(cmd, env=launch_env())
+    return subprocess.call(cmd, env=env)

@@ -100,6 +100,7 @@ def _train(plan: RunPlan, strategy: DeepSpeedStrategy) -> dict:
 
     cfg, b, rank0 = plan.cfg, plan.batches, strategy.is_rank_0
     started = time.perf_counter()
+    _record_rank(cfg, strategy)
     dtype = "bfloat16" if plan.ds_config["bf16"]["enabled"] else "float32"
     model, tokenizer = load_model(ModelSpec(source=cfg.model, dtype=dtype, device=str(strategy.device),
                                             seed=cfg.seed))
@@ -202,6 +203,7 @@ def _train(plan: RunPlan, strategy: DeepSpeedStrategy) -> dict:
                 break
         bar.close()
     records.close()
+    peaks = {"train": strategy.peak_memory()}
     summary = {"global_step": state.global_step, "epochs_completed": state.epoch, "best_step": state.best_step,
                "best_tag": state.best_tag, "best_dev_accuracy": state.best_metric, "stopped_early": state.stopped_early,
                "interrupted": interrupted, "world_size": b.world, "zero_stage": cfg.zero_stage,
@@ -210,13 +212,34 @@ def _train(plan: RunPlan, strategy: DeepSpeedStrategy) -> dict:
         if state.best_tag and state.best_tag != last_saved:
             strategy.load_checkpoint(state.best_dir, state.best_tag, module_only=True)
         strategy.save_hf_model(tokenizer, cfg.out / "model")
+        peaks["export"] = strategy.peak_memory()
         summary["model_dir"] = str(cfg.out / "model")
         if rank0:
             _export_reference(engine.module, plan, cfg.out / "export_check.pt")
+    summary["peak_memory"] = {"kind": peaks["train"]["kind"],
+                              **{phase: p["bytes_per_rank"] for phase, p in peaks.items()}}
     if rank0:
         write_json(cfg.out / "train_summary.json", summary)
         log.info("done: %s", json.dumps(summary))
     return summary
+
+
+def _record_rank(cfg, strategy: DeepSpeedStrategy) -> None:
+    """<output_dir>/ranks/rank<R>.json: where each rank ran and the environment it got (what a
+    multi-node launch forwarded: PATH, CUDA_HOME, NCCL_*, ...), for diagnosing a node that misbehaves."""
+    import os
+    import socket
+
+    import torch
+
+    from .envfile import relevant
+
+    cuda = strategy.device.type == "cuda"
+    write_json(cfg.out / "ranks" / f"rank{strategy.rank}.json", {
+        "rank": strategy.rank, "local_rank": strategy.local_rank, "world_size": strategy.world_size,
+        "host": socket.gethostname(), "pid": os.getpid(), "device": str(strategy.device),
+        "device_name": torch.cuda.get_device_name(strategy.device) if cuda else None,
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "environment": relevant(os.environ)})
 
 
 def _export_reference(model, plan: RunPlan, path) -> None:

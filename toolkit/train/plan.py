@@ -18,7 +18,7 @@ from toolkit.data.schema import DataError, QAItem
 from .config import TrainConfig, TrainConfigError, replace
 from .data import BatchPlan, SFTExample, encode_sft, load_categories
 from .ops import check_optimizer_build
-from .dsconfig import (derived_batch_note, human_bytes, load_ds_config, memory_estimate, resolve,
+from .dsconfig import (derived_batch_note, describe_disk, disk_estimate, human_bytes, load_ds_config, memory_estimate, resolve,
                        validate_with_deepspeed)
 
 log = logging.getLogger("toolkit.train")
@@ -189,5 +189,7 @@ def describe(plan: RunPlan) -> str:
                      f" + optimizer {human_bytes(est['optimizer'])} = {human_bytes(est['total'])}"
                      + (f" (+{human_bytes(est['cpu_offload'])} CPU, offloaded)" if est["cpu_offload"] else "")
                      + mark)
+    est = disk_estimate(n, ds["bf16"]["enabled"], cfg.optimizer, cfg.keep_last_n)
+    lines += [f"== disk for checkpoints and the export under {cfg.out}", *describe_disk(est, cfg.keep_last_n)]
     lines += [f"note: {note}" for note in plan.notes]
     return "\n".join(lines)

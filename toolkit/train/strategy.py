@@ -48,6 +48,21 @@ def lr_lambda(total_steps: int, warmup_steps: int, kind: str):
     return factor
 
 
+def set_collective_timeout(minutes: int):
+    """The timeout of every process group of this process: the default one (passed to
+    init_distributed) and those created later without a timeout of their own, which torch would give
+    its backend default (NCCL: 10 min), as DeepSpeed's copy of the world group, used by ZeRO, is."""
+    from datetime import timedelta
+
+    import torch.distributed.distributed_c10d as c10d
+
+    timeout = timedelta(minutes=minutes)
+    for name in ("default_pg_timeout", "default_pg_nccl_timeout"):
+        if hasattr(c10d, name):  # read by c10d._get_default_timeout whenever a group gets no timeout
+            setattr(c10d, name, timeout)
+    return timeout
+
+
 def set_seed(seed: int) -> None:
     import numpy as np
     import torch
@@ -74,7 +89,8 @@ class DeepSpeedStrategy:
             os.environ.setdefault(key, default)  # plain `python -m toolkit.train`: a world of one
         if "MASTER_PORT" not in os.environ:
             os.environ["MASTER_PORT"] = str(free_port())
-        deepspeed.init_distributed()  # nccl on GPU; gloo (+ the shm_comm op) on CPU
+        timeout = set_collective_timeout(self.cfg.collective_timeout_min)
+        deepspeed.init_distributed(timeout=timeout)  # nccl on GPU; gloo (+ the shm_comm op) on CPU
         import torch.distributed as dist
 
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
@@ -115,6 +131,23 @@ class DeepSpeedStrategy:
 
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
         return value
+
+    def peak_memory(self) -> dict:
+        """Every rank's peak memory since the last call (all ranks call it): CUDA's max allocated
+        bytes, reset for the next phase; on CPU the process's peak RSS (never reset)."""
+        import resource
+
+        import torch
+        import torch.distributed as dist
+
+        if torch.cuda.is_available():
+            mine, kind = torch.cuda.max_memory_allocated(self.device), "cuda_max_allocated"
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            mine, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process_peak_rss"
+        every: list = [None] * self.world_size
+        dist.all_gather_object(every, mine)
+        return {"kind": kind, "bytes_per_rank": every}
 
     def destroy(self) -> None:
         import torch.distributed as dist
@@ -227,9 +260,12 @@ class DeepSpeedStrategy:
             self._set_rng_state(client_state["rng"][self.rank])
         return client_state
 
-    def rotate_checkpoints(self, ckpt_dir: Path, keep_last_n: int, keep: set[str]) -> list[str]:
-        """Delete all but the newest `keep_last_n` tags and those in `keep` (the best). Rank 0."""
-        removed = []
+    def rotate_checkpoints(self, ckpt_dir: Path, keep_last_n: int, keep: set[str]) -> dict[str, list[str]]:
+        """Rank 0, after 'latest' names the newest complete checkpoint: delete all but the newest
+        `keep_last_n` tags (a resume needs only the newest) and those in `keep` (the best), and reduce
+        a kept tag outside the newest to its weights (the best is only ever loaded module-only, for
+        the export): its optimizer states, ~12 bytes per parameter, go."""
+        removed, pruned = [], []
         if self.is_rank_0:
             tags = sorted((p.name for p in Path(ckpt_dir).iterdir() if p.is_dir() and TAG_RE.match(p.name)),
                           key=lambda t: int(TAG_RE.match(t)[1]))
@@ -237,22 +273,55 @@ class DeepSpeedStrategy:
                 if tag not in keep:
                     shutil.rmtree(Path(ckpt_dir) / tag, ignore_errors=True)
                     removed.append(tag)
+                elif prune_to_weights(Path(ckpt_dir) / tag):
+                    pruned.append(tag)
         self.barrier()
-        return removed
+        return {"removed": removed, "pruned": pruned}
 
     # ------------------------------------------------------------ export
 
     def save_hf_model(self, tokenizer, out_dir: Path) -> None:
-        """Rank 0 writes weights + config + tokenizer (ZeRO-1/2 keep full weights on every rank);
-        written beside the target and renamed, so a reader never sees half a model."""
+        """Rank 0 writes weights + config + tokenizer (ZeRO-1/2 keep full weights on every rank) from a
+        CPU copy of the weights, made tensor by tensor: the export needs no device memory (save_pretrained
+        on the engine's module would clone ZeRO's flat-buffer views on the GPU, +2 bytes per parameter).
+        Written beside the target and renamed, so a reader never sees half a model."""
         if self.is_rank_0:
             model = self.engine.module
             model.config.use_cache = True  # gradient checkpointing turned it off for training
             out_dir = Path(out_dir)
             tmp = out_dir.with_name(f".{out_dir.name}.tmp")
             shutil.rmtree(tmp, ignore_errors=True)
-            model.save_pretrained(tmp, safe_serialization=True)
+            state = cpu_state_dict(model)
+            model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+            del state
             tokenizer.save_pretrained(tmp)
             shutil.rmtree(out_dir, ignore_errors=True)
             os.replace(tmp, out_dir)
         self.barrier()
+
+
+OPTIMIZER_STATE_GLOB = "*optim_states.pt"  # ZeRO-1/2 (zero_pp_rank_*), bf16 optimizer (bf16_zero_pp_rank_*)
+
+
+def prune_to_weights(tag_dir: Path) -> bool:
+    """Delete a checkpoint's optimizer-state files, keeping the model states (weights + client state).
+    Such a checkpoint can still be loaded module-only, never resumed from. True if anything went."""
+    files = list(Path(tag_dir).glob(OPTIMIZER_STATE_GLOB))
+    for f in files:
+        f.unlink(missing_ok=True)
+    return bool(files)
+
+
+def cpu_state_dict(model) -> dict:
+    """The model's state dict copied into fresh CPU tensors one at a time (never views of the engine's
+    buffers); tensors that share storage (tied embeddings) stay shared, so the saved files are the same."""
+    import torch
+
+    out, copies = {}, {}
+    for name, tensor in model.state_dict().items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
+               tuple(tensor.stride()), tensor.dtype, tensor.device)
+        if key not in copies:
+            copies[key] = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu").copy_(tensor.detach())
+        out[name] = copies[key]
+    return out

@@ -1,0 +1,183 @@
+"""Turn-taking on the GPUs: a training rank starts only once its GPU is free.
+
+Probing and training share the GPUs. When the probe finishes, its Ray actors are killed, but a kill
+is asynchronous: an actor process can hold its model's memory for seconds after the driver moved
+on, and a driver or another job can hold a GPU too. A rank that starts then runs out of memory
+minutes later, or fails its first allocation. So each rank, before it joins the process group,
+waits (bounded) until the memory other processes use on its GPU is below a threshold, and fails
+with one line naming the GPU, the processes and their memory otherwise.
+
+Read through `nvidia-smi` (no CUDA context is created by the check); the decisions are plain
+functions of its output, tested without a GPU.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+GPU_QUERY = ("nvidia-smi", "--query-gpu=index,uuid,memory.used,memory.total", "--format=csv,noheader,nounits")
+APPS_QUERY = ("nvidia-smi", "--query-compute-apps=gpu_uuid,pid,process_name,used_memory",
+              "--format=csv,noheader,nounits")
+
+
+class DeviceBusyError(RuntimeError):
+    """A GPU stayed occupied by other processes for longer than the wait allows (one line)."""
+
+
+@dataclass
+class GpuState:
+    index: int
+    uuid: str
+    used_mib: float
+    total_mib: float
+    processes: list[tuple[int, str, float]] = field(default_factory=list)  # (pid, name, MiB)
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:  # "[N/A]", "[Not Supported]"
+        return 0.0
+
+
+def parse_nvidia_smi(gpus_csv: str, apps_csv: str) -> list[GpuState]:
+    """The two CSV answers of nvidia-smi (GPU_QUERY, APPS_QUERY) as one list of GPUs with their processes."""
+    gpus = []
+    for line in gpus_csv.strip().splitlines():
+        index, uuid, used, total = (part.strip() for part in line.split(","))
+        gpus.append(GpuState(int(index), uuid, _number(used), _number(total)))
+    by_uuid = {g.uuid: g for g in gpus}
+    for line in apps_csv.strip().splitlines():
+        parts = [part.strip() for part in line.split(",")]
+        if len(parts) < 4 or parts[0] not in by_uuid:
+            continue
+        uuid, pid, name, used = parts[0], parts[1], ",".join(parts[2:-1]), parts[-1]
+        by_uuid[uuid].processes.append((int(pid), name, _number(used)))
+    return gpus
+
+
+def query_nvidia_smi(timeout_s: float = 30) -> list[GpuState] | None:
+    """This node's GPUs, or None where nvidia-smi is missing or fails (no check possible)."""
+    try:
+        gpus = subprocess.run(GPU_QUERY, capture_output=True, text=True, timeout=timeout_s, check=True).stdout
+        apps = subprocess.run(APPS_QUERY, capture_output=True, text=True, timeout=timeout_s, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return parse_nvidia_smi(gpus, apps)
+
+
+def normalise_uuid(uuid: str) -> str:
+    uuid = uuid.strip().lower()
+    return uuid if uuid.startswith(("gpu-", "mig-")) else f"gpu-{uuid}"
+
+
+def find_gpu(gpus: list[GpuState], uuid: str | None = None, index: int | None = None) -> GpuState | None:
+    for g in gpus:
+        if (uuid is not None and normalise_uuid(g.uuid) == normalise_uuid(uuid)) or (uuid is None and g.index == index):
+            return g
+    return None
+
+
+def others_on(gpu: GpuState, own_pids: set[int]) -> tuple[float, list[tuple[int, str, float]]]:
+    """(MiB used on `gpu` by processes other than ours, those processes). The device's own figure
+    counts too: processes in other containers are not listed, yet their memory is used."""
+    listed = [p for p in gpu.processes if p[0] not in own_pids]
+    ours = sum(p[2] for p in gpu.processes if p[0] in own_pids)
+    return max(gpu.used_mib - ours, sum(p[2] for p in listed)), listed
+
+
+def describe_busy(gpu: GpuState, used_mib: float, procs: list[tuple[int, str, float]]) -> str:
+    shown = ", ".join(f"pid {pid} ({name}) {mib / 1024:.1f} GiB" for pid, name, mib in procs[:4]) or \
+        "processes not visible from here (another container?)"
+    return f"GPU {gpu.index} ({gpu.uuid}) has {used_mib / 1024:.1f} GiB in use by other processes: {shown}"
+
+
+def wait_for_free_gpu(gpu_uuid: str | None, gpu_index: int | None, own_pids: set[int], busy_mib: float,
+                      timeout_s: float, poll_s: float = 2.0,
+                      query: Callable[[], list[GpuState] | None] = query_nvidia_smi,
+                      clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
+                      log: Callable[[str], None] | None = None) -> float | None:
+    """Wait until the GPU (by UUID, else index) has at most `busy_mib` used by other processes.
+    Returns the seconds waited, or None when it cannot be checked (no nvidia-smi, GPU not listed).
+    Raises DeviceBusyError after `timeout_s`."""
+    start = clock()
+    announced = False
+    while True:
+        gpus = query()
+        gpu = find_gpu(gpus, gpu_uuid, gpu_index) if gpus else None
+        if gpu is None:
+            return None
+        used, procs = others_on(gpu, own_pids)
+        if used <= busy_mib:
+            return clock() - start
+        waited = clock() - start
+        if waited >= timeout_s:
+            raise DeviceBusyError(f"{describe_busy(gpu, used, procs)}, still after {waited:.0f} s; training needs "
+                                  f"it free (at most {busy_mib:g} MiB used by others): the probe's Ray actors not "
+                                  "yet gone, or another job? Free the GPU, or raise gpu_wait_s / gpu_busy_mib")
+        if log and not announced:
+            log(f"waiting for the GPU: {describe_busy(gpu, used, procs)}")
+            announced = True
+        sleep(poll_s)
+
+
+def wait_for_this_ranks_gpu(wait_s: int, busy_mib: float, log: Callable[[str], None] | None = None) -> float | None:
+    """In a training rank, before it touches its GPU: the GPU of LOCAL_RANK (as torch numbers the
+    visible devices) must be free. Nothing to do on CPU or with wait_s == 0."""
+    import torch
+
+    if wait_s <= 0 or not torch.cuda.is_available():
+        return None
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    uuid, index = physical_gpu(local, os.environ.get("CUDA_VISIBLE_DEVICES"),
+                               getattr(torch.cuda.get_device_properties(local), "uuid", None))
+    return wait_for_free_gpu(uuid, index, {os.getpid()}, busy_mib, wait_s, log=log)
+
+
+def physical_gpu(local_rank: int, visible: str | None, torch_uuid=None) -> tuple[str | None, int | None]:
+    """(UUID, nvidia-smi index) of the GPU torch calls cuda:<local_rank>: its UUID when torch reports
+    one (unambiguous), else the CUDA_VISIBLE_DEVICES entry (an index or a UUID), else the index itself."""
+    if torch_uuid is not None and str(torch_uuid):
+        return normalise_uuid(str(torch_uuid)), None
+    entries = [e.strip() for e in visible.split(",") if e.strip()] if visible else []
+    if local_rank < len(entries):
+        entry = entries[local_rank]
+        return (entry, None) if not entry.isdigit() else (None, int(entry))
+    return None, local_rank
+
+
+# ---------------------------------------------------------------- processes
+
+
+def process_alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie, exited but not reaped, counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+
+def wait_for_exit(pids: list[int], timeout_s: float, what: str = "process", poll_s: float = 0.2,
+                  clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> float:
+    """Wait until every pid has exited; DeviceBusyError naming those left after `timeout_s`."""
+    start = clock()
+    while True:
+        alive = [pid for pid in pids if process_alive(pid)]
+        if not alive:
+            return clock() - start
+        if clock() - start >= timeout_s:
+            raise DeviceBusyError(f"{len(alive)} {what}(es) still running {timeout_s:g} s after being stopped "
+                                  f"(pid {', '.join(map(str, alive[:8]))}); they hold the memory training needs")
+        sleep(poll_s)
