@@ -318,7 +318,8 @@ class Pipeline:
         c = self.cfg
         return {"preset": c.preset, "model": c.model or EMBEDDED_MODEL, "data": str(self.full_data),
                 "seeds": list(c.seeds), "probe": f"N_ex={c.probe.num_exemplar_sets} k={c.probe.shots} "
-                f"n={c.probe.samples} T={c.probe.temperature} top-k={c.probe.top_k}",
+                f"n={c.probe.samples} T={c.probe.temperature} top-k={c.probe.top_k} "
+                f"({'full' if c.probe.full_sampling else 'lazy'} sampling, dtype {c.probe.dtype})",
                 "stage-1 categories": ",".join(c.selection.stage1_categories),
                 "stage-2 strategy": c.selection.stage2_strategy, "replay ratio": c.selection.replay_ratio,
                 "stage-2 lr factor": c.train.stage2_lr_factor}
