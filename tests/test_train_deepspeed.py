@@ -552,6 +552,85 @@ def test_bf16_with_fp32_gradient_accumulation_trains_under_zero1_and_zero2(work,
     assert result["optimizer_files"] == ["bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"]  # what pruning deletes
 
 
+# Dev evaluation inside a real 2-rank process group (gloo, started by the deepspeed launcher): each
+# rank answers its shard, the results are gathered; every rank writes what it got.
+SHARDED_EVAL = r"""
+import json
+import os
+import sys
+
+import deepspeed
+import torch.distributed as dist
+
+import toolkit.train.evaluate as evaluation
+from toolkit.data.loading import load_qa
+from toolkit.models import ModelSpec, load_model
+
+model_dir, data, out = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the launcher adds it
+deepspeed.init_distributed()
+rank = dist.get_rank()
+answered = []
+real = evaluation.greedy_answers
+
+
+def counting(model, tokenizer, questions, *args, **kwargs):  # records the shard, answers it for real
+    answered.extend(questions)
+    return real(model, tokenizer, questions, *args, **kwargs)
+
+
+evaluation.greedy_answers = counting
+model, tokenizer = load_model(ModelSpec(source=model_dir, dtype="float32", device="cpu"))
+items = load_qa(data, splits=("dev",))
+result = evaluation.evaluate(model, tokenizer, items, batch_size=4, max_new_tokens=6, categories={})
+with open(f"{out}/rank{rank}.json", "w") as fh:
+    json.dump({"accuracy": result.accuracy, "count": result.count, "correct": result.correct,
+               "answers": result.answers, "answered": len(answered)}, fh)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow  # a 2-rank launch (~30 s)
+def test_sharded_dev_evaluation_equals_unsharded_on_two_ranks(tmp_path, tiny_model_dir, synthetic_items):
+    """Two ranks each answer their half of the dev set; gathered, both ranks hold the same per-item
+    results and accuracy as one process answering everything. The model first memorises 8 of the 15
+    items (a plain SFT loop), so there are right and wrong answers to agree on."""
+    import shutil
+
+    import torch
+
+    from toolkit.io import write_jsonl
+    from toolkit.models import ModelSpec, load_model
+    from toolkit.train.data import collate, encode_sft
+    from toolkit.train.evaluate import evaluate
+
+    dev = [it for it in synthetic_items if it.split == "dev"][:15]  # odd: the shards differ in size
+    write_jsonl(tmp_path / "dev.jsonl", [it.to_dict() for it in dev])
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    model, tokenizer = load_model(ModelSpec(source=str(model_dir), dtype="float32", device="cpu"))
+    batch = collate([encode_sft(tokenizer, it, 64) for it in dev[::2]], tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(60):
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.save_pretrained(model_dir)
+    unsharded = evaluate(model, tokenizer, dev, batch_size=4, max_new_tokens=6)
+    assert 0.3 <= unsharded.accuracy <= 0.8, unsharded.answers  # right and wrong answers to agree on
+    (tmp_path / "eval.py").write_text(SHARDED_EVAL)
+    cmd = [DEEPSPEED, "--num_accelerators", "2", "--master_port", str(free_port()), str(tmp_path / "eval.py"),
+           str(model_dir), str(tmp_path / "dev.jsonl"), str(tmp_path)]
+    rc, text = finish(start(cmd, tmp_path / "log"), tmp_path / "log")
+    assert rc == 0, text[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["answered"] for r in ranks] == [8, 7]  # each rank generated for its shard only
+    for r in ranks:
+        assert r["count"] == 15 and r["accuracy"] == unsharded.accuracy
+        assert r["correct"] == unsharded.correct and r["answers"] == unsharded.answers
+
+
 # The process dies right after DeepSpeed's own save of the second checkpoint, before the strategy
 # writes that tag's trainer_state.json: a real engine (one CPU rank), a real save, then SystemExit.
 CRASH_AFTER_DEEPSPEED_SAVE = r"""
