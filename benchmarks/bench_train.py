@@ -31,9 +31,11 @@ PRESETS = {
     "cpu": dict(model="smollm2", ranks=2, micro_batch=4, accum=1, steps=6, warmup_steps=2,
                 variants=["zero0", "zero1", "zero2", "zero2-ckpt", "zero2-adamw_8bit"], optimizer="adamw", budget_s=0,
                 timeout=900),
-    "gpu": dict(model="random:llama-3.2-1b", ranks=1, micro_batch=256, accum=1, steps=10, warmup_steps=3,
-                variants=["zero0", "zero1", "zero2", "zero0-ckpt", "zero2-ckpt", "zero2-adamw_8bit"],
-                optimizer="deepspeed_adam", inputs=str(common.DEFAULT_INPUTS), budget_s=480, timeout=300),
+    # ranks: every GPU of the machine (ZeRO's communication only exists between ranks)
+    "gpu": dict(model="random:llama-3.2-1b", ranks=None, micro_batch=256, accum=1, steps=10, warmup_steps=3,
+                variants=["zero0", "zero1", "zero2", "zero0-ckpt", "zero2-ckpt", "zero2-deepspeed_adam",
+                          "zero2-adamw_8bit"],
+                optimizer="adamw", inputs=str(common.DEFAULT_INPUTS), budget_s=480, timeout=300),
     "smoke": dict(model="random:tiny", ranks=1, micro_batch=2, accum=1, steps=1, warmup_steps=0,
                   variants=["zero0", "zero1"], optimizer="adamw", budget_s=0, timeout=300),
 }
@@ -43,7 +45,7 @@ def parse_args(argv, prog=None):
     p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_common_args(p, PRESETS)
     p.add_argument("--model", help="smollm2, a HF directory, or random:<shape>")
-    p.add_argument("--ranks", type=int, help="processes (GPUs, or CPU ranks)")
+    p.add_argument("--ranks", type=int, help="processes (GPUs, or CPU ranks); the gpu preset: every GPU present")
     p.add_argument("--micro-batch", type=int, help="micro_batch_size per rank")
     p.add_argument("--accum", type=int, help="gradient_accumulation_steps")
     p.add_argument("--steps", type=int, help="timed optimizer steps per variant")
@@ -104,6 +106,13 @@ def stub_tensorboard() -> None:
 
 
 # ---------------------------------------------------------------- variants
+
+
+def resolve_ranks(ranks: int | None, on_gpu: bool, gpus: int) -> int:
+    """The ranks a variant runs with: as given, else every GPU present (1 rank on a CPU)."""
+    if ranks:
+        return ranks
+    return gpus if on_gpu and gpus else 1
 
 
 def parse_variant(name: str, default_optimizer: str) -> dict:
@@ -217,6 +226,7 @@ def main(argv=None, prog=None) -> int:
 
     args.data, args.tokenizer = common.resolve_inputs(args.inputs, args.data, args.tokenizer)
     on_gpu = torch.cuda.is_available()
+    args.ranks = resolve_ranks(args.ranks, on_gpu, torch.cuda.device_count() if on_gpu else 0)
     ceilings = common.measure_ceilings()
     variants = [parse_variant(v, args.optimizer) for v in args.variants]
     n_params = count_params(args.model)

@@ -62,9 +62,10 @@ def check_targets(results: list[dict], model: str, on_gpu: bool, args) -> list[d
             got = r["x_zero0"]
             out.append(dict(target="ZeRO-2 tokens/s >= 0.9x ZeRO-0", variant=r["variant"], required=0.9, measured=got,
                             met=got >= 0.9, shortfall=None if got >= 0.9 else 0.9 / got))
-        if on_gpu and r["status"] == "ok" and "llama-3.2-1b" in model and args.ranks == 1 and r.get("mfu") is not None:
+        if on_gpu and r["status"] == "ok" and "llama-3.2-1b" in model and r.get("mfu") is not None:
             got = r["mfu"]
-            out.append(dict(target="MFU >= 40% (1B, bf16, 1 GPU)", variant=r["variant"], required=0.4, measured=got,
+            out.append(dict(target=f"MFU >= 40% (1B, bf16, {args.ranks} GPU(s))", variant=r["variant"], required=0.4,
+                            measured=got,
                             met=got >= 0.4, shortfall=None if got >= 0.4 else 0.4 / got))
     return out
 

@@ -50,11 +50,14 @@ class Records:
         self.losses, self.evals, self.writer = out / "losses.jsonl", out / "evals.jsonl", None
         if not enabled:
             return
-        from torch.utils.tensorboard import SummaryWriter
-
         for path in (self.losses, self.evals):
             rows = read_jsonl(path) if path.exists() and resumed_step is not None else []
             write_jsonl(path, [r for r in rows if r["step"] <= (resumed_step or 0)])
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # a minimal install (the tensorboard package missing): the JSONL records suffice
+            log.warning("tensorboard is not installed: no TensorBoard logs (losses.jsonl and evals.jsonl are written)")
+            return
         self.writer = SummaryWriter(str(plan.cfg.tensorboard_dir),
                                     purge_step=None if resumed_step is None else resumed_step + 1)
 
@@ -65,13 +68,15 @@ class Records:
     def step(self, row: dict) -> None:
         if self.enabled:
             self._append(self.losses, row)
-            for key in ("loss", "lr", "grad_norm", "tokens_per_s"):
+            for key in ("loss", "lr", "grad_norm", "tokens_per_s") if self.writer else ():
                 if row.get(key) is not None:
                     self.writer.add_scalar(f"train/{key}", row[key], row["step"])
 
     def eval(self, row: dict) -> None:
         if self.enabled:
             self._append(self.evals, row)
+            if self.writer is None:
+                return
             for split in ("dev", "train"):
                 if row.get(split):
                     self.writer.add_scalar(f"eval/{split}_accuracy", row[split]["accuracy"], row["step"])
