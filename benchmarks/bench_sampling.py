@@ -163,7 +163,8 @@ def bench_engine(name, model, tokenizer, requests, args, force, ceilings, prompt
                answers_per_s=n_answers / seconds, generated_tokens=tokens, generated_tokens_per_s=tokens / seconds,
                tokens_per_answer=tokens / n_answers,
                peak_memory=common.peak_memory(base, sum(p.numel() * p.element_size() for p in model.parameters())),
-               stats=dict(getattr(engine, "last_stats", {})), greedy=[a.greedy for a in answers])
+               stats=dict(getattr(engine, "last_stats", {})), greedy=[a.greedy for a in answers],
+               all_answers=[(a.greedy, a.samples) for a in answers])
     if name in args.prefill_engines:  # prefill alone: the same engine settings with max_new_tokens=1
         one = make_engine(name, model, tokenizer, ProbeConfig(samples=args.samples, max_new_tokens=1), args, force)
         one.generate(requests[:args.batch_prompts])
@@ -206,9 +207,13 @@ def bench_model(source, requests, args, on_gpu, ceilings) -> dict:
         if base and r is not base:  # same prompts, same greedy decoding: a sanity check, not a target
             pairs = list(zip(r["greedy"], base["greedy"]))
             r["greedy_agreement_vs_generate"] = sum(a == b for a, b in pairs) / len(pairs)
+    full = next((r for r in rows if r["engine"] == "toolkit"), None)
+    for r in rows:  # a feature switched off must not change any answer, sampled ones included
+        if full and r["engine"] in FEATURE_OFF:
+            r["same_answers_as_toolkit"] = r["all_answers"] == full["all_answers"]
     for r in rows:
         r.pop("greedy")
-    full = next((r for r in rows if r["engine"] == "toolkit"), None)
+        r.pop("all_answers")
     gains = {FEATURE_OFF[r["engine"]]: full["answers_per_s"] / r["answers_per_s"]
              for r in rows if full and r["engine"] in FEATURE_OFF}
     result = dict(model=source, params=sum(p.numel() for p in model.parameters()),

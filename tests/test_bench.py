@@ -37,6 +37,7 @@ def test_sampling_smoke_through_the_cli(tmp_path, capsys):
         assert r["tokens_per_answer"] == 2  # forced full length
     assert rows["generate"]["x_generate"] == 1 and rows["toolkit"]["prefill_tokens_per_s"] > 0
     assert set(model["feature_gain"]) == {"fan_out_kv", "bucket_by_length"}
+    assert rows["no-fanout"]["same_answers_as_toolkit"] and rows["no-bucketing"]["same_answers_as_toolkit"]
     assert result["extrapolation"][0]["hours_8"] == pytest.approx(result["extrapolation"][0]["hours_1"] / 8)
     modes = {r["sampling"]: r for r in result["probe_modes"]["runs"]}  # lazy vs full, the probe's own loop
     assert set(modes) == {"full", "lazy"} and modes["full"]["answers"] == 3 * 1 * 3

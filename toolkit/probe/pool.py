@@ -223,7 +223,7 @@ def worker_info() -> dict:
 
     ctx = ray.get_runtime_context()
     return dict(pid=os.getpid(), node_id=ctx.get_node_id(), hostname=socket.gethostname(),
-                actor_id=ctx.get_actor_id())
+                actor_id=ctx.get_actor_id(), gpu_ids=[str(g) for g in ray.get_gpu_ids()])
 
 
 def actor_device(gpu_ids: list) -> str:
