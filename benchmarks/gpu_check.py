@@ -50,6 +50,7 @@ from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+from gpu_check_probe import probe_checks  # noqa: E402
 
 TRAIN_MODEL = "random:llama-3.2-1b"
 SMOKE_MODEL = "random:tiny"
@@ -365,10 +366,9 @@ TRAIN_CHECKS = [
     Check("turn_taking", check_turn_taking, ("setup",), estimate_s=25),
 ]
 
-# The probe engine's GPU checks go in PARTS["probe"]: Check(name, function(ctx) -> JSON-able dict,
-# needs=(...), estimate_s=...), in the order they run; ctx.work is a scratch directory, ctx.shared
-# passes results (paths, sizes) between checks. Their results land in the same JSON under "probe".
-PARTS: dict[str, list[Check]] = {"train": TRAIN_CHECKS, "probe": []}
+# The probe engine's GPU checks: benchmarks/gpu_check_probe.py (engine vs generate, CUDA graphs vs
+# eager, the decode roofline on 1B and 8B shapes; actors on their own devices).
+PARTS: dict[str, list[Check]] = {"train": TRAIN_CHECKS, "probe": probe_checks(Check)}
 
 
 # ---------------------------------------------------------------- command line

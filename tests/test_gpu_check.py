@@ -116,3 +116,22 @@ def test_bench_train_gpu_preset_uses_every_gpu():
     assert bench.resolve_ranks(None, True, 8) == 8 and bench.resolve_ranks(None, False, 0) == 1
     assert bench.resolve_ranks(2, True, 8) == 2
     assert bench.parse_args(["--preset", "gpu"]).ranks is None  # decided when the GPUs are known
+
+
+def test_probe_part_fits_the_budget(gpu_check):
+    names = [c.name for c in gpu_check.PARTS["probe"]]
+    assert names == ["engine_1b", "engine_8b", "actors"]
+    assert sum(c.estimate_s for c in gpu_check.PARTS["probe"]) <= gpu_check.BUDGET_S
+
+
+@pytest.mark.slow  # the probe checks for real on CPU with a tiny model (~40 s): checks the script, not a GPU
+def test_probe_checks_smoke_on_cpu(tmp_path):
+    done = subprocess.run([sys.executable, str(SCRIPT), "--probe", "--smoke", "--out", str(tmp_path)],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads(next(tmp_path.glob("gpu-check-*.json")).read_text())
+    probe = result["results"]["probe"]
+    assert result["summary"]["probe"]["ok"] == ["engine_1b", "engine_8b", "actors"]
+    assert probe["engine_1b"]["x_generate"] > 0 and set(probe["engine_1b"]["answers_per_s"]) == {"toolkit", "generate"}
+    assert probe["actors"]["devices"] == {"two_actors_one_gpu": ["cpu"], "cpu_actor": ["cpu"]}
+    assert probe["actors"]["cpu_rows_equal"] is True
