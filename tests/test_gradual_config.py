@@ -164,6 +164,7 @@ def test_paper_preset_dry_run_through_the_cli(capsys):
     assert main(["run", "--preset", "paper", "--dry-run", "--set", "train.num_gpus=8"]) == 0
     out = capsys.readouterr().out
     assert "training launch: train_batch_size 64 = micro_batch_size 8 x gradient_accumulation_steps 1 x world size 8" in out
+    assert "training disk: up to " in out and "for 2 training stage(s)" in out and "checkpoints deleted" in out
     assert "config ok" in out
     # a world size that no micro batch fits: one line, exit 2
     assert main(["run", "--preset", "paper", "--dry-run", "--set", "train.num_gpus=3"]) == 2

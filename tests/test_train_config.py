@@ -236,6 +236,23 @@ def test_memory_estimate_follows_zero_stages():
     assert memory_estimate(n, 1, 8, True, "adamw_8bit", False)["optimizer"] == n * 6 / 8
 
 
+def test_disk_estimate_of_a_run_and_of_a_pipeline():
+    from toolkit.train.dsconfig import checkpoint_bytes, disk_estimate
+
+    n = 8_000_000_000  # an 8B model, bf16, Adam: 2 + 12 bytes per parameter per checkpoint
+    assert checkpoint_bytes(n, True, "adamw") == {"weights": 2 * n, "optimizer": 12 * n, "full": 14 * n}
+    assert checkpoint_bytes(n, False, "adamw_8bit")["full"] == (4 + 6) * n
+    one = disk_estimate(n, True, "adamw", keep_last_n=1)
+    # while training: the kept checkpoint + a new one being written + the best one's weights
+    assert one["stage_peak"] == 2 * 14 * n + 2 * n and one["finished_stage"] == 14 * n + 2 * n + 2 * n
+    # 7 stages one after another, each leaving only its export behind (the pipeline's default) ...
+    seven = disk_estimate(n, True, "adamw", keep_last_n=1, stages=7, keep_checkpoints=False)
+    assert seven["total_peak"] == 6 * 2 * n + one["stage_peak"]
+    # ... or everything (train.keep_checkpoints): 16 bytes per parameter more per finished stage (770 GB)
+    kept = disk_estimate(n, True, "adamw", keep_last_n=1, stages=7, keep_checkpoints=True)
+    assert kept["total_peak"] - seven["total_peak"] == 6 * 16 * n
+
+
 # ---------------------------------------------------------------- data
 
 
