@@ -348,19 +348,22 @@ def _release_ray(timeout_s: float = RAY_RELEASE_S) -> None:
     from toolkit.train.devices import DeviceBusyError, wait_for_exit
 
     context = ray.get_runtime_context()
-    deadline = time.monotonic() + timeout_s
+    job = ray.JobID.from_hex(context.get_job_id())
+    deadline, since_ms = time.monotonic() + timeout_s, (time.time() - timeout_s) * 1000
+    recent: set[str] = set()  # actors alive now or ended lately (older pids may belong to others by now)
     while True:
-        actors = ray._private.state.actors(job_id=ray.JobID.from_hex(context.get_job_id()))
+        actors = ray._private.state.actors(job_id=job)
+        recent |= {i for i, a in actors.items() if a["State"] != "DEAD" or a["EndTime"] >= since_ms}
         alive = [a for a in actors.values() if a["State"] != "DEAD"]
         if not alive:
             break
         if time.monotonic() >= deadline:
+            names = ", ".join(sorted({a["ActorClassName"].rsplit(".", 1)[-1] for a in alive}))
             raise DeviceBusyError(f"{len(alive)} Ray actor(s) of the probe still alive {timeout_s:g} s after it "
-                                  f"finished ({', '.join(sorted({a['ActorClassName'].rsplit('.', 1)[-1] for a in alive}))}); "
-                                  "training would compete with them for the GPUs")
+                                  f"finished ({names}); training would compete with them for the GPUs")
         time.sleep(0.2)
     here = context.get_node_id()
-    local = [a["Pid"] for a in actors.values() if a["Address"]["NodeID"] == here and a["Pid"]]
+    local = [actors[i]["Pid"] for i in recent if actors[i]["Address"]["NodeID"] == here and actors[i]["Pid"]]
     wait_for_exit(local, max(1.0, deadline - time.monotonic()), what="Ray actor process")
     ray.shutdown()
 
