@@ -91,3 +91,15 @@ def test_build_facts_then_validate(tmp_path, capsys):
     stats = json.loads((out / "stats.json").read_text())
     assert main(["data", "validate", str(out)]) == 0
     assert f"ok: {stats['total']} items" in capsys.readouterr().out
+
+
+def test_a_failed_step_is_its_message_and_exit_1(monkeypatch, capsys, tmp_path):
+    from toolkit.cli import main
+    from toolkit.gradual import pipeline
+
+    def failing_run(self):
+        raise pipeline.PipelineError("training failed (exit 7); full log: stage1/train.log")
+
+    monkeypatch.setattr(pipeline.Pipeline, "run", failing_run)
+    assert main(["run", "--out", str(tmp_path / "run")]) == 1
+    assert capsys.readouterr().err.strip() == "error: training failed (exit 7); full log: stage1/train.log"

@@ -9,7 +9,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from toolkit.exit_codes import EXIT_BAD_INPUT
+from toolkit.exit_codes import EXIT_BAD_INPUT, EXIT_FAILED
 
 
 class UsageError(ValueError):
@@ -24,6 +24,15 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from toolkit.report.render import ReportError
 
     return (DataError, ModelError, UsageError, ConfigError, SelectionError, ReportError, FileNotFoundError)
+
+
+def _runtime_failures() -> tuple[type[Exception], ...]:
+    """Work that started and failed (a training stage, an actor group, a busy GPU): its message, exit 1."""
+    from toolkit.gradual.pipeline import PipelineError
+    from toolkit.probe.pool import ActorGroupError
+    from toolkit.train.devices import DeviceBusyError
+
+    return (PipelineError, ActorGroupError, DeviceBusyError)
 
 
 # ---------------------------------------------------------------- data
@@ -135,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     except _user_errors() as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except _runtime_failures() as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

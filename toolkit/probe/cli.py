@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 from toolkit import config as cfglib
 
@@ -34,15 +33,10 @@ def configs_from_args(args) -> tuple[RunConfig, ProbeConfig, Placement]:
 
 
 def cmd_probe(args) -> int:
-    from .pool import ActorGroupError
     from .runner import run_probe
 
     run, probe, placement = configs_from_args(args)
-    try:
-        summary = run_probe(run, probe, placement)
-    except ActorGroupError as err:  # a runtime failure (placement, repeated deaths): one line, exit 1
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    summary = run_probe(run, probe, placement)  # an ActorGroupError ends in one line, exit 1 (toolkit.cli)
     print(f"probed {summary['items']} items ({summary['total_answers']} answers) in {summary['wall_s']:.1f}s; "
           f"{summary['questions_per_s']:.2f} q/s, {summary['answers_per_s']:.1f} answers/s")
     print(json.dumps(summary["counts"], sort_keys=True))
