@@ -26,8 +26,8 @@ def test_embedded_smollm2_answers_easy_questions(smollm2, country, capital):
     assert greedy_answer(model, tokenizer, f"{SHOTS}Q: What is the capital of {country}?\nA:") == capital
 
 
-def test_embedded_smollm2_is_the_real_135m_model_with_sdpa(smollm2):
-    model, tokenizer = smollm2
+def test_embedded_smollm2_is_the_real_135m_model_with_sdpa():
+    model, tokenizer = load_model(ModelSpec())  # its own: the shared fixture's attention is switched by FastEngine
     assert sum(p.numel() for p in model.parameters()) == 134_515_008
     assert model.config._attn_implementation == "sdpa"
     assert next(model.parameters()).dtype == torch.float32
