@@ -1,9 +1,15 @@
 """Metrics computed by hand on small constructed cases."""
+import json
 import math
 
-from toolkit.report.metrics import (accuracy, accuracy_by_category, bootstrap_ci, category_counts,
-                                    forgetting, knowledge_acquired, mean_over_seeds, paired_difference,
-                                    transition_matrix)
+import numpy as np
+import pytest
+
+from toolkit.io import write_json
+from toolkit.report.collect import json_safe
+from toolkit.report.metrics import (DIFFERENCE, PROPORTION, accuracy, accuracy_by_category, bootstrap_ci,
+                                    category_counts, forgetting, knowledge, knowledge_acquired,
+                                    knowledge_difference, mean_over_seeds, paired_difference, transition_matrix)
 
 H, M, W, U = "HighlyKnown", "MaybeKnown", "WeaklyKnown", "Unknown"
 C0 = {"a": H, "b": H, "c": M, "d": W, "e": U, "f": U}
@@ -23,7 +29,7 @@ def test_knowledge_acquired_is_the_relative_gain_in_highly_known():
     k = knowledge_acquired(C1, C2)
     assert (k["highly_known_one_stage"], k["highly_known_two_stage"], k["gain"]) == (2, 5, 3)
     assert k["relative_gain"] == 1.5
-    assert math.isnan(knowledge_acquired({"x": U}, {"x": H})["relative_gain"])
+    assert knowledge_acquired({"x": U}, {"x": H})["relative_gain"] is None  # no base: null, not NaN
 
 
 def test_forgetting_counts_base_highly_known_that_dropped():
@@ -31,6 +37,7 @@ def test_forgetting_counts_base_highly_known_that_dropped():
     assert f["base_highly_known"] == 2 and f["dropped"] == 1 and f["fraction"] == 0.5
     assert f["dropped_to"] == {M: 1, W: 0, U: 0}
     assert forgetting(C0, C2)["dropped"] == 0
+    assert forgetting({"x": U}, {"x": U})["fraction"] is None  # nothing HighlyKnown to forget
 
 
 def test_accuracy_and_bootstrap_interval():
@@ -50,6 +57,8 @@ def test_accuracy_by_base_category():
     assert acc["overall"]["accuracy"] == 0.5
     assert acc[H]["accuracy"] == 1.0 and acc[H]["n"] == 2
     assert acc[M]["accuracy"] == 0.0 and acc[W]["accuracy"] == 1.0 and acc[U]["accuracy"] == 0.0
+    empty = accuracy_by_category({"a": True}, {"a": H})[U]  # no test item is Unknown
+    assert empty == {"accuracy": None, "low": None, "high": None, "n": 0}
 
 
 def test_paired_difference_interval_excludes_zero_only_for_a_clear_win():
@@ -67,4 +76,71 @@ def test_mean_over_seeds_uses_student_t():
     assert math.isclose(m["mean"], 0.5)
     half = 4.303 * 0.1 / math.sqrt(3)
     assert math.isclose(m["high"] - m["mean"], half, rel_tol=1e-9)
-    assert math.isnan(mean_over_seeds([0.5])["low"])
+    assert m["seeds"] == 3
+
+
+def test_t_interval_over_three_seeds_by_hand_and_clipped_to_a_proportion():
+    # mean 0.3; sample sd sqrt((0.04 + 0.01 + 0.09) / 2) = sqrt(0.07); t(2 df) = 4.303
+    half = 4.303 * math.sqrt(0.07) / math.sqrt(3)  # 0.65729: the raw interval is [-0.357, 0.957]
+    raw = mean_over_seeds([0.1, 0.2, 0.6], DIFFERENCE)
+    assert math.isclose(raw["mean"], 0.3) and math.isclose(raw["low"], 0.3 - half)
+    assert math.isclose(raw["high"], 0.3 + half) and raw["low"] < 0
+    accuracy_like = mean_over_seeds([0.1, 0.2, 0.6], PROPORTION)
+    assert accuracy_like["low"] == 0.0 and math.isclose(accuracy_like["high"], 0.3 + half)
+    wide = mean_over_seeds([0.9, 1.0], PROPORTION)  # t(1 df) = 12.706, sd / sqrt(2) = 0.05: past 1 unclipped
+    assert wide["high"] == 1.0 and math.isclose(wide["low"], 0.95 - 12.706 * 0.05)
+
+
+def test_one_seed_has_no_interval_and_missing_seeds_are_left_out():
+    assert mean_over_seeds([0.5], PROPORTION) == {"mean": 0.5, "low": None, "high": None, "seeds": 1}
+    assert mean_over_seeds([]) == {"mean": None, "low": None, "high": None, "seeds": 0}
+    m = mean_over_seeds([0.4, None, float("nan"), 0.6])  # a metric two of four seeds have
+    assert m["seeds"] == 2 and math.isclose(m["mean"], 0.5)
+    assert math.isclose(m["high"] - 0.5, 12.706 * math.sqrt(0.02) / math.sqrt(2))
+
+
+def test_knowledge_counts_highly_known_train_items_beyond_m1():
+    # C1 knows a, c (2 of 6); C2 knows a, b, c, d, f (5 of 6)
+    assert knowledge(C2, C1) == {"highly_known": 5, "items": 6, "fraction": 5 / 6, "gain_vs_M1": 3,
+                                 "gain_fraction_vs_M1": 0.5}
+    assert knowledge(C1, C1)["gain_vs_M1"] == 0
+    assert knowledge(C0, C1)["gain_fraction_vs_M1"] == 0.0  # 2 HighlyKnown each
+    assert knowledge({}, C1)["fraction"] is None
+
+
+def test_knowledge_difference_pairs_the_highly_known_indicator_per_item():
+    # indicators C2 - C1 per item: a 0, b 1, c 0, d 1, e 0, f 1
+    d = knowledge_difference(C2, C1)
+    assert d["difference"] == 0.5 and d["n"] == 6
+    assert 0 <= d["low"] <= 0.5 <= d["high"] <= 1
+    ids = [f"t{i}" for i in range(200)]
+    all_known = {i: H for i in ids}
+    half_known = {i: H if n % 2 else U for n, i in enumerate(ids)}
+    clear = knowledge_difference(all_known, half_known)
+    assert clear["difference"] == 0.5 and clear["low"] > 0.4
+    reverse = knowledge_difference(half_known, all_known)
+    assert reverse["difference"] == -0.5 and reverse["high"] < 0
+    # only the items both tables hold are paired
+    assert knowledge_difference({"a": H, "z": H}, {"a": U, "y": U})["n"] == 1
+
+
+def test_json_safe_turns_every_non_finite_number_into_null():
+    raw = {"a": float("nan"), "b": [1.0, float("inf"), {"c": -float("inf")}], "d": np.float64("nan"),
+           "e": np.int64(3), "f": (0.5, None), "g": "NaN", "h": True}
+    safe = json_safe(raw)
+    assert safe == {"a": None, "b": [1.0, None, {"c": None}], "d": None, "e": 3, "f": [0.5, None],
+                    "g": "NaN", "h": True}
+    json.dumps(safe, allow_nan=False)  # a strict writer accepts it
+
+
+def test_write_json_strict_refuses_nan(tmp_path):
+    path = tmp_path / "metrics.json"
+    with pytest.raises(ValueError):
+        write_json(path, {"x": float("nan")}, strict=True)
+    with pytest.raises(ValueError):
+        write_json(path, {"x": [float("inf")]}, strict=True)
+    assert not path.exists()  # nothing half-written
+    write_json(path, {"x": None}, strict=True)
+    assert json.loads(path.read_text()) == {"x": None}
+    write_json(path, {"x": float("nan")})  # the default stays permissive
+    assert "NaN" in path.read_text()

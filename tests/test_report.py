@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from toolkit.io import write_json as toolkit_write_json
 from toolkit.report.collect import collect_metrics
 from toolkit.report.render import ReportError, render_report
 
@@ -77,6 +78,25 @@ def shape(x):
     if isinstance(x, (int, float)):
         return "number"
     return type(x).__name__
+
+
+def assert_holds_shape(got, real, where="metrics"):
+    """`got` has every key of `real` with a value of the same shape (it may have more keys); a NaN in
+    the real file (written before metrics.json became strict JSON) is null in `got`."""
+    if isinstance(real, dict):
+        assert isinstance(got, dict), where
+        for key, value in real.items():
+            assert key in got, f"{where}: no {key!r}"
+            assert_holds_shape(got[key], value, f"{where}.{key}")
+    elif isinstance(real, float) and real != real:
+        assert got is None, f"{where}: {got!r} instead of null"
+    else:
+        assert shape(got) == shape(real), where
+
+
+def is_subsequence(part: list, whole: list) -> bool:
+    rest = iter(whole)
+    return all(item in rest for item in part)
 
 
 def write_jsonl(path: Path, rows) -> None:
@@ -150,8 +170,8 @@ def build_run_dir(run_dir: Path, real: dict) -> None:
 def test_collect_writes_the_keys_of_the_real_run(tmp_path, real_metrics):
     build_run_dir(tmp_path, real_metrics)
     run_info = {k: v for k, v in real_metrics["run"].items() if k != "items (train/dev/test)"}
-    got = json.loads(json.dumps(collect_metrics(tmp_path, [0], (), run_info=run_info)))
-    assert shape(got) == shape(real_metrics)
+    got = json.loads(json.dumps(collect_metrics(tmp_path, [0], (), run_info=run_info), allow_nan=False))
+    assert_holds_shape(got, real_metrics)
     m = got["seeds"]["0"]  # and from these files, the right numbers
     n_train = 2 * len(real_metrics["seeds"]["0"]["per_relation"])
     assert got["run"]["items (train/dev/test)"] == f"{n_train}/0/12"
@@ -159,9 +179,11 @@ def test_collect_writes_the_keys_of_the_real_run(tmp_path, real_metrics):
     assert m["test_accuracy"]["M2"]["overall"]["accuracy"] == pytest.approx(8 / 12)
     assert m["costs"]["train"]["stage1"] == {"tokens_per_s": 125.0, "steps": 4, "wall_s": 12.5, "best_dev_accuracy": 0.5}
     assert m["fit_speed"]["stage1"][1]["epoch"] == 2.0 and m["selection"] == real_metrics["seeds"]["0"]["selection"]
-    # the report of what collect wrote has the same sections as the real run's report
+    # the report of what collect wrote has the real run's sections, in order, and the newer ones
     write_json(tmp_path / "metrics.json", got)
-    assert headings(render_report(tmp_path)["markdown"].read_text()) == headings((DEMO / "report.md").read_text())
+    got_headings = headings(render_report(tmp_path)["markdown"].read_text())
+    assert is_subsequence(headings((DEMO / "report.md").read_text()), got_headings)
+    assert "### HighlyKnown training items per model (gain vs the one-stage model M1)" in got_headings
 
 
 # ---------------------------------------------------------------- render.py reports the demo's numbers
@@ -177,8 +199,10 @@ def test_report_of_the_real_run_states_its_numbers(demo_run, real_metrics):
 
     assert ("preset", f"`{real_metrics['run']['preset']}`") in rows
     assert ("items (train/dev/test)", f"`{real_metrics['run']['items (train/dev/test)']}`") in rows
-    for name, agg in real_metrics["aggregate"].items():
-        assert (name, f"{agg['mean']:.4f}", f"[{agg['low']:.4f}, {agg['high']:.4f}]", str(agg["seeds"])) in rows
+    for name, agg in real_metrics["aggregate"].items():  # one seed: no interval (NaN in this older file)
+        assert agg["seeds"] == 1
+        assert (name, f"{agg['mean']:.4f}", "n/a (1 seed)", "1") in rows
+    assert "nan" not in md.lower()
     for probe, counts in m["categories"].items():
         assert (probe, *(str(counts[c]) for c in CATEGORIES), str(sum(counts.values()))) in rows
     for model, acc in m["test_accuracy"].items():
@@ -224,3 +248,131 @@ def test_report_without_metrics_is_a_clear_error(tmp_path):
     (tmp_path / "metrics.json").write_text(json.dumps({"run": {}, "seeds": {}}))
     with pytest.raises(ReportError, match="no per-seed metrics"):
         render_report(tmp_path)
+
+
+# ---------------------------------------------------------------- two seeds, baselines that differ per seed
+
+TRAIN = [f"t{i}" for i in range(10)]
+TEST = [f"q{i}" for i in range(4)]
+
+
+def known(*ids, dropped=()) -> dict[str, str]:
+    """A train category table: `ids` HighlyKnown, `dropped` MaybeKnown, the rest Unknown."""
+    return {i: "HighlyKnown" if i in ids else "MaybeKnown" if i in dropped else "Unknown" for i in TRAIN}
+
+
+def write_seed(run_dir: Path, seed: int, train_tables: dict[str, dict], test_correct: dict[str, int]) -> None:
+    """The files collect.py reads for one seed: probe/<name>-train tables (m0, m1, m2, baselines),
+    probe/m0-test, the base probe's summary.json and eval/<MODEL>.jsonl (the first k test items right)."""
+    sd = run_dir / f"seed-{seed}"
+    for name, table in train_tables.items():
+        write_jsonl(sd / "probe" / f"{name}-train" / "categories.jsonl",
+                    [{"id": i, "relation": "r", "category": c} for i, c in table.items()])
+    write_jsonl(sd / "probe" / "m0-test" / "categories.jsonl",
+                [{"id": q, "relation": "r", "category": CATEGORIES[n % 3]} for n, q in enumerate(TEST)])  # no Unknown
+    counts = {c: sum(v == c for v in train_tables["m0"].values()) for c in CATEGORIES}
+    write_json(sd / "probe" / "m0-train" / "summary.json", {"items": len(TRAIN), "relations": {
+        "r": {"items": len(TRAIN), "counts": counts, "fractions": {c: k / len(TRAIN) for c, k in counts.items()}}}})
+    for model, k in test_correct.items():
+        write_jsonl(sd / "eval" / f"{model}.jsonl", [{"id": q, "answer": "x", "correct": n < k} for n, q in enumerate(TEST)])
+
+
+@pytest.fixture
+def two_seed_run(tmp_path) -> Path:
+    """Seed 0 trains one_stage_longer and natural; seed 1 one_stage_longer and no_replay, the latter
+    from an older run without a train probe. Base model: t0-t2 HighlyKnown in both seeds."""
+    c0 = known("t0", "t1", "t2")
+    write_seed(tmp_path, 0, {"m0": c0, "m1": known("t0", "t1", "t2", "t3"), "m2": known(*TRAIN[:6]),
+                             "one_stage_longer": known("t0", "t2", "t3", "t4", dropped=("t1",)),
+                             "natural": known("t0", "t1", "t2")},
+               {"M0": 0, "M1": 1, "M2": 3, "one_stage_longer": 2, "natural": 1})
+    write_seed(tmp_path, 1, {"m0": c0, "m1": known("t0", "t1", "t2"), "m2": known(*TRAIN[:7]),
+                             "one_stage_longer": known(*TRAIN[:4])},
+               {"M0": 0, "M1": 1, "M2": 2, "one_stage_longer": 2, "no_replay": 4})
+    # natural trained on every category: its fit speed per category and epoch
+    write_jsonl(tmp_path / "seed-0" / "baseline-natural" / "train" / "evals.jsonl", [
+        {"step": e, "epoch": float(e), "dev": {"accuracy": 0.1, "count": 4, "by_category": {}},
+         "train": {"accuracy": 0.5, "count": 8, "by_category": {"HighlyKnown": 0.5 + 0.25 * e, "Unknown": 0.1 * e}},
+         "best_step": e} for e in (1, 2)])
+    return tmp_path
+
+
+def test_collect_two_seeds_with_baselines_that_differ_per_seed(two_seed_run):
+    baselines = {0: ("one_stage_longer", "natural"), 1: ("one_stage_longer", "no_replay")}
+    metrics = collect_metrics(two_seed_run, [0, 1], baselines)
+    s0, s1 = metrics["seeds"]["0"], metrics["seeds"]["1"]
+
+    # per seed: baselines' train probes join the categories, forgetting and knowledge
+    assert s0["categories"]["natural train"]["HighlyKnown"] == 3 and "natural train" not in s1["categories"]
+    assert s0["forgetting"]["one_stage_longer"]["fraction"] == pytest.approx(1 / 3)  # t1 dropped
+    assert s0["forgetting"]["natural"]["dropped"] == 0
+    assert s0["knowledge"]["M2"] == {"highly_known": 6, "items": 10, "fraction": 0.6, "gain_vs_M1": 2,
+                                     "gain_fraction_vs_M1": pytest.approx(0.2)}
+    assert s0["knowledge"]["natural"]["gain_vs_M1"] == -1 and s1["knowledge"]["M2"]["gain_vs_M1"] == 4
+    assert s0["knowledge"]["one_stage_longer"]["gain_vs_M1"] == 0  # 4 HighlyKnown, as M1
+    # paired HighlyKnown indicators over train items: M2 knows t1 and t5 beyond one_stage_longer in seed 0
+    assert s0["item_comparisons"]["M2 vs one_stage_longer"]["difference"] == pytest.approx(0.2)
+    assert s0["item_comparisons"]["M2 vs M1"]["difference"] == pytest.approx(0.2)
+    assert s0["item_comparisons"]["M2 vs natural"]["difference"] == pytest.approx(0.3)
+    assert s1["item_comparisons"]["M2 vs one_stage_longer"]["difference"] == pytest.approx(0.3)
+    # no train probe for no_replay: test accuracy and its test comparison only
+    assert "no_replay" not in s1["knowledge"] and "no_replay" not in s1["forgetting"]
+    assert "M2 vs no_replay" not in s1["item_comparisons"]
+    assert s1["comparisons"]["M2 vs no_replay"]["difference"] == pytest.approx(-0.5)
+    assert s1["test_accuracy"]["no_replay"]["overall"]["accuracy"] == 1.0
+
+    # across seeds: averaged over the seeds that have the metric, t interval clipped
+    agg = metrics["aggregate"]
+    t1 = 12.706  # two seeds: 1 degree of freedom
+    gain = agg["knowledge gain vs M1 M2 (fraction of train items)"]  # seeds 0.2 and 0.4
+    assert gain["mean"] == pytest.approx(0.3) and gain["seeds"] == 2
+    assert gain["low"] == pytest.approx(0.3 - t1 * 0.1) and gain["high"] == 1.0  # clipped to a difference
+    acc = agg["test accuracy M2"]  # 3/4 and 2/4: the raw interval [-0.96, 2.21] clipped to [0, 1]
+    assert (acc["mean"], acc["low"], acc["high"], acc["seeds"]) == (0.625, 0.0, 1.0, 2)
+    assert agg["M2 minus one_stage_longer: HighlyKnown train fraction"]["mean"] == pytest.approx(0.25)
+    assert agg["M2 minus one_stage_longer: test accuracy"]["mean"] == pytest.approx(0.125)
+    assert agg["knowledge gain vs M1 natural (fraction of train items)"] == {
+        "mean": pytest.approx(-0.1), "low": None, "high": None, "seeds": 1}
+    assert agg["test accuracy no_replay"] == {"mean": 1.0, "low": None, "high": None, "seeds": 1}
+    assert "forgetting no_replay (fraction of base HighlyKnown)" not in agg
+
+    table = {row["model"]: row for row in metrics["aggregate_table"]}
+    assert list(table) == ["M1", "M2", "one_stage_longer", "natural", "no_replay"]
+    assert table["M2"]["vs_M2_knowledge"] is None and table["M2"]["knowledge_gain"] == gain
+    assert table["M1"]["vs_M2_knowledge"]["mean"] == pytest.approx(0.3)  # seeds 0.2, 0.4
+    assert table["natural"]["vs_M2_knowledge"]["seeds"] == 1
+    assert table["no_replay"]["knowledge_gain"] is None and table["no_replay"]["forgetting"] is None
+    assert table["no_replay"]["vs_M2_test"]["mean"] == pytest.approx(-0.5)
+
+
+def reject_constant(name):
+    raise ValueError(f"{name} in metrics.json")
+
+
+def test_metrics_json_is_strict_json_and_its_report_answers_the_question(two_seed_run):
+    metrics = collect_metrics(two_seed_run, [0, 1], {0: ("one_stage_longer", "natural"), 1: ("one_stage_longer",)})
+    # no test item is Unknown (an accuracy over 0 items) and natural has one seed (no t interval): null
+    toolkit_write_json(two_seed_run / "metrics.json", metrics, strict=True)  # as the pipeline writes it
+    text = (two_seed_run / "metrics.json").read_text()
+    parsed = json.loads(text, parse_constant=reject_constant)
+    assert parsed["aggregate"]["test accuracy natural"]["low"] is None
+    assert parsed["seeds"]["0"]["test_accuracy"]["M2"]["Unknown"] == {"accuracy": None, "low": None, "high": None, "n": 0}
+    with pytest.raises(ValueError, match="NaN"):  # the check itself catches a NaN
+        json.loads('{"x": NaN}', parse_constant=reject_constant)
+
+    md = render_report(two_seed_run)["markdown"].read_text()
+    rows = table_rows(md)
+    assert headings(md)[1] == "## Does the two-stage schedule acquire more knowledge?"
+    assert "nan" not in md.lower()
+    # M2: gain 0.2 and 0.4 over seeds, test 0.75 and 0.5
+    assert ("M2 (gradual, two stages)", "30.0% [-97.1%, 100.0%]", "62.5% [0.0%, 100.0%]", "0.0% [0.0%, 0.0%]",
+            "–", "–", "–", "–", "2") in rows
+    # natural ran in seed 0 only: no interval, nothing to call significant
+    assert ("natural", "-10.0% [n/a (1 seed)]", "25.0% [n/a (1 seed)]", "0.0% [n/a (1 seed)]",
+            "30.0% [n/a (1 seed)]", "n/a", "50.0% [n/a (1 seed)]", "n/a", "1") in rows
+    assert ("knowledge gain vs M1 natural (fraction of train items)", "-0.1000", "n/a (1 seed)", "1") in rows
+    # the train comparison per seed, and natural's fit speed per category (HighlyKnown faster than Unknown)
+    assert ("M2 vs natural", "30.0%", "[0.0%, 60.0%]", "no", "10") in rows  # bootstrap seed 0
+    assert "### Fit speed: baseline natural (train exact match per epoch and category)" in headings(md)
+    assert ("category", "epoch 1", "epoch 2") in rows
+    assert ("HighlyKnown", "75.0%", "100.0%") in rows and ("Unknown", "10.0%", "20.0%") in rows

@@ -36,8 +36,10 @@ def write_text(path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
-def write_json(path, obj) -> None:
-    write_text(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+def write_json(path, obj, strict: bool = False) -> None:
+    """strict: a NaN or infinity raises ValueError instead of being written as the non-JSON `NaN`."""
+    text = json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False, allow_nan=not strict)
+    write_text(path, text + "\n")
 
 
 def write_jsonl(path, rows: Iterable[dict]) -> None:

@@ -1,5 +1,8 @@
 """The numbers the report shows (design.md section 4), as plain functions of category tables and
-per-item correctness, so each can be checked by hand on a small case."""
+per-item correctness, so each can be checked by hand on a small case.
+
+A number that does not exist (a rate over zero items, an interval over one seed) is None, never NaN:
+metrics.json must parse under any strict JSON reader."""
 from __future__ import annotations
 
 import math
@@ -10,6 +13,10 @@ import numpy as np
 from toolkit.probe.slick import CATEGORIES, HIGHLY_KNOWN
 
 Categories = Mapping[str, str]
+
+# Where an interval may lie: a t interval around a mean can cross these, a proportion cannot.
+PROPORTION = (0.0, 1.0)
+DIFFERENCE = (-1.0, 1.0)  # a difference of two proportions
 
 # Two-sided 95% Student t quantiles for 1..10 degrees of freedom (for means over a few seeds).
 _T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
@@ -37,7 +44,7 @@ def knowledge_acquired(after_one_stage: Categories, after_schedule: Categories) 
     one = sum(c == HIGHLY_KNOWN for c in after_one_stage.values())
     two = sum(c == HIGHLY_KNOWN for c in after_schedule.values())
     return {"highly_known_one_stage": one, "highly_known_two_stage": two, "gain": two - one,
-            "relative_gain": (two - one) / one if one else float("nan")}
+            "relative_gain": (two - one) / one if one else None}
 
 
 def forgetting(base: Categories, after: Categories) -> dict:
@@ -49,15 +56,15 @@ def forgetting(base: Categories, after: Categories) -> dict:
             dropped_to[after[i]] += 1
     dropped = sum(dropped_to.values())
     return {"base_highly_known": len(known), "dropped": dropped,
-            "fraction": dropped / len(known) if known else float("nan"), "dropped_to": dropped_to}
+            "fraction": dropped / len(known) if known else None, "dropped_to": dropped_to}
 
 
 def bootstrap_ci(values: Sequence[float], resamples: int = 1000, seed: int = 0,
-                 level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean."""
+                 level: float = 0.95) -> tuple[float | None, float | None]:
+    """Percentile bootstrap interval of the mean (None, None for no values)."""
     data = np.asarray(values, dtype=float)
     if data.size == 0:
-        return float("nan"), float("nan")
+        return None, None
     rng = np.random.default_rng(seed)
     means = data[rng.integers(0, data.size, size=(resamples, data.size))].mean(axis=1)
     tail = (1 - level) / 2 * 100
@@ -68,7 +75,7 @@ def bootstrap_ci(values: Sequence[float], resamples: int = 1000, seed: int = 0,
 def accuracy(correct: Sequence[bool], resamples: int = 1000, seed: int = 0) -> dict[str, float]:
     n = len(correct)
     low, high = bootstrap_ci([float(c) for c in correct], resamples, seed)
-    return {"accuracy": sum(correct) / n if n else float("nan"), "low": low, "high": high, "n": n}
+    return {"accuracy": sum(correct) / n if n else None, "low": low, "high": high, "n": n}
 
 
 def accuracy_by_category(correct: Mapping[str, bool], base_categories: Categories,
@@ -89,16 +96,46 @@ def paired_difference(correct_a: Mapping[str, bool], correct_b: Mapping[str, boo
     ids = sorted(set(correct_a) & set(correct_b))
     diffs = [float(correct_a[i]) - float(correct_b[i]) for i in ids]
     low, high = bootstrap_ci(diffs, resamples, seed)
-    return {"difference": float(np.mean(diffs)) if diffs else float("nan"), "low": low, "high": high,
+    return {"difference": float(np.mean(diffs)) if diffs else None, "low": low, "high": high,
             "n": len(ids)}
 
 
-def mean_over_seeds(values: Sequence[float]) -> dict[str, float]:
-    """Mean with a t-based 95% interval across seeds (the interval is absent for one seed)."""
-    n = len(values)
-    mean = float(np.mean(values)) if n else float("nan")
+def highly_known(categories: Categories) -> dict[str, bool]:
+    return {item_id: c == HIGHLY_KNOWN for item_id, c in categories.items()}
+
+
+def knowledge(categories: Categories, one_stage: Categories) -> dict:
+    """HighlyKnown training items of a model, and how many more than the one-stage model M1 has:
+    the knowledge a schedule acquired beyond plain fine-tuning."""
+    n = len(categories)
+    count = sum(highly_known(categories).values())
+    gain = count - sum(highly_known(one_stage).values())
+    return {"highly_known": count, "items": n, "fraction": count / n if n else None,
+            "gain_vs_M1": gain, "gain_fraction_vs_M1": gain / n if n else None}
+
+
+def knowledge_difference(categories_a: Categories, categories_b: Categories,
+                         resamples: int = 1000, seed: int = 0) -> dict:
+    """HighlyKnown fraction of a minus that of b over the same training items (paired bootstrap)."""
+    return paired_difference(highly_known(categories_a), highly_known(categories_b), resamples, seed)
+
+
+def is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def mean_over_seeds(values: Sequence[float | None], bounds: tuple[float, float] | None = None) -> dict:
+    """Mean with a t-based 95% interval across seeds. Seeds without the value (None) are left out;
+    with one seed there is no interval (low = high = None). `bounds` clips the interval to where
+    the quantity can lie (PROPORTION, DIFFERENCE)."""
+    present = [float(v) for v in values if is_number(v)]
+    n = len(present)
+    mean = float(np.mean(present)) if n else None
     if n < 2:
-        return {"mean": mean, "low": float("nan"), "high": float("nan"), "seeds": n}
+        return {"mean": mean, "low": None, "high": None, "seeds": n}
     t = _T95[n - 2] if n - 1 <= len(_T95) else 1.96 + 2.4 / (n - 1)
-    half = t * float(np.std(values, ddof=1)) / math.sqrt(n)
-    return {"mean": mean, "low": mean - half, "high": mean + half, "seeds": n}
+    half = t * float(np.std(present, ddof=1)) / math.sqrt(n)
+    low, high = mean - half, mean + half
+    if bounds is not None:
+        low, high = max(low, bounds[0]), min(high, bounds[1])
+    return {"mean": mean, "low": low, "high": high, "seeds": n}

@@ -115,8 +115,9 @@ def knowledge_acquired(acquired: dict, path: Path) -> Path | None:
     for bar, v in zip(bars, values):
         ax.text(bar.get_x() + bar.get_width() / 2, v, str(v), ha="center", va="bottom")
     gain = acquired["relative_gain"]
-    ax.set_title(f"HighlyKnown training items ({gain:+.0%} vs one stage)" if gain == gain else
-                 "HighlyKnown training items")
+    # no relative gain (None; NaN in older metrics.json) when M1 knows no training item
+    ax.set_title(f"HighlyKnown training items ({gain:+.0%} vs one stage)" if gain is not None and gain == gain
+                 else "HighlyKnown training items")
     return _save(fig, path)
 
 

@@ -1,16 +1,43 @@
 """`gradual report RUN_DIR`: metrics.json -> report/ with PNG figures, report.md and a self-contained
 report.html (figures embedded), both written atomically.
 
-metrics.json (written by the pipeline) holds, per seed:
-  categories        {probe name: {category: count}}       e.g. m0_train, m1_train, m2_train
+metrics.json (toolkit/report/collect.py; strict JSON: a number that does not exist is null) holds
+  run               {setting: value}
+  seeds             {seed: per-seed metrics, below}
+  aggregate         {readable name: {mean, low, high, seeds}}   means over seeds, 95% Student t
+  aggregate_table   [{model, knowledge_gain, test_accuracy, forgetting, vs_M2_knowledge, vs_M2_test}]
+
+Per seed:
+  categories        {probe: {category: count}}      "M0 train", "M1 train", "M2 train", "M0 test",
+                                                    "<baseline> train" for each probed baseline
   per_relation      {relation: {category: fraction}}      base model on train
   transitions       {"C0 -> C1": matrix, ...}             matrix[before][after] = count
-  knowledge_acquired, forgetting {model: ...}, test_accuracy {model: {overall|category: acc}},
-  comparisons       {"M2 vs M1": paired difference, ...}
-  fit_speed         {stage: [{epoch, accuracy_by_category}]}
+  knowledge_acquired  {highly_known_one_stage, highly_known_two_stage, gain, relative_gain}  (M2 vs M1)
+  knowledge         {model: {highly_known, items, fraction, gain_vs_M1, gain_fraction_vs_M1}}
+                    for M1, M2 and each baseline with a train probe: its HighlyKnown train items, and
+                    how many more than the one-stage model M1 (the knowledge the schedule acquired)
+  forgetting        {model: {base_highly_known, dropped, fraction, dropped_to}}   vs the base model
+  test_accuracy     {model: {"overall" | category: {accuracy, low, high, n}}}  95% bootstrap interval
+  comparisons       {"M2 vs M1 (two stages vs one)" | "M1 vs M0" | "M2 vs <baseline>":
+                     {difference, low, high, n}}   test accuracy, paired bootstrap over test items
+  item_comparisons  {"M2 vs M1" | "M2 vs <baseline>": {difference, low, high, n}}   the HighlyKnown
+                    indicator on the same train items, paired bootstrap over items
+  fit_speed         {stage: [{epoch, accuracy_by_category}]}   train exact match per epoch
   selection         {set name: size}
   costs             {"steps": {step: seconds}, "probe": {name: {...}}, "train": {name: {...}}}
-and `aggregate` (means over seeds) when several seeds ran.
+
+aggregate_table has one row per model (M1, M2, then the baselines in the order they first ran);
+each of its five numbers is {mean, low, high, seeds} over the seeds that have it, or null where no
+seed has it (M2's own vs_M2_* columns; a baseline without a train probe has no knowledge_gain or
+forgetting):
+  knowledge_gain    gain_fraction_vs_M1 (difference of proportions: interval clipped to [-1, 1])
+  test_accuracy     overall test accuracy (a proportion: interval clipped to [0, 1])
+  forgetting        fraction of base-model HighlyKnown items dropped (clipped to [0, 1])
+  vs_M2_knowledge   M2 minus this model: HighlyKnown train fraction (item_comparisons)
+  vs_M2_test        M2 minus this model: test accuracy (comparisons)
+With one seed low and high are null (no t interval): the report prints "n/a (1 seed)". `aggregate`
+holds the same numbers under readable names ("test accuracy M2", "M2 minus natural: test accuracy")
+plus the mean relative gain of M2 over M1. Older metrics.json files may hold NaN: read as missing.
 """
 from __future__ import annotations
 
@@ -30,8 +57,37 @@ class ReportError(ValueError):
     """A run directory without the metrics a report needs."""
 
 
+def _missing(x) -> bool:
+    return x is None or x != x or x in (float("inf"), float("-inf"))
+
+
 def _pct(x) -> str:
-    return "n/a" if x is None or x != x else f"{100 * x:.1f}%"
+    return "n/a" if _missing(x) else f"{100 * x:.1f}%"
+
+
+def _fixed(x) -> str:
+    return "n/a" if _missing(x) else f"{x:.4f}"
+
+
+def _interval(stat: dict, fmt=_pct) -> str:
+    """The interval of a mean over seeds or of a bootstrap; one seed has none."""
+    if _missing(stat.get("low")) or _missing(stat.get("high")):
+        return "n/a (1 seed)" if stat.get("seeds") == 1 else "n/a"
+    return f"[{fmt(stat['low'])}, {fmt(stat['high'])}]"
+
+
+def _significant(stat: dict | None) -> str:
+    """An interval that excludes 0: the difference holds at 95%."""
+    if not stat or _missing(stat.get("low")) or _missing(stat.get("high")):
+        return "n/a"
+    return "yes" if stat["low"] > 0 or stat["high"] < 0 else "no"
+
+
+def _mean_cell(stat: dict | None) -> str:
+    if stat is None:
+        return "n/a"
+    interval = _interval(stat)
+    return f"{_pct(stat['mean'])} {interval if interval.startswith('[') else f'[{interval}]'}"
 
 
 def _acc_cell(acc: dict) -> str:
@@ -75,8 +131,7 @@ def _seed_sections(seed: str, m: dict, fig_dir: Path) -> tuple[list[str], list[P
     if m.get("comparisons"):
         lines += ["### Paired comparisons on test (accuracy difference, 95% paired bootstrap)", ""]
         lines += _table(["comparison", "difference", "interval", "significant"],
-                        [[name, _pct(d["difference"]), f"[{_pct(d['low'])}, {_pct(d['high'])}]",
-                          "yes" if d["low"] > 0 or d["high"] < 0 else "no"]
+                        [[name, _pct(d["difference"]), _interval(d), _significant(d)]
                          for name, d in m["comparisons"].items()])
     if m.get("knowledge_acquired"):
         k = m["knowledge_acquired"]
@@ -85,12 +140,24 @@ def _seed_sections(seed: str, m: dict, fig_dir: Path) -> tuple[list[str], list[P
                   f"{k['highly_known_two_stage']} after two stages ({k['gain']:+d}, "
                   f"relative gain {_pct(k['relative_gain'])}; the paper reports +24%).", ""]
         figure(plots.knowledge_acquired(k, fig_dir / f"knowledge-seed{seed}.png"), "knowledge acquired")
+    if m.get("knowledge"):
+        lines += ["### HighlyKnown training items per model (gain vs the one-stage model M1)", ""]
+        lines += _table(["model", "HighlyKnown", "items", "fraction", "gain vs M1", "gain (fraction of items)"],
+                        [[model, k["highly_known"], k["items"], _pct(k["fraction"]), f"{k['gain_vs_M1']:+d}",
+                          _pct(k["gain_fraction_vs_M1"])] for model, k in m["knowledge"].items()])
+    if m.get("item_comparisons"):
+        lines += ["### Paired comparisons on train (HighlyKnown fraction difference, 95% paired bootstrap)", ""]
+        lines += _table(["comparison", "difference", "interval", "significant", "items"],
+                        [[name, _pct(d["difference"]), _interval(d), _significant(d), d["n"]]
+                         for name, d in m["item_comparisons"].items()])
     if m.get("forgetting"):
         lines += ["### Forgetting (base-model HighlyKnown items that dropped a category)", ""]
         lines += _table(["model", "base HighlyKnown", "dropped", "fraction"],
                         [[model, f["base_highly_known"], f["dropped"], _pct(f["fraction"])]
                          for model, f in m["forgetting"].items()])
     figure(plots.fit_speed(m.get("fit_speed", {}), fig_dir / f"fit-speed-seed{seed}.png"), "fit speed")
+    for stage, points in m.get("fit_speed", {}).items():
+        lines += _fit_speed_table(stage, points)
     if m.get("selection"):
         lines += ["### Training sets", ""] + _table(["set", "items"], list(m["selection"].items()))
     costs = m.get("costs", {})
@@ -109,6 +176,41 @@ def _seed_sections(seed: str, m: dict, fig_dir: Path) -> tuple[list[str], list[P
     return lines, figures
 
 
+def _fit_speed_table(stage: str, points: list[dict]) -> list[str]:
+    """Train exact match per category at each epoch, for a stage that trained on several categories
+    (SliCK: are Unknown items fitted slower than HighlyKnown and MaybeKnown ones?)."""
+    present = [c for c in CATEGORIES if any(c in p["accuracy_by_category"] for p in points)]
+    if len(present) < 2:
+        return []
+    lines = [f"### Fit speed: {stage} (train exact match per epoch and category)", ""]
+    return lines + _table(["category", *(f"epoch {p['epoch']:g}" for p in points)],
+                          [[c, *(_pct(p["accuracy_by_category"].get(c)) for p in points)] for c in present])
+
+
+_MODEL_LABELS = {"M1": "M1 (one stage)", "M2": "M2 (gradual, two stages)"}
+
+
+def _headline(table: list[dict]) -> list[str]:
+    """The question the run answers, one row per model: only when baselines ran beside M1 and M2."""
+    if not any(row["model"] not in _MODEL_LABELS for row in table):
+        return []
+    lines = ["## Does the two-stage schedule acquire more knowledge?", "",
+             "Knowledge gain: HighlyKnown training items beyond the one-stage model M1, as a fraction of "
+             "the training items. M2 − model: the paired difference per seed. Each cell: mean over seeds "
+             "[95% t interval]; significant: the interval excludes 0.", ""]
+    rows = []
+    for row in table:
+        stats = [row[k] for k in ("knowledge_gain", "test_accuracy", "forgetting", "vs_M2_knowledge", "vs_M2_test")]
+        versus = ["–"] * 4 if row["model"] == "M2" else [_mean_cell(row["vs_M2_knowledge"]),
+                                                         _significant(row["vs_M2_knowledge"]),
+                                                         _mean_cell(row["vs_M2_test"]), _significant(row["vs_M2_test"])]
+        seeds = max((s["seeds"] for s in stats if s), default=0)
+        rows.append([_MODEL_LABELS.get(row["model"], row["model"]), *(_mean_cell(s) for s in stats[:3]),
+                     *versus, seeds])
+    return lines + _table(["model", "knowledge gain vs M1", "test accuracy", "forgetting",
+                           "M2 − model: knowledge", "significant", "M2 − model: test", "significant", "seeds"], rows)
+
+
 def render_report(run_dir: str | Path) -> dict[str, Path]:
     run_dir = Path(run_dir)
     metrics_path = run_dir / "metrics.json"
@@ -120,13 +222,13 @@ def render_report(run_dir: str | Path) -> dict[str, Path]:
     out_dir = run_dir / "report"
     fig_dir = out_dir / "figures"
     run = metrics.get("run", {})
-    lines = ["# Gradual Learning report", ""]
+    lines = ["# Gradual Learning report", ""] + _headline(metrics.get("aggregate_table", []))
     if run:
         lines += _table(["setting", "value"], [[k, f"`{v}`"] for k, v in run.items()])
     if metrics.get("aggregate"):
         lines += ["## Across seeds (mean, 95% t interval)", ""]
         lines += _table(["metric", "mean", "interval", "seeds"],
-                        [[name, f"{a['mean']:.4f}", f"[{a['low']:.4f}, {a['high']:.4f}]", a["seeds"]]
+                        [[name, _fixed(a["mean"]), _interval(a, _fixed), a["seeds"]]
                          for name, a in metrics["aggregate"].items()])
     figures: list[Path] = []
     for seed, seed_metrics in metrics["seeds"].items():
