@@ -55,7 +55,7 @@ def test_bad_pipeline_config(overrides, message):
 
 
 def test_unknown_preset():
-    with pytest.raises(ConfigError, match="unknown preset 'fast' .known: default, paper"):
+    with pytest.raises(ConfigError, match="unknown preset 'fast' .known: default, evidence, paper"):
         load_pipeline_config(preset="fast")
 
 

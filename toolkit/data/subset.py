@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterable
 
 from toolkit.io import write_jsonl
 
@@ -26,9 +27,16 @@ def balanced_subset(items: list[QAItem], cap: int | None, seed: int) -> list[QAI
     return sorted(picked, key=lambda it: it.id)
 
 
-def write_subset(source: str | Path, out: str | Path, caps: dict[str, int | None], seed: int = 0) -> dict[str, int]:
-    """`out/<split>.jsonl` for every split, each capped by `caps[split]` (None or absent: all items)."""
+def write_subset(source: str | Path, out: str | Path, caps: dict[str, int | None], seed: int = 0,
+                 relations: Iterable[str] | None = None) -> dict[str, int]:
+    """`out/<split>.jsonl` for every split, each capped by `caps[split]` (None or absent: all items),
+    from the items of `relations` only (None: all)."""
     items = load_qa(source)
+    if relations is not None:
+        wanted = set(relations)
+        if missing := sorted(wanted - {it.relation for it in items}):
+            raise ValueError(f"{source}: no items of relation(s) {', '.join(missing)}")
+        items = [it for it in items if it.relation in wanted]
     counts = {}
     for split in SPLITS:
         chosen = balanced_subset([it for it in items if it.split == split], caps.get(split), seed)

@@ -19,8 +19,8 @@ def add_run_parser(subparsers) -> None:
                         "--set probe.placement.num_actors=4")
     p.add_argument("--out", type=Path, help="run directory (default: runs/<preset>)")
     p.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2")
-    p.add_argument("--baselines", help="'all' or a comma-separated list: natural, known_only, no_replay, "
-                                       "upgraded_only, remained_maybe")
+    p.add_argument("--baselines", help="'all' or a comma-separated list: natural, known_only, one_stage_longer, "
+                                       "random_stage2 (controls), no_replay, upgraded_only, remained_maybe")
     p.add_argument("--dry-run", action="store_true", help="validate the config, print it resolved, and exit")
     p.set_defaults(func=cmd_run)
 

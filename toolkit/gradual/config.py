@@ -14,10 +14,10 @@ from toolkit.probe.types import ProbeConfig
 from toolkit.train.config import TrainConfig
 from toolkit.train.launch import LaunchConfig
 
-from .selection import BASELINES, STAGE2_STRATEGIES, SelectionConfig
+from .selection import BASELINES, CONTROLS, STAGE2_STRATEGIES, SelectionConfig
 
 PRESET_DIR = Path(__file__).resolve().parents[1] / "configs"
-ALL_BASELINES = tuple(b for b in BASELINES if b != "one_stage") + tuple(
+ALL_BASELINES = tuple(b for b in BASELINES if b != "one_stage") + tuple(CONTROLS) + tuple(
     s for s in STAGE2_STRATEGIES if s != "gradual")
 
 
@@ -28,12 +28,15 @@ class DataSettings:
     dev_items: Optional[int] = None
     test_items: Optional[int] = None
     subset_seed: int = 0
+    relations: Optional[tuple[str, ...]] = None  # keep only these relations (None: all)
 
     def __post_init__(self):
         for name in ("train_items", "dev_items", "test_items"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"data.{name}={value} must be >= 1 (or null for all)")
+        if self.relations is not None and not self.relations:
+            raise ConfigError("data.relations is empty (leave it out, or null, for all relations)")
 
 
 @dataclass(frozen=True)
@@ -94,7 +97,8 @@ class PipelineConfig:
     preset: str = "custom"
     model: Optional[str] = None  # None: the embedded SmolLM2-135M
     seeds: tuple[int, ...] = (0,)
-    baselines: tuple[str, ...] = ()  # natural, known_only, and the stage-2 ablations; or "all"
+    baselines: tuple[str, ...] = ()  # natural, known_only, the controls, the stage-2 ablations; or "all"
+    first_seed_baselines: tuple[str, ...] = ()  # trained in the first seed only (a costly one: natural's fit speed)
     data: DataSettings = field(default_factory=DataSettings)
     probe: ProbeSettings = field(default_factory=ProbeSettings)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
@@ -108,9 +112,16 @@ class PipelineConfig:
             raise ConfigError(f"seeds has duplicates: {list(self.seeds)}")
         if "all" in self.baselines:
             object.__setattr__(self, "baselines", ALL_BASELINES)
-        for name in self.baselines:
-            if name not in ALL_BASELINES:
-                raise ConfigError(f"unknown baseline '{name}' (expected all or {', '.join(ALL_BASELINES)})")
+        for key in ("baselines", "first_seed_baselines"):
+            for name in getattr(self, key):
+                if name not in ALL_BASELINES:
+                    raise ConfigError(f"{key}: unknown baseline '{name}' (expected "
+                                      f"{'all or ' if key == 'baselines' else ''}{', '.join(ALL_BASELINES)})")
+        if both := sorted(set(self.baselines) & set(self.first_seed_baselines)):
+            raise ConfigError(f"first_seed_baselines: {', '.join(both)} already in baselines (every seed)")
+
+    def seed_baselines(self, seed: int) -> tuple[str, ...]:
+        return self.baselines + (self.first_seed_baselines if seed == self.seeds[0] else ())
 
     def for_seed(self, seed: int) -> "PipelineConfig":
         return dataclasses.replace(self, selection=dataclasses.replace(self.selection, seed=seed))

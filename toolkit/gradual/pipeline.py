@@ -31,7 +31,8 @@ from toolkit.train.config import TrainConfig
 from toolkit.train.launch import LaunchConfig
 
 from .config import PipelineConfig
-from .selection import BASELINES, SelectionConfig, baseline_items, stage1_items, stage2_items
+from .selection import (BASELINES, SelectionConfig, baseline_items, random_stage2_items, stage1_items,
+                        stage2_items)
 
 log = logging.getLogger("toolkit.gradual")
 # Settings that change how a step runs, not what it computes: a resumed run may change them
@@ -68,6 +69,13 @@ def preflight(cfg: PipelineConfig, check_devices: bool = True) -> dict:
     from toolkit.train.config import TrainConfigError
     from toolkit.train.launch import check_training
 
+    if cfg.data.relations:
+        from toolkit.data.facts import TEMPLATES
+
+        known = ({it.relation for it in load_qa(cfg.data.path)} if cfg.data.path else set(TEMPLATES))
+        if unknown := sorted(set(cfg.data.relations) - known):
+            raise ConfigError(f"data.relations: no relation {', '.join(unknown)} in "
+                              f"{cfg.data.path or 'the built-in benchmark'} (known: {', '.join(sorted(known))})")
     if cfg.data.path:
         splits = {split: load_qa(cfg.data.path, splits=(split,)) for split in ("train", "dev", "test")}  # none empty
         if cfg.probe.shots:
@@ -93,7 +101,7 @@ def preflight(cfg: PipelineConfig, check_devices: bool = True) -> dict:
     from toolkit.train.plan import count_parameters
 
     options = training["config"]
-    stages = len(cfg.seeds) * (2 + len(cfg.baselines))
+    stages = len(cfg.seeds) * (2 + len(cfg.baselines)) + len(cfg.first_seed_baselines)
     disk = disk_estimate(count_parameters(cfg.model or EMBEDDED_MODEL), training["bf16"], options.optimizer,
                          options.keep_last_n, stages, cfg.train.keep_checkpoints)
     return {"train_world_size": training["world_size"], "train_batch": training["batch"], "train_disk": disk,
@@ -153,7 +161,7 @@ class Pipeline:
 
             build_facts(self.full_data, seed=0)
         caps = {"train": self.cfg.data.train_items, "dev": self.cfg.data.dev_items, "test": self.cfg.data.test_items}
-        counts = write_subset(self.full_data, self.subset, caps, self.cfg.data.subset_seed)
+        counts = write_subset(self.full_data, self.subset, caps, self.cfg.data.subset_seed, self.cfg.data.relations)
         return {"items": counts, "source": str(self.full_data)}
 
     # ------------------------------------------------------------ probing
@@ -185,11 +193,12 @@ class Pipeline:
         write_json(data_dir / "selection.json", sizes)
         return sizes
 
-    def stage_config(self, stage_dir: Path, model: str, seed: int, lr_factor: float = 1.0) -> TrainConfig:
+    def stage_config(self, stage_dir: Path, model: str, seed: int, lr_factor: float = 1.0,
+                     **stage_options) -> TrainConfig:
         """The trainer's config for one stage: the run's `train.options` plus what the stage sets."""
         options = self.cfg.train.options
         changes = dict(model=model, data=str(stage_dir / "data"), output_dir=str(stage_dir / "train"), seed=seed,
-                       categories_file=str(stage_dir / "data" / "categories.json"))
+                       categories_file=str(stage_dir / "data" / "categories.json"), **stage_options)
         if lr_factor != 1.0:
             changes["lr"] = options.lr * lr_factor
         if (stage_dir / "train" / "checkpoints" / "latest").exists():
@@ -219,7 +228,8 @@ class Pipeline:
         self.echo(f"  deleted {ckpt} (the stage's model is exported; train.keep_checkpoints keeps them)")
         return True
 
-    def train(self, stage_dir: Path, model: str, train_ids: list[str], seed: int, lr_factor: float = 1.0) -> dict:
+    def train(self, stage_dir: Path, model: str, train_ids: list[str], seed: int, lr_factor: float = 1.0,
+              **stage_options) -> dict:
         """Launch the DeepSpeed trainer on the stage's data; returns its summary (with model_dir)."""
         from toolkit.train.launch import launch_env, plan_launch, write_resolved_config
 
@@ -227,7 +237,7 @@ class Pipeline:
             self.echo(f"  no training items for {stage_dir.name}: the stage is skipped, its model is its input")
             return {"skipped": True, "model_dir": model}
         _release_ray()  # probing and training take turns on the same devices
-        train_cfg = self.stage_config(stage_dir, model, seed, lr_factor)
+        train_cfg = self.stage_config(stage_dir, model, seed, lr_factor, **stage_options)
         cmd, _ = plan_launch(train_cfg, self.cfg.train)  # the same checks as `gradual train`
         write_resolved_config(train_cfg)
         _run_logged(cmd, stage_dir / "train.log", self.echo, launch_env(self.cfg.train, train_cfg.out))
@@ -274,27 +284,43 @@ class Pipeline:
         parts = stage2_items(c0, c1, sel)
         stage2 = sorted({i for ids in parts.values() for i in ids})
         self.step(f"{s}.select_stage2", lambda: self.select(sd / "stage2", c0, parts))
-        m2 = self.train_step(f"{s}.train_stage2", sd / "stage2", lambda: self.train(
-            sd / "stage2", m1, stage2, seed, cfg.train.stage2_lr_factor))["model_dir"]
+        trained2 = self.train_step(f"{s}.train_stage2", sd / "stage2", lambda: self.train(
+            sd / "stage2", m1, stage2, seed, cfg.train.stage2_lr_factor))
+        m2 = trained2["model_dir"]
         self.step(f"{s}.probe_m2_train", lambda: self.probe(sd, "m2", m2, "train", seed))
 
         models = {"M0": cfg.model, "M1": m1, "M2": m2}
-        for name in cfg.baselines:
+        stage2_run = _Stage2Run(parts=parts, steps=trained2.get("global_step", 0), m1=m1)
+        for name in cfg.seed_baselines(seed):
             models[name] = self.train_step(f"{s}.baseline_{name}", sd / f"baseline-{name}", lambda name=name: self._baseline(
-                sd, name, c0, c1, base, m1, seed, sel))["model_dir"]
+                sd, name, c0, c1, base, stage2_run, seed, sel))["model_dir"]
+            # probed like M1 and M2: knowledge acquired and forgetting of each baseline
+            self.step(f"{s}.probe_{name}_train", lambda name=name: self.probe(sd, name, models[name], "train", seed))
         for name, model in models.items():
             self.step(f"{s}.evaluate_{name}", lambda name=name, model=model: self.evaluate(sd, name, model))
 
-    def _baseline(self, sd: Path, name: str, c0, c1, base: str, m1: str, seed: int, sel: SelectionConfig) -> dict:
+    def _baseline(self, sd: Path, name: str, c0, c1, base: str, stage2: "_Stage2Run", seed: int,
+                  sel: SelectionConfig) -> dict:
         stage_dir = sd / f"baseline-{name}"
+        lr_factor = self.cfg.train.stage2_lr_factor
         if name in BASELINES:  # one stage from the base model
             ids = baseline_items(name, c0, sel)
             self.select(stage_dir, c0, {name: ids})
             return self.train(stage_dir, base, ids, seed)
-        parts = stage2_items(c0, c1, dataclasses.replace(sel, stage2_strategy=name))  # an ablation, from M1
+        if name == "one_stage_longer":
+            # stage 1's items again, from M1, for exactly stage 2's optimizer steps (one epoch holds >= 1
+            # step, so `steps` epochs always reach max_steps); no early stop, so no step is left out
+            ids = stage1_items(c0, sel) if stage2.steps else []
+            self.select(stage_dir, c0, {"stage1 (compute-matched)": ids})
+            return self.train(stage_dir, stage2.m1, ids, seed, lr_factor, epochs=max(stage2.steps, 1),
+                              max_steps=stage2.steps, patience=0)
+        if name == "random_stage2":
+            parts = random_stage2_items(c0, stage2.parts, sel)
+        else:  # a stage-2 ablation, from M1
+            parts = stage2_items(c0, c1, dataclasses.replace(sel, stage2_strategy=name))
         self.select(stage_dir, c0, parts)
         ids = sorted({i for v in parts.values() for i in v})
-        return self.train(stage_dir, m1, ids, seed, self.cfg.train.stage2_lr_factor)
+        return self.train(stage_dir, stage2.m1, ids, seed, lr_factor)
 
     def run(self) -> dict:
         from toolkit.report.collect import collect_metrics
@@ -309,8 +335,9 @@ class Pipeline:
         for seed in self.cfg.seeds:
             self.run_seed(seed)
         _release_ray()
-        metrics = collect_metrics(self.run_dir, self.cfg.seeds, self.cfg.baselines, run_info=self._run_info())
-        write_json(self.run_dir / "metrics.json", metrics)
+        baselines = {seed: self.cfg.seed_baselines(seed) for seed in self.cfg.seeds}
+        metrics = collect_metrics(self.run_dir, self.cfg.seeds, baselines, run_info=self._run_info())
+        write_json(self.run_dir / "metrics.json", metrics, strict=True)
         render_report(self.run_dir)
         return metrics
 
@@ -323,6 +350,14 @@ class Pipeline:
                 "stage-1 categories": ",".join(c.selection.stage1_categories),
                 "stage-2 strategy": c.selection.stage2_strategy, "replay ratio": c.selection.replay_ratio,
                 "stage-2 lr factor": c.train.stage2_lr_factor}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Stage2Run:
+    """What the controls copy from a seed's stage 2: its item sets, its optimizer steps, its start (M1)."""
+    parts: dict[str, list[str]]
+    steps: int
+    m1: str
 
 
 def _diff_keys(old: dict, new: dict, prefix: str = "") -> list[str]:

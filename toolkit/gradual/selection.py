@@ -27,6 +27,15 @@ BASELINES = {
 }
 
 
+# Controls for the two-stage schedule: each answers "was it the data or the extra training?"
+CONTROLS = {
+    "one_stage_longer": "M1 trained further on the stage-1 items with the stage-2 lr, for exactly as many optimizer "
+                        "steps as stage 2 took (compute-matched one stage)",
+    "random_stage2": "stage 2 with as many items as the stage-2 set before replay, drawn at random from the items "
+                     "not HighlyKnown under C0, plus the same replay (data-matched)",
+}
+
+
 class SelectionError(ValueError):
     """A selection setting that names no category, or an impossible replay request."""
 
@@ -109,3 +118,13 @@ def baseline_items(name: str, c0: Categories, cfg: SelectionConfig) -> list[str]
     if name == "known_only":
         return sorted(i for i, c in c0.items() if c != UNKNOWN)
     raise SelectionError(f"unknown baseline '{name}' (expected {', '.join(BASELINES)})")
+
+
+def random_stage2_items(c0: Categories, stage2_parts: Mapping[str, list[str]], cfg: SelectionConfig) -> dict[str, list[str]]:
+    """The data-matched control of a stage-2 set: as many random items (seeded, from those not
+    HighlyKnown under C0) as the set holds before replay, plus its replay items unchanged."""
+    replay = list(stage2_parts.get("replay", ()))
+    size = sum(len(ids) for part, ids in stage2_parts.items() if part != "replay")
+    pool = sorted(i for i, c in c0.items() if c != HIGHLY_KNOWN and i not in set(replay))
+    drawn = random.Random(stable_seed("random_stage2", cfg.seed)).sample(pool, min(size, len(pool)))
+    return {"random": sorted(drawn), "replay": replay}

@@ -48,6 +48,8 @@ class TrainConfig:
     max_len: int = knob(256, "tokens per sequence (a longer prompt loses its start)")
     # optimisation
     epochs: int = knob(3, "passes over the training set")
+    max_steps: int = knob(0, "stop after this many optimizer steps, evaluating and saving there (0: the epochs "
+                             "decide); the lr schedule spans min(max_steps, steps of all epochs)")
     optimizer: Literal["adamw", "deepspeed_adam", "adamw_8bit"] = knob(
         "adamw", "adamw (torch), deepspeed_adam (FusedAdam / CPUAdam), adamw_8bit (bitsandbytes)")
     lr: float = knob(1e-5, "peak learning rate")
@@ -96,7 +98,7 @@ class TrainConfig:
         require(self.zero_stage in (None, 0, 1, 2), "zero_stage", self.zero_stage,
                 "must be 0, 1 or 2 (ZeRO-3 is not supported: evaluation generates with full parameters)")
         require(self.bf16 in (True, False, "auto"), "bf16", self.bf16, "must be true, false or auto")
-        for name in ("eval_every_steps", "patience", "stop_after_epoch", "gpu_wait_s", "gpu_busy_mib"):
+        for name in ("eval_every_steps", "patience", "stop_after_epoch", "gpu_wait_s", "gpu_busy_mib", "max_steps"):
             require(getattr(self, name) >= 0, name, getattr(self, name), "must be >= 0")
         for name in ("eval_batch_size", "keep_last_n", "max_new_tokens", "max_micro_batch_size",
                      "collective_timeout_min"):

@@ -162,7 +162,8 @@ def _train(plan: RunPlan, strategy: DeepSpeedStrategy) -> dict:
         strategy.rotate_checkpoints(cfg.checkpoint_dir, cfg.keep_last_n, keep)
         return tag
 
-    while state.epoch < cfg.epochs and not state.stopped_early and not interrupted:
+    while (state.epoch < cfg.epochs and not state.stopped_early and not interrupted
+           and state.global_step < plan.total_steps):
         order = b.epoch_order(state.epoch)
         bar = tqdm(total=b.steps_per_epoch, initial=state.step_in_epoch, disable=not (rank0 and cfg.progress),
                    desc=f"epoch {state.epoch + 1}/{cfg.epochs}", dynamic_ncols=True)
@@ -195,11 +196,14 @@ def _train(plan: RunPlan, strategy: DeepSpeedStrategy) -> dict:
             end_of_epoch = state.step_in_epoch == b.steps_per_epoch
             if end_of_epoch:
                 state.epoch, state.step_in_epoch = state.epoch + 1, 0
+            last_step = state.global_step == plan.total_steps  # max_steps may end the run inside an epoch
             n = cfg.eval_every_steps
-            if (n and (state.global_step % n == 0 or state.global_step == plan.total_steps)) or (not n and end_of_epoch):
+            if last_step or (n and state.global_step % n == 0) or (not n and end_of_epoch):
                 run_eval()
-            if end_of_epoch or (n and state.global_step % n == 0):
+            if last_step or end_of_epoch or (n and state.global_step % n == 0):
                 last_saved = save()
+            if last_step:
+                break
             if end_of_epoch:
                 # a simulated pre-emption: checkpoint written, no export (resume finishes the run)
                 interrupted = 0 < cfg.stop_after_epoch <= state.epoch < cfg.epochs

@@ -48,7 +48,8 @@ class RunPlan:
 
     @property
     def total_steps(self) -> int:
-        return self.batches.steps_per_epoch * self.cfg.epochs
+        all_epochs = self.batches.steps_per_epoch * self.cfg.epochs
+        return min(all_epochs, self.cfg.max_steps) if self.cfg.max_steps else all_epochs
 
     @property
     def warmup_steps(self) -> int:
@@ -164,7 +165,8 @@ def describe(plan: RunPlan) -> str:
               f"train_batch_size {b.global_batch} = micro_batch_size {b.micro} x gradient_accumulation_steps "
               f"{b.accum} x world size {b.world}", *([f"({note})"] if note else []),
               f"{len(plan.train_items)} training items -> {b.steps_per_epoch} optimizer steps per epoch "
-              f"(last batch padded by wrap-around), {plan.total_steps} steps in {cfg.epochs} epoch(s), "
+              f"(last batch padded by wrap-around), {plan.total_steps} steps in {cfg.epochs} epoch(s)"
+              + (f" (max_steps {cfg.max_steps})" if cfg.max_steps else "") + ", "
               f"{plan.warmup_steps} warm-up",
               f"{len(plan.dev_items)} dev items, evaluated "
               + (f"every {cfg.eval_every_steps} steps" if cfg.eval_every_steps else "every epoch")]
