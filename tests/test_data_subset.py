@@ -1,7 +1,7 @@
 """Capped, relation-balanced subsets: the pipeline's data caps and `gradual data subset`."""
 from toolkit.cli import main
 from toolkit.data.loading import load_qa
-from toolkit.data.subset import balanced_subset
+from toolkit.data.subset import balanced_subset, write_subset
 from toolkit.io import write_jsonl
 from tests import tiny
 
@@ -31,3 +31,10 @@ def test_subset_command_rejects_a_zero_cap(tmp_path, capsys):
                  "--test-items", "0"]) == 2
     assert "--test-items=0 must be >= 1" in capsys.readouterr().err
     assert not (tmp_path / "sub").exists()
+
+
+def test_a_subset_of_chosen_relations_holds_only_them(tmp_path):
+    write_jsonl(tmp_path / "all.jsonl", [it.to_dict() for it in ITEMS])
+    counts = write_subset(tmp_path / "all.jsonl", tmp_path / "sub", {"train": 6}, relations=("color", "code"))
+    items = load_qa(tmp_path / "sub")
+    assert {it.relation for it in items} == {"color", "code"} and counts == {"train": 6, "dev": 8, "test": 8}

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from toolkit.config import ConfigError
-from toolkit.gradual.config import ALL_BASELINES, load_pipeline_config
+from toolkit.gradual.config import ALL_BASELINES, DataSettings, load_pipeline_config
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "toolkit" / "configs" / "examples" / "own_data.yaml"
 
@@ -25,6 +25,10 @@ def test_overrides_and_all_baselines():
     assert cfg.probe.samples == 2 and cfg.baselines == ALL_BASELINES and cfg.seeds == (0, 1)
     assert cfg.train.options.lr == 1e-4 and "lr" in cfg.train.options.given_keys  # typed: the trainer's config
     assert cfg.for_seed(1).selection.seed == 1
+    with pytest.raises(ConfigError, match="data.relations is empty"):
+        DataSettings(relations=())
+    costly = load_pipeline_config(None, ["seeds=3,1", "baselines=random_stage2", "first_seed_baselines=natural"])
+    assert costly.seed_baselines(3) == ("random_stage2", "natural") and costly.seed_baselines(1) == ("random_stage2",)
     assert load_pipeline_config(None, ["probe.placement.num_actors=3"]).probe.placement.num_actors == 3
 
 
@@ -42,6 +46,8 @@ def test_overrides_and_all_baselines():
     (["train.stage2_lr_factor=0"], "train.stage2_lr_factor=0.0 must be in (0, 10]"),
     (["train.node_rank=1"], "train.node_rank=1 launches one node by hand"),
     (["data.train_items=0"], "data.train_items=0 must be >= 1"),
+    (["first_seed_baselines=fancy"], "first_seed_baselines: unknown baseline 'fancy'"),
+    (["baselines=natural", "first_seed_baselines=natural"], "first_seed_baselines: natural already in baselines"),
     (["probe.shot=3"], "unknown key 'probe.shot'"),
     (["probe.placement.num_actors=0"], "probe.placement.num_actors=0 must be >= 1"),
     # keys that moved name their new place
@@ -115,6 +121,7 @@ def user_inputs(tmp_path_factory, tiny_model_dir, synthetic_items):
     (["data.path={root}/empty-train"], "no items in split(s) train"),
     (["data.path={root}/qa.csv"], "field 'answer'"),
     (["train.options.lr=-1"], "train.options.lr=-1.0 must be > 0"),
+    (["data.relations=color,colour"], "data.relations: no relation colour in {root}/data (known: code, color, home)"),
     (["probe.placement.gpus_per_actor=1", "probe.placement.num_actors=64"],
      "probe.placement.gpus_per_actor=1.0: 64 actor(s) need 64 GPU(s)"),
 ])
