@@ -35,7 +35,7 @@ TEST_ITEMS = 12
 
 def pipeline_config(model_dir, data_dir) -> dict:
     return {
-        "preset": "test", "model": str(model_dir), "baselines": ["known_only", "upgraded_only"],
+        "preset": "test", "model": str(model_dir), "baselines": ["known_only", "one_stage_longer", "random_stage2"],
         "data": {"path": str(data_dir), "test_items": TEST_ITEMS},
         "probe": {**PROBE, "shard_size": 8, "splits": ["train", "test"],
                   "placement": {"num_actors": 1, "cpus_per_actor": 1}},
@@ -112,12 +112,12 @@ def test_every_step_wrote_real_content(finished_run, setup):
     assert len(stage2_ids) == sum(selection.values())
     known_only = [r["id"] for r in read_jsonl(sd / "baseline-known_only" / "data" / "train.jsonl")]
     assert known_only == sorted(i for i in c0 if c0[i] != "Unknown")  # SliCK's filter, from M0
-    for stage in ("stage1", "stage2", "baseline-known_only", "baseline-upgraded_only"):
+    for stage in ("stage1", "stage2", "baseline-known_only", "baseline-one_stage_longer", "baseline-random_stage2"):
         summary = json.loads((sd / stage / "train" / "train_summary.json").read_text())
         assert Path(summary["model_dir"], "config.json").exists() and summary["global_step"] > 0
         # the stage's DeepSpeed checkpoints went once its model was exported (train.keep_checkpoints: false)
         assert not (sd / stage / "train" / "checkpoints").exists()
-    for model in ("M0", "M1", "M2", "known_only", "upgraded_only"):
+    for model in ("M0", "M1", "M2", "known_only", "one_stage_longer", "random_stage2"):
         assert len(read_jsonl(sd / "eval" / f"{model}.jsonl")) == TEST_ITEMS
     # the metrics agree with the files they come from
     m = metrics["seeds"]["0"]
@@ -134,6 +134,52 @@ def test_every_step_wrote_real_content(finished_run, setup):
     curve = m["fit_speed"]["stage1"]
     assert len(curve) == 20 and set(curve[-1]["accuracy_by_category"]) <= set(CATEGORIES)
     assert sum(curve[-1]["accuracy_by_category"].values()) > sum(curve[0]["accuracy_by_category"].values())
+
+
+def test_the_controls_match_stage_2_in_compute_and_in_data(finished_run, setup):
+    """one_stage_longer: M1 on the stage-1 items again, for exactly stage 2's optimizer steps at its lr;
+    random_stage2: as many random not-HighlyKnown items as stage 2's upgraded set, plus the same replay.
+    Both are probed on train like M1 and M2, and their numbers reach metrics.json (strict JSON)."""
+    from toolkit.gradual.selection import SelectionConfig, random_stage2_items
+
+    run_dir, metrics = finished_run
+    sd = run_dir / "seed-0"
+    ids = lambda path: [r["id"] for r in read_jsonl(path)]  # noqa: E731
+    summary = lambda stage: json.loads((sd / stage / "train" / "train_summary.json").read_text())  # noqa: E731
+    resolved = lambda stage: json.loads((sd / stage / "train" / "train_config.resolved.json").read_text())  # noqa: E731
+    stage2_steps = summary("stage2")["global_step"]
+    longer = "baseline-one_stage_longer"
+    assert ids(sd / longer / "data" / "train.jsonl") == ids(sd / "stage1" / "data" / "train.jsonl")
+    assert summary(longer)["global_step"] == stage2_steps > 0
+    assert resolved(longer)["lr"] == resolved("stage2")["lr"] == resolved("stage1")["lr"] * 0.5
+    assert resolved(longer)["model"] == summary("stage1")["model_dir"]  # continues from M1
+    assert summary(longer)["train_batch_size"] == summary("stage2")["train_batch_size"]  # same examples
+
+    c0 = {r["id"]: r["category"] for r in read_jsonl(sd / "probe" / "m0-train" / "categories.jsonl")}
+    stage2_parts = json.loads((sd / "stage2" / "data" / "selection.json").read_text())
+    random_dir = sd / "baseline-random_stage2"
+    assert json.loads((random_dir / "data" / "selection.json").read_text()) == {
+        "random": stage2_parts["upgraded"], "replay": stage2_parts["replay"]}
+    stage2_ids, random_ids = set(ids(sd / "stage2" / "data" / "train.jsonl")), set(ids(random_dir / "data" / "train.jsonl"))
+    replay = {i for i in stage2_ids if c0[i] == "HighlyKnown"}
+    assert len(replay) == stage2_parts["replay"] and replay <= random_ids
+    assert all(c0[i] != "HighlyKnown" for i in random_ids - replay)
+    upgraded = sorted(stage2_ids - replay)
+    expected = random_stage2_items(c0, {"upgraded": upgraded, "replay": sorted(replay)}, SelectionConfig(seed=0))
+    assert random_ids == set(expected["random"]) | replay  # seeded: the same draw every time
+    if len([i for i in c0 if c0[i] != "HighlyKnown"]) > len(upgraded):
+        assert random_ids != stage2_ids  # drawn from a larger pool (seeded: a fixed draw), not the upgraded set
+
+    m = metrics["seeds"]["0"]
+    for name in ("known_only", "one_stage_longer", "random_stage2"):
+        rows = read_jsonl(sd / "probe" / f"{name}-train" / "categories.jsonl")
+        assert len(rows) == len(c0)
+        highly = sum(r["category"] == "HighlyKnown" for r in rows)
+        assert m["knowledge"][name]["highly_known"] == highly
+        assert m["knowledge"][name]["gain_vs_M1"] == highly - m["knowledge"]["M1"]["highly_known"]
+        assert f"M2 vs {name}" in m["item_comparisons"] and f"M2 vs {name}" in m["comparisons"]
+    json.loads((run_dir / "metrics.json").read_text(),
+               parse_constant=lambda name: pytest.fail(f"metrics.json holds {name}"))
 
 
 def test_report_renders(finished_run):
