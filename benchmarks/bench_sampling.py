@@ -25,17 +25,17 @@ PRESETS = {
     "cpu": dict(models=["smollm2"], questions=12, exemplar_sets=2, shots=4, samples=8, max_new_tokens=16,
                 engines=["toolkit", "generate", "no-fanout", "no-bucketing"], batch_prompts=16, baseline_prompts=0,
                 warmup_prompts=2, repeats=1, prefill_engines=["toolkit"], actors=[1, 2], ray_questions=4,
-                shard_size=1, budget_s=0, probe_items=48, probe_dtypes=["float32", "bfloat16"], sample_round=4),
+                shard_size=1, budget_s=0, probe_items=48, probe_dtypes=["float32", "bfloat16"]),
     # random-init real shapes in bf16, generation forced to max_new_tokens; one 10-minute H100 run
     "gpu": dict(models=list(SHAPES), questions=24, exemplar_sets=10, shots=4, samples=16, max_new_tokens=16,
                 engines=list(ENGINES), batch_prompts=16, baseline_prompts=32, warmup_prompts=-1, repeats=2,
                 prefill_engines=["toolkit", "no-cuda-graphs"], actors=[1, 2], ray_questions=16, shard_size=2,
-                inputs=str(common.DEFAULT_INPUTS), budget_s=480, probe_items=0, probe_dtypes=[], sample_round=4),
+                inputs=str(common.DEFAULT_INPUTS), budget_s=480, probe_items=0, probe_dtypes=[]),
     # seconds: tests and quick checks
     "smoke": dict(models=["random:tiny"], questions=2, exemplar_sets=1, shots=2, samples=2, max_new_tokens=2,
                   engines=list(ENGINES), batch_prompts=16, baseline_prompts=0, warmup_prompts=1, repeats=1,
                   prefill_engines=["toolkit"], actors=[1], ray_questions=2, shard_size=1, budget_s=0, probe_items=3,
-                  probe_dtypes=["float32"], sample_round=1),
+                  probe_dtypes=["float32"]),
 }
 
 
@@ -64,7 +64,6 @@ def parse_args(argv, prog=None):
     p.add_argument("--dtype", help="float32 / bfloat16 (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--probe-items", type=int, help="lazy vs full sampling on this many items, per dtype (0: skip)")
     p.add_argument("--probe-dtypes", nargs="*", help="dtypes of the lazy/full section (e.g. float32 bfloat16)")
-    p.add_argument("--sample-round", type=int, help="lazy sampling: samples per prompt per round")
     p.add_argument("--threads", type=int, help="torch CPU threads (1 is steadier on a busy machine)")
     p.add_argument("--budget-s", type=float, help="start no new section after this many seconds (0: no limit)")
     p.add_argument("--export-inputs", type=Path, metavar="DIR", help="write the input bundle for a GPU machine; exit")

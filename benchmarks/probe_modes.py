@@ -24,22 +24,23 @@ def bench_probe_modes(source: str, items: list, pool, args) -> dict | None:
         model, tokenizer = load_model(ModelSpec(source=source, tokenizer=args.tokenizer, dtype=dtype))
         for mode in ("full", "lazy"):
             cfg = ProbeConfig(num_exemplar_sets=args.exemplar_sets, shots=args.shots, samples=args.samples,
-                              max_new_tokens=args.max_new_tokens, full_sampling=mode == "full",
-                              sample_round=args.sample_round)
+                              max_new_tokens=args.max_new_tokens, full_sampling=mode == "full")
             engine = FastEngine(model, tokenizer, cfg, max_batch_prompts=args.batch_prompts)
             probe_items(engine, items[:2], pool, cfg)  # warm-up: the static cache, the first kernels
             start = time.perf_counter()
             result = probe_items(engine, items, pool, cfg)
             seconds = time.perf_counter() - start
             answers = sum(r["num_prompts"] + r["num_samples"] for r in result)
+            # rows dropped as settled: answers lazy probing stopped part-way (the work it saved)
             rows.append(dict(dtype=dtype, sampling=mode, items=len(items), answers=answers, seconds=seconds,
+                             settled_rows=engine.last_stats.get("settled_rows", 0),
+                             decode_rows=engine.last_stats.get("decode_rows", 0),
                              questions_per_s=len(items) / seconds, answers_per_s=answers / seconds,
                              counts=dict(Counter(r["category"] for r in result)),
                              categories=[r["category"] for r in result],
                              greedy=[g for r in result for g in r["greedy_answers"]]))
         del model
-    return dict(model=source, samples=args.samples, exemplar_sets=args.exemplar_sets,
-                sample_round=args.sample_round, runs=compare(rows))
+    return dict(model=source, samples=args.samples, exemplar_sets=args.exemplar_sets, runs=compare(rows))
 
 
 def compare(rows: list[dict]) -> list[dict]:

@@ -68,10 +68,11 @@ def report(payload: dict, path: Path) -> None:
         parts.append(f"Lazy/full section failed: {modes['error']}")
     elif modes:
         parts.append(f"Lazy vs full sampling, bf16 vs fp32 ({modes['model']}, the probe's own loop on the same "
-                     f"items: N_ex={modes['exemplar_sets']}, n={modes['samples']}, lazy rounds of "
-                     f"{modes['sample_round']}):\n\n" + common.table(modes["runs"], [
+                     f"items: N_ex={modes['exemplar_sets']}, n={modes['samples']}):\n\n"
+                     + common.table(modes["runs"], [
                          ("dtype", "dtype"), ("sampling", "sampling"), ("items", "items"), ("answers", "answers"),
-                         ("answers_saved", "saved vs full"), ("questions_per_s", "questions/s"),
+                         ("answers_saved", "saved vs full"), ("settled_rows", "rows settled"),
+                         ("questions_per_s", "questions/s"),
                          ("x_fp32_full", "x fp32 full"), ("categories_equal_to_full", "categories = full"),
                          ("greedy_agreement_vs_fp32", "greedy = fp32"),
                          ("category_agreement_vs_fp32", "categories = fp32")]))

@@ -263,6 +263,93 @@ def test_compile_flag_is_off_on_cpu(tiny_lm):
     assert not FastEngine(model, tokenizer, ProbeConfig(), compile_decode=True).compile_decode
 
 
+# ------------------------------------------------------------------ settled questions (lazy probing in one pass)
+
+
+def grouped_requests(sizes: list[int]) -> list[PromptRequest]:
+    """Questions q0, q1, ... with `sizes[k]` prompts each (varied texts, so varied answers)."""
+    texts = [r.text for r in tiny_requests(sum(sizes))]
+    return [PromptRequest(f"q{k}", p, texts.pop(0)) for k, size in enumerate(sizes) for p in range(size)]
+
+
+def finish_step(tokens_used: int) -> int:
+    return tokens_used - 1  # a row's stop token (or its last token) is picked at this decode step
+
+
+def rows_of(requests, answers, part: list[int]) -> list[tuple[int, int, int]]:
+    """(request index, stream, finish step) of every answer of the requests in `part`; stream -1: greedy."""
+    return [(i, j, finish_step(used)) for i in part
+            for j, used in [(-1, answers[i].greedy_tokens), *enumerate(answers[i].sample_tokens)]]
+
+
+def expected_after_settling(rows, settle_after: int) -> set[tuple[int, int]]:
+    """The rows a batch produces when its question settles once `settle_after` answers finished:
+    every row that finished at or before the step the count was reached."""
+    steps = sorted(step for _, _, step in rows)
+    settle_step = steps[settle_after - 1]
+    return {(i, j) for i, j, step in rows if step <= settle_step}
+
+
+def produced(answers, part: list[int]) -> set[tuple[int, int]]:
+    return {(i, j) for i in part for j in ([-1] if answers[i].greedy is not None else []) + answers[i].sample_indices}
+
+
+def test_settled_questions_stop_early_and_every_answer_produced_is_the_full_answer(stoppy_lm):
+    model, tokenizer = stoppy_lm
+    cfg = ProbeConfig(samples=5, max_new_tokens=8, seed=2)
+    requests = grouped_requests([3, 3, 3, 3])
+    make = lambda: FastEngine(model, tokenizer, cfg, max_batch_prompts=6, compact_below=1.0)  # noqa: E731
+    full_engine, lazy_engine = make(), make()
+    full = full_engine.generate(requests)
+    calls = []
+
+    def settled(question_id, finished):  # q0 and q2 settle once 2 of their answers are in
+        calls.append((question_id, list(finished)))
+        return question_id in ("q0", "q2") and len(finished) >= 2
+
+    lazy = lazy_engine.generate(requests, settled=settled)
+    assert all(a.sample_indices == list(range(5)) for a in full) and full_engine.last_stats["settled_rows"] == 0
+    # Every answer produced is the full run's answer of the same key, bit for bit.
+    for f, z in zip(full, lazy):
+        assert z.greedy in (None, f.greedy) and z.greedy_tokens in (0, f.greedy_tokens)
+        assert z.samples == [f.samples[j] for j in z.sample_indices]
+        assert z.sample_tokens == [f.sample_tokens[j] for j in z.sample_indices]
+    # Questions that never settle: everything. Settled ones: exactly the rows finished by then.
+    assert lazy[3:6] == full[3:6] and lazy[9:] == full[9:]
+    for part in ([0, 1, 2], [6, 7, 8]):
+        expected = expected_after_settling(rows_of(requests, full, part), settle_after=2)
+        assert produced(lazy, part) == expected
+        assert len(expected) < 3 * 6  # the test means something: rows were dropped
+    # The callback saw each question's finished answers, as the full run has them.
+    for question_id, finished in calls:
+        for prompt_index, stream, answer in finished:
+            f = full[int(question_id[1:]) * 3 + prompt_index]
+            assert answer == (f.greedy if stream == -1 else f.samples[stream])
+    stats, full_stats = lazy_engine.last_stats, full_engine.last_stats
+    dropped = sum(1 + 5 for _ in requests) - stats["answers"]
+    assert stats["settled_rows"] == dropped > 0 and full_stats["answers"] == 12 * 6
+    assert stats["decode_rows"] < full_stats["decode_rows"]  # the dropped rows were compacted away
+    for key in ("batches", "prefill_tokens", "prefill_padded_tokens"):  # the same batches, one prefill per prompt
+        assert stats[key] == full_stats[key], key
+
+
+def test_a_question_split_across_batches_stays_settled_in_the_later_batch(stoppy_lm):
+    """Whole questions per batch where they fit; a larger one is split, and once it settles in its
+    first batch, its rows in the next batch are dropped after their first token."""
+    model, tokenizer = stoppy_lm
+    cfg = ProbeConfig(samples=3, max_new_tokens=8, seed=5)
+    requests = grouped_requests([6, 2])  # batches of 4 prompts: q0's 0-3, then q0's 4-5 with q1
+    engine = FastEngine(model, tokenizer, cfg, max_batch_prompts=4, bucket_by_length=False)
+    full = FastEngine(model, tokenizer, cfg, max_batch_prompts=4).generate(requests)
+    lazy = engine.generate(requests, settled=lambda question_id, finished: len(finished) >= 1)
+    assert engine.last_stats["batches"] == 2
+    assert produced(lazy, [0, 1, 2, 3]) == expected_after_settling(rows_of(requests, full, [0, 1, 2, 3]), 1)
+    assert produced(lazy, [4, 5]) == {(i, j) for i, j, step in rows_of(requests, full, [4, 5]) if step == 0}
+    assert produced(lazy, [6, 7]) == expected_after_settling(rows_of(requests, full, [6, 7]), 1)
+    for f, z in zip(full, lazy):
+        assert z.samples == [f.samples[j] for j in z.sample_indices]
+
+
 # ------------------------------------------------------------------ the work done
 
 

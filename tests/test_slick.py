@@ -12,8 +12,8 @@ from toolkit.data.prompts import ExemplarPool
 from toolkit.data.schema import DataError, QAItem
 from toolkit.probe.shards import data_hash, make_plan
 from toolkit.config import FieldError
-from toolkit.probe.slick import CATEGORIES, build_requests, category, make_engine, probe_items, score_item
-from toolkit.probe.types import ProbeConfig, PromptAnswers
+from toolkit.probe.slick import CATEGORIES, build_requests, category, is_settled, make_engine, probe_items, score_item
+from toolkit.probe.types import GREEDY_STREAM, FinishedAnswer, ProbeConfig, PromptAnswers
 
 ITEM = QAItem(id="x-1", question="What color is the alpha bravo?", answer="amber", relation="color",
               split="train", aliases=("orange",))
@@ -150,21 +150,36 @@ def test_memorised_facts_highly_known_unseen_unknown(memorised, engine):
     assert all(r["greedy_answers"] == [f.answer] * 3 for r, f in zip(known, facts))
     assert [r["id"] for r in rows] == [it.id for it in facts + unseen]
     assert all(r["generated_tokens"] > 0 for r in rows)
-    # lazy sampling (the fast engine's default) samples only items whose greedy answers are all wrong
-    assert [r["num_samples"] for r in known] == [0 if engine == "fast" else 12] * len(known)
-    assert [r["num_samples"] for r in new] == [12] * len(new)
+    # lazy sampling (the fast engine's default) cuts the samples of items a greedy answer settles;
+    # an Unknown item runs every sample
+    assert all(r["sampling"] == ("lazy" if engine == "fast" else "full") for r in rows)
+    assert all(r["num_samples"] <= 12 for r in known) and [r["num_samples"] for r in new] == [12] * len(new)
+
+
+class CountingEngine:
+    """A FastEngine that counts its generate calls (lazy probing must prefill once, as full does)."""
+
+    def __init__(self, engine):
+        self.engine, self.calls = engine, 0
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def generate(self, *args, **kwargs):
+        self.calls += 1
+        return self.engine.generate(*args, **kwargs)
 
 
 def test_lazy_sampling_gives_the_categories_of_full_sampling(memorised):
-    """Greedy first, samples in rounds only for items with no right greedy answer: the same
-    categories and greedy answers as full sampling, each lazy sample equal to the full run's sample of
-    the same index, P_sample a lower bound, and fewer answers."""
+    """One pass, items leaving as they settle: the same categories and greedy answers as full
+    sampling, each lazy sample equal to the full run's sample of the same index, P_sample a lower
+    bound, fewer answers, and never more work (same prefill, fewer decode rows)."""
     from toolkit.models import ModelSpec, load_model
 
     model_dir, items, pool, config, facts = memorised
     full_cfg = dataclasses.replace(config, engine="fast", keep_samples=True, samples=6, full_sampling=True,
                                    temperature=1.5, top_k=6)
-    lazy_cfg = dataclasses.replace(full_cfg, full_sampling=False, sample_round=2)
+    lazy_cfg = dataclasses.replace(full_cfg, full_sampling=False)
     model, tok = load_model(ModelSpec(source=str(model_dir)))
     # Unseen facts, half of them given as gold an answer the model samples but never answers greedily
     # (WeaklyKnown), besides the memorised ones (HighlyKnown). Same ids: same exemplars, same samples.
@@ -174,22 +189,37 @@ def test_lazy_sampling_gives_the_categories_of_full_sampling(memorised):
         if others and k % 2 == 0:
             unseen[k] = dataclasses.replace(it, answer=others[-1], aliases=())
     probed = facts + unseen
-    full = probe_items(make_engine(model, tok, full_cfg), probed, pool, full_cfg)
-    lazy = probe_items(make_engine(model, tok, lazy_cfg), probed, pool, lazy_cfg)
+    full_engine, lazy_engine = (CountingEngine(make_engine(model, tok, c)) for c in (full_cfg, lazy_cfg))
+    full = probe_items(full_engine, probed, pool, full_cfg)
+    lazy = probe_items(lazy_engine, probed, pool, lazy_cfg)
     assert len({r["category"] for r in full}) >= 3  # a mix, so the equality means something
     assert [r["category"] for r in lazy] == [r["category"] for r in full]
     assert [r["greedy_answers"] for r in lazy] == [r["greedy_answers"] for r in full]
     for f, z in zip(full, lazy):
         assert z["sampling"] == "lazy" and f["sampling"] == "full" and z["p_sample"] <= f["p_sample"]
-        for full_samples, lazy_samples in zip(f["sampled_answers"], z["sampled_answers"]):
-            assert lazy_samples == full_samples[:len(lazy_samples)]  # keyed: sample j is sample j
-        if z["greedy_correct"]:
-            assert z["num_samples"] == 0  # decided by its greedy answers
-        elif z["category"] == "WeaklyKnown":
-            assert z["sample_correct"] >= 1 and z["num_samples"] % (2 * 3) == 0  # left at a round's end
-        else:
-            assert z["num_samples"] == f["num_samples"]  # Unknown: every sample was needed
+        assert f["sample_indices"] == [list(range(6))] * 3
+        for full_samples, lazy_samples, indices in zip(f["sampled_answers"], z["sampled_answers"], z["sample_indices"]):
+            assert lazy_samples == [full_samples[j] for j in indices]  # keyed: sample j is sample j
+        if z["category"] == "WeaklyKnown":
+            assert z["sample_correct"] >= 1
+        if z["category"] == "Unknown":
+            assert z["num_samples"] == f["num_samples"]  # every sample was needed
     assert sum(r["num_samples"] for r in lazy) < sum(r["num_samples"] for r in full)
+    full_stats, lazy_stats = full_engine.last_stats, lazy_engine.last_stats
+    assert full_engine.calls == lazy_engine.calls == 1
+    assert lazy_stats["prefill_padded_tokens"] == full_stats["prefill_padded_tokens"]
+    assert lazy_stats["decode_rows"] <= full_stats["decode_rows"] and lazy_stats["settled_rows"] > 0
+
+
+def test_settled_rule_waits_for_every_greedy_answer_and_one_right_answer():
+    gold = ("amber", "orange")
+    greedy = lambda p, answer: FinishedAnswer(p, GREEDY_STREAM, answer)  # noqa: E731
+    sample = lambda p, j, answer: FinishedAnswer(p, j, answer)  # noqa: E731
+    assert not is_settled([greedy(0, "Amber")], gold, num_prompts=2)  # prompt 1's greedy answer is missing
+    assert not is_settled([greedy(0, "Amber"), sample(1, 0, "amber")], gold, num_prompts=2)
+    assert is_settled([greedy(0, "red"), greedy(1, "Amber")], gold, num_prompts=2)  # MaybeKnown or better
+    assert not is_settled([greedy(0, "red"), greedy(1, "blue"), sample(0, 3, "ambers")], gold, num_prompts=2)
+    assert is_settled([sample(0, 3, "orange"), greedy(0, "red"), greedy(1, "blue")], gold, num_prompts=2)
 
 
 def test_lazy_sampling_falls_back_to_full_with_an_engine_whose_samples_depend_on_the_batch(memorised):
@@ -199,13 +229,6 @@ def test_lazy_sampling_falls_back_to_full_with_an_engine_whose_samples_depend_on
     model, tok = load_model(ModelSpec(source=str(model_dir)))
     rows = probe_items(make_engine(model, tok, config), facts[:2], pool, config)  # reference engine
     assert all(r["sampling"] == "full" and r["num_samples"] == 12 for r in rows)
-
-
-def test_sample_rounds():
-    from toolkit.probe.slick import sample_rounds
-
-    assert sample_rounds(16, 4) == [range(0, 4), range(4, 8), range(8, 12), range(12, 16)]
-    assert sample_rounds(5, 2) == [range(0, 2), range(2, 4), range(4, 5)] and sample_rounds(3, 8) == [range(0, 3)]
 
 
 @pytest.mark.slow  # the real SmolLM2 on 100 real facts, both ways (1-2 min)
@@ -219,10 +242,15 @@ def test_lazy_and_full_sampling_agree_on_the_real_smollm2(smollm2):
     train = balanced_subset([it for it in items if it.split == "train"], 100, seed=0)
     pool = ExemplarPool([it for it in items if it.split == "dev"])
     full_cfg = ProbeConfig(num_exemplar_sets=2, shots=2, samples=4, max_new_tokens=8, full_sampling=True)
-    lazy_cfg = dataclasses.replace(full_cfg, full_sampling=False, sample_round=2)
-    full = probe_items(FastEngine(model, tok, full_cfg), train, pool, full_cfg)
-    lazy = probe_items(FastEngine(model, tok, lazy_cfg), train, pool, lazy_cfg)
+    lazy_cfg = dataclasses.replace(full_cfg, full_sampling=False)
+    full_engine, lazy_engine = FastEngine(model, tok, full_cfg), FastEngine(model, tok, lazy_cfg)
+    full = probe_items(full_engine, train, pool, full_cfg)
+    lazy = probe_items(lazy_engine, train, pool, lazy_cfg)
     assert {"HighlyKnown", "Unknown"} <= {r["category"] for r in full}  # a real spread
     assert [r["category"] for r in lazy] == [r["category"] for r in full]
     asked = lambda rows: sum(r["num_prompts"] + r["num_samples"] for r in rows)  # noqa: E731
     assert asked(lazy) < asked(full) == 100 * 2 * 5
+    assert asked(lazy) + lazy_engine.last_stats["settled_rows"] == asked(full)
+    # never more work than full sampling: the same prefill, fewer decode rows
+    assert lazy_engine.last_stats["prefill_padded_tokens"] == full_engine.last_stats["prefill_padded_tokens"]
+    assert lazy_engine.last_stats["decode_rows"] < full_engine.last_stats["decode_rows"]

@@ -9,6 +9,9 @@ Sampling is Gumbel-max with counter-based noise: the noise for (row key, step, t
 integer hash, with row key = stable_seed(seed, question_id, prompt_index, sample_index). A sampled
 answer therefore depends only on its key and the model's logits, never on batch composition,
 bucketing, compaction or the process that ran it (up to floating-point ties in the logits).
+
+Lazy probing runs in the same single pass: with a `settled` callback, the rows of a question that the
+caller declares settled stop early (settling.py), so prompts are prefilled once either way.
 """
 from __future__ import annotations
 
@@ -24,7 +27,8 @@ from toolkit.data.prompts import stable_seed
 from toolkit.models import encode_prompts, newline_token_ids, tokens_until_stop
 
 from .attention import use_engine_attention
-from .types import PromptAnswers, PromptRequest, ProbeConfig
+from .settling import SettleBook, plan_batches, prompt_answers
+from .types import GREEDY_STREAM, PromptAnswers, PromptRequest, ProbeConfig, Settled
 
 # splitmix64 constants as signed int64: torch int64 arithmetic wraps around, i.e. it is uint64
 # arithmetic bit for bit, as long as right shifts are made logical (torch's >> is arithmetic).
@@ -87,6 +91,7 @@ class FastEngine:
     optimisations off one at a time. Answers are identical under every flag combination."""
 
     keyed_samples = True  # sample j of a prompt is the same whichever other samples a call asks for
+    settles_questions = True  # generate() takes `settled`: lazy probing in one pass
 
     def __init__(self, model, tokenizer, config: ProbeConfig, max_batch_prompts: int | None = None, *,
                  fan_out_kv: bool = True, bucket_by_length: bool = True, compile_decode: bool = True,
@@ -116,34 +121,39 @@ class FastEngine:
 
     @torch.inference_mode()
     def generate(self, requests: Sequence[PromptRequest], sample_indices: Sequence[int] | None = None,
-                 greedy: bool = True) -> list[PromptAnswers]:
+                 greedy: bool = True, settled: Settled | None = None) -> list[PromptAnswers]:
         """Per request: the greedy answer (if `greedy`) and the sampled answers of `sample_indices`
-        (default: all `config.samples`), each a pure function of its key."""
+        (default: all `config.samples`), each a pure function of its key.
+
+        settled(question_id, finished): asked whenever rows of a question finish, with that
+        question's FinishedAnswers so far; once True, its still-running rows are dropped and their
+        answers are absent from the result (PromptAnswers.sample_indices says which samples remain)."""
         start = time.perf_counter()
         indices = range(self.config.samples) if sample_indices is None else list(sample_indices)
-        stream_keys = ([-1] if greedy else []) + list(indices)  # -1: the greedy stream
+        stream_keys = ([GREEDY_STREAM] if greedy else []) + list(indices)
         if not stream_keys:
             raise ValueError("generate() asked for no answer (greedy=False and no sample index)")
         streams = len(stream_keys)
-        self.last_stats = dict(prompts=len(requests), answers=len(requests) * streams, batches=0,
-                               prefill_tokens=0, prefill_padded_tokens=0, generated_tokens=0,
-                               decode_steps=0, decode_rows=0, compactions=0)
+        self.last_stats = dict(prompts=len(requests), answers=0, batches=0, prefill_tokens=0,
+                               prefill_padded_tokens=0, generated_tokens=0, decode_steps=0, decode_rows=0,
+                               compactions=0, settled_rows=0)
         if not requests:
             return []
         ids = encode_prompts(self.tokenizer, [r.text for r in requests])
-        order = list(range(len(requests)))
-        if self.bucket_by_length:  # neighbours in length share a batch: little padding
-            order.sort(key=lambda i: len(ids[i]))
         length = max(map(len, ids)) + self.config.max_new_tokens
-        per_batch = self._batch_prompts(streams, length)
-        # The static cache is sized once for the largest batch and the longest prompt.
-        capacity = (min(len(requests), per_batch) * streams, length)
+        # The same batches with `settled` or without: lazy probing prefills exactly what full sampling does.
+        batches = plan_batches(requests, [len(x) for x in ids], self._batch_prompts(streams, length),
+                               by_length=self.bucket_by_length)
+        # The static cache is sized once for the largest batch (the first) and the longest prompt.
+        capacity = (len(batches[0]) * streams, length)
+        book = SettleBook(settled) if settled is not None else None
         results: list[PromptAnswers | None] = [None] * len(requests)
-        for s in range(0, len(order), per_batch):
-            chunk = order[s:s + per_batch]
-            batch = self._run_batch([requests[i] for i in chunk], [ids[i] for i in chunk], capacity, stream_keys)
+        for chunk in batches:
+            batch = self._run_batch([requests[i] for i in chunk], [ids[i] for i in chunk], capacity,
+                                    stream_keys, book)
             for i, answers in zip(chunk, batch):
                 results[i] = answers
+        self.last_stats["answers"] = sum((a.greedy is not None) + len(a.samples) for a in results)
         self.last_stats["generated_tokens"] = sum(a.total_tokens for a in results)
         self.last_stats["seconds"] = time.perf_counter() - start
         return results
@@ -162,12 +172,12 @@ class FastEngine:
     # ------------------------------------------------------------------ one batch
 
     def _run_batch(self, reqs: list[PromptRequest], ids: list[list[int]], capacity: tuple[int, int],
-                   stream_keys: list[int]) -> list[PromptAnswers]:
+                   stream_keys: list[int], book: SettleBook | None) -> list[PromptAnswers]:
         cfg, dev, stats = self.config, self.device, self.last_stats
         streams, n_prompts = len(stream_keys), len(reqs)
         rows = n_prompts * streams  # prompt-major: a prompt's streams in stream_keys order (-1: greedy)
         prompt_of = torch.arange(n_prompts, device=dev).repeat_interleave(streams)
-        greedy = torch.tensor([j == -1 for j in stream_keys], device=dev).repeat(n_prompts)
+        greedy = torch.tensor([j == GREEDY_STREAM for j in stream_keys], device=dev).repeat(n_prompts)
         sampling = any(j >= 0 for j in stream_keys)
         keys = torch.tensor([to_int64(stable_seed(cfg.seed, r.question_id, r.prompt_index, j))
                              for r in reqs for j in stream_keys], device=dev)
@@ -191,6 +201,9 @@ class FastEngine:
         tokens = self._pick(logits[src], keys, greedy, torch.zeros((), dtype=torch.long, device=dev), sampling)
         out[:, 0] = tokens
         alive = ~torch.isin(tokens, self._stop_tensor)
+        if book is not None:
+            book.start_batch(reqs, stream_keys)
+            alive = self._settle(book, out, row_ids, torch.ones_like(alive), alive)
         for step in range(1, cfg.max_new_tokens):
             n_alive = int(alive.sum())
             if n_alive == 0:
@@ -208,10 +221,29 @@ class FastEngine:
             tokens = self._step(tokens, lengths + step - 1, kv_mask, keys, greedy,
                                 torch.tensor(step, device=dev), sampling).clone()
             out[row_ids, step] = tokens
-            alive &= ~torch.isin(tokens, self._stop_tensor)
+            was_alive, alive = alive, alive & ~torch.isin(tokens, self._stop_tensor)
+            if book is not None:
+                alive = self._settle(book, out, row_ids, was_alive, alive)
             stats["decode_steps"] += 1
             stats["decode_rows"] += len(row_ids)
-        return self._answers(out.tolist(), stream_keys)
+        if book is None:
+            return prompt_answers(dict(enumerate(self._decode(out.tolist()))), n_prompts, stream_keys)
+        rest = sorted(book.running)  # rows that ran to max_new_tokens
+        book.record(rest, self._decode(out[rest].tolist()))
+        return prompt_answers(book.decoded, n_prompts, stream_keys)
+
+    def _settle(self, book: SettleBook, out, row_ids, was_alive, alive) -> torch.Tensor:
+        """Decode the rows that finished this step (once: the book keeps the text), ask whether their
+        questions are settled, and take the still-running rows of settled questions out of `alive`
+        (compaction then frees them). Other rows are untouched: their answers stay the same."""
+        done = row_ids[was_alive & ~alive].tolist()
+        if done:
+            book.record(done, self._decode(out[done].tolist()))
+        drop = book.rows_to_drop(done)
+        if drop:
+            alive = alive & ~torch.isin(row_ids, torch.tensor(drop, device=row_ids.device))
+            self.last_stats["settled_rows"] += len(drop)
+        return alive
 
     def _decode_step(self, tokens, positions, kv_mask, keys, greedy, step, sampling: bool) -> torch.Tensor:
         """The one decode step: feed each row's last token, pick each row's next token."""
@@ -302,20 +334,11 @@ class FastEngine:
 
     # ------------------------------------------------------------------ answers
 
-    def _answers(self, rows: list[list[int]], stream_keys: list[int]) -> list[PromptAnswers]:
-        """Text up to the first newline; token counts include the stop token (as ReferenceEngine)."""
-        decoded = []
-        for ids in rows:
-            used = tokens_until_stop(ids, self._stop_set)
-            decoded.append((ids[:used], used))
-        texts = self.tokenizer.batch_decode([ids for ids, _ in decoded], skip_special_tokens=True)
-        streams, has_greedy = len(stream_keys), stream_keys[0] == -1
-        answers = []
-        for p in range(0, len(rows), streams):
-            texts_p, used_p = texts[p:p + streams], [u for _, u in decoded[p:p + streams]]
-            first = 1 if has_greedy else 0
-            answers.append(PromptAnswers(greedy=extract_answer(texts_p[0]) if has_greedy else None,
-                                         greedy_tokens=used_p[0] if has_greedy else 0,
-                                         samples=[extract_answer(t) for t in texts_p[first:]],
-                                         sample_tokens=used_p[first:]))
-        return answers
+    def _decode(self, rows: list[list[int]]) -> list[tuple[str, int]]:
+        """(answer, tokens used) per row: text up to the first newline; the count includes the stop
+        token (as ReferenceEngine)."""
+        if not rows:
+            return []
+        used = [tokens_until_stop(ids, self._stop_set) for ids in rows]
+        texts = self.tokenizer.batch_decode([ids[:u] for ids, u in zip(rows, used)], skip_special_tokens=True)
+        return [(extract_answer(text), u) for text, u in zip(texts, used)]

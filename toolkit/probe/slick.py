@@ -9,7 +9,7 @@ from toolkit.data.matching import is_correct
 from toolkit.data.prompts import ExemplarPool, probe_prompt
 from toolkit.data.schema import QAItem
 
-from .types import ENGINES, Engine, ProbeConfig, PromptAnswers, PromptRequest
+from .types import ENGINES, GREEDY_STREAM, Engine, FinishedAnswer, ProbeConfig, PromptAnswers, PromptRequest
 
 HIGHLY_KNOWN, MAYBE_KNOWN, WEAKLY_KNOWN, UNKNOWN = "HighlyKnown", "MaybeKnown", "WeaklyKnown", "Unknown"
 CATEGORIES = (HIGHLY_KNOWN, MAYBE_KNOWN, WEAKLY_KNOWN, UNKNOWN)
@@ -52,8 +52,8 @@ def build_requests(item: QAItem, pool: ExemplarPool, config: ProbeConfig) -> lis
 
 def score_item(item: QAItem, answers: Sequence[PromptAnswers], config: ProbeConfig, lazy: bool = False) -> dict:
     """One result row from the item's answers (one PromptAnswers per prompt, in prompt order). Full
-    sampling: every prompt has all n samples and P_sample is exact. Lazy: the samples asked for so
-    far (none when a greedy answer was right), so P_sample is a lower bound; the category is exact."""
+    sampling: every prompt has all n samples and P_sample is exact. Lazy: the samples that finished
+    before the item settled, so P_sample is a lower bound; the category is exact."""
     if len(answers) != config.num_exemplar_sets:
         raise ValueError(f"item '{item.id}': expected {config.num_exemplar_sets} prompts' answers, "
                          f"got {len(answers)}")
@@ -75,44 +75,35 @@ def score_item(item: QAItem, answers: Sequence[PromptAnswers], config: ProbeConf
                greedy_answers=[a.greedy for a in answers], generated_tokens=sum(a.total_tokens for a in answers))
     if config.keep_samples:
         row["sampled_answers"] = [list(a.samples) for a in answers]
+        row["sample_indices"] = [list(range(len(a.samples))) if a.sample_indices is None else list(a.sample_indices)
+                                 for a in answers]
     return row
 
 
-def sample_rounds(samples: int, round_size: int) -> list[range]:
-    """The sample indices of each lazy round: round_size per prompt, the last round what is left."""
-    return [range(start, min(start + round_size, samples)) for start in range(0, samples, round_size)]
+def is_settled(finished: Sequence[FinishedAnswer], gold: Sequence[str], num_prompts: int) -> bool:
+    """SliCK's rule for stopping an item's remaining answers: all of its greedy answers are in (they
+    give P_greedy, hence HighlyKnown/MaybeKnown) and one finished answer is right: a right greedy one
+    decides the category alone, a right sample makes it WeaklyKnown. An item with no right answer
+    (Unknown) never settles: it runs every sample, as full sampling does."""
+    greedy_done = sum(a.stream == GREEDY_STREAM for a in finished)
+    return greedy_done == num_prompts and any(is_correct(a.answer, gold) for a in finished)
 
 
 def probe_items(engine: Engine, items: Sequence[QAItem], pool: ExemplarPool, config: ProbeConfig) -> list[dict]:
     """Rows for `items`, in order. The prompts of all items go to the engine together so it can batch
     freely; every answer depends only on its key, never on the batch.
 
-    Lazy (the default, with an engine whose samples are keyed): the greedy answers of every prompt
-    first; then, only for items none of whose greedy answers is right, samples in rounds, an item
-    leaving at the round where a sample is right. HighlyKnown and MaybeKnown rest on the greedy
-    answers alone and WeaklyKnown on one right sample, so the categories equal full sampling's."""
+    Lazy (the default, with an engine that settles questions): one pass, every prompt prefilled once,
+    greedy and sampled answers decoded together; an item's remaining answers stop as soon as
+    `is_settled` holds. The categories equal full sampling's; fewer answers are generated."""
     n = config.num_exemplar_sets
-    per_item = [build_requests(item, pool, config) for item in items]
-    requests = [req for reqs in per_item for req in reqs]
-    lazy = not config.full_sampling and config.samples > 0 and getattr(engine, "keyed_samples", False)
-    answers = engine.generate(requests, sample_indices=[] if lazy else None)
+    requests = [req for item in items for req in build_requests(item, pool, config)]
+    lazy = not config.full_sampling and config.samples > 0 and getattr(engine, "settles_questions", False)
+    if lazy:
+        gold = {item.id: item.gold_answers for item in items}
+        answers = engine.generate(requests, settled=lambda qid, finished: is_settled(finished, gold[qid], n))
+    else:
+        answers = engine.generate(requests)
     if len(answers) != len(requests):
         raise ValueError(f"engine returned {len(answers)} answers for {len(requests)} prompts")
-    by_item = [answers[i * n:(i + 1) * n] for i in range(len(items))]
-    if lazy:
-        gold = [item.gold_answers for item in items]
-        pending = [i for i, got in enumerate(by_item) if not any(is_correct(a.greedy, gold[i]) for a in got)]
-        for indices in sample_rounds(config.samples, config.sample_round):
-            if not pending:
-                break
-            batch = [req for i in pending for req in per_item[i]]
-            sampled = engine.generate(batch, sample_indices=indices, greedy=False)
-            still = []
-            for k, i in enumerate(pending):
-                for prompt, extra in zip(by_item[i], sampled[k * n:(k + 1) * n]):
-                    prompt.samples.extend(extra.samples)
-                    prompt.sample_tokens.extend(extra.sample_tokens)
-                if not any(is_correct(s, gold[i]) for a in by_item[i] for s in a.samples):
-                    still.append(i)
-            pending = still
-    return [score_item(item, got, config, lazy) for item, got in zip(items, by_item)]
+    return [score_item(item, answers[i * n:(i + 1) * n], config, lazy) for i, item in enumerate(items)]

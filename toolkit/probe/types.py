@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, Sequence
+from typing import Callable, Literal, NamedTuple, Protocol, Sequence
 
 from toolkit.config import knob, require
 
@@ -25,7 +25,6 @@ class ProbeConfig:
     keep_samples: bool = knob(False, "store every sampled answer in the result rows")
     full_sampling: bool = knob(False, "all n samples of every prompt (exact P_sample); default: lazy, the same "
                                       "categories from far fewer answers, P_sample a lower bound")
-    sample_round: int = knob(4, "lazy sampling: samples per prompt asked for in each round")
     engine: Literal["fast", "reference"] = knob("fast", "fast: the toolkit's engine; reference: HF generate")
     attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = knob(
         "auto", "attention kernels; the fast engine always runs SDPA with a copy-free GQA decode step")
@@ -40,7 +39,6 @@ class ProbeConfig:
                 "must be > 0 when sampling")
         require(self.top_k >= 0, "top_k", self.top_k, "must be >= 0 (0 = no top-k)")
         require(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "must be >= 1")
-        require(self.sample_round >= 1, "sample_round", self.sample_round, "must be >= 1")
         require(self.engine in ENGINES, "engine", self.engine, f"must be one of {', '.join(ENGINES)}")
 
     def load_attention(self) -> str | None:
@@ -62,12 +60,30 @@ class PromptRequest:
     text: str
 
 
+GREEDY_STREAM = -1  # the stream key of a prompt's greedy answer; sample j has stream key j
+
+
+class FinishedAnswer(NamedTuple):
+    """An answer the engine has finished, as `settled` callbacks see it."""
+
+    prompt_index: int
+    stream: int  # GREEDY_STREAM or the sample index
+    answer: str
+
+
+# settled(question_id, that question's answers finished so far) -> True: drop its still-running rows
+Settled = Callable[[str, Sequence[FinishedAnswer]], bool]
+
+
 @dataclass
 class PromptAnswers:
-    greedy: str | None  # None: the call did not ask for the greedy answer
+    greedy: str | None  # None: not asked for (or dropped as settled)
     samples: list[str] = field(default_factory=list)
     greedy_tokens: int = 0  # generated tokens, stop token included when one was produced
     sample_tokens: list[int] = field(default_factory=list)
+    # the sample index of each of `samples` (they are fewer than asked when rows were dropped as
+    # settled); None: the engine does not record them (the reference engine: every sample asked for)
+    sample_indices: list[int] | None = None
 
     @property
     def total_tokens(self) -> int:
@@ -77,9 +93,11 @@ class PromptAnswers:
 class Engine(Protocol):
     config: ProbeConfig
     keyed_samples: bool  # sample j depends only on its key, so samples can be asked for a few at a time
+    settles_questions: bool  # generate() takes `settled` (lazy probing in one pass)
 
     def generate(self, requests: Sequence[PromptRequest], sample_indices: Sequence[int] | None = None,
                  greedy: bool = True) -> list[PromptAnswers]:
         """Answers for each request, in request order: the greedy one (if `greedy`) and the samples
-        of `sample_indices` (default: all of `config.samples`)."""
+        of `sample_indices` (default: all of `config.samples`). An engine with `settles_questions`
+        also takes `settled` (a Settled): answers of rows dropped as settled are absent."""
         ...
