@@ -131,8 +131,9 @@ class Pipeline:
         if path.exists():
             written = json.loads(path.read_text(encoding="utf-8"))
             # a run locked by an older toolkit lacks the keys added since: they read as their defaults
-            old = _comparable(cfglib.deep_merge(cfglib.to_dict(PipelineConfig()), written))
+            # and the keys it had that are gone (a knob removed since, e.g. probe.sample_round) decide nothing now
             new = _comparable(current)
+            old = _shared_keys(_comparable(cfglib.deep_merge(cfglib.to_dict(PipelineConfig()), written)), new)
             if old != new:
                 diffs = _diff_keys(old, new)
                 raise ConfigError(f"{self.run_dir} holds a run with another config ({', '.join(diffs[:4])} "
@@ -358,6 +359,12 @@ class _Stage2Run:
     parts: dict[str, list[str]]
     steps: int
     m1: str
+
+
+def _shared_keys(old: dict, new: dict) -> dict:
+    """`old` without the keys `new` does not have (at any depth)."""
+    return {k: _shared_keys(v, new[k]) if isinstance(v, dict) and isinstance(new[k], dict) else v
+            for k, v in old.items() if k in new}
 
 
 def _diff_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
