@@ -16,19 +16,23 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from probe_modes import bench_probe_modes  # noqa: E402
-from sampling_report import ENGINES, check_targets, extrapolate, report  # noqa: E402
+from sampling_report import ENGINES, OPTIONAL_ENGINES, check_targets, extrapolate, report  # noqa: E402
+
+from toolkit.probe.vllm_engine import vllm_importable  # noqa: E402
+
+VLLM = ["vllm"] if vllm_importable() else []  # measured beside the others where it is installed
 
 FEATURE_OFF = {"no-fanout": "fan_out_kv", "no-cuda-graphs": "compile_decode", "no-bucketing": "bucket_by_length"}
 SHAPES = ("random:smollm2-135m", "random:llama-3.2-1b", "random:llama-3-8b")
 PRESETS = {
     # real SmolLM2, real stopping at newline; sized for ~5 minutes on 2 cores (generate is the slow part)
     "cpu": dict(models=["smollm2"], questions=12, exemplar_sets=2, shots=4, samples=8, max_new_tokens=16,
-                engines=["toolkit", "generate", "no-fanout", "no-bucketing"], batch_prompts=16, baseline_prompts=0,
+                engines=["toolkit", "generate", "no-fanout", "no-bucketing", *VLLM], batch_prompts=16, baseline_prompts=0,
                 warmup_prompts=2, repeats=1, prefill_engines=["toolkit"], actors=[1, 2], ray_questions=4,
                 shard_size=1, budget_s=0, probe_items=48, probe_dtypes=["float32", "bfloat16"]),
     # random-init real shapes in bf16, generation forced to max_new_tokens; one 10-minute H100 run
     "gpu": dict(models=list(SHAPES), questions=24, exemplar_sets=10, shots=4, samples=16, max_new_tokens=16,
-                engines=list(ENGINES), batch_prompts=16, baseline_prompts=32, warmup_prompts=-1, repeats=2,
+                engines=[*ENGINES, *VLLM], batch_prompts=16, baseline_prompts=32, warmup_prompts=-1, repeats=2,
                 prefill_engines=["toolkit", "no-cuda-graphs"], actors=[1, 2], ray_questions=16, shard_size=2,
                 inputs=str(common.DEFAULT_INPUTS), budget_s=480, probe_items=0, probe_dtypes=[]),
     # seconds: tests and quick checks
@@ -50,7 +54,7 @@ def parse_args(argv, prog=None):
     p.add_argument("--max-new-tokens", type=int)
     p.add_argument("--force-full-length", choices=("auto", "on", "off"), default="auto",
                    help="never stop at newline/EOS (auto: on for random-init models)")
-    p.add_argument("--engines", nargs="+", choices=ENGINES)
+    p.add_argument("--engines", nargs="+", choices=ENGINES + OPTIONAL_ENGINES)
     p.add_argument("--batch-prompts", type=int, help="prompts per batch, every engine")
     p.add_argument("--baseline-prompts", type=int, help="time `generate` on only the first P prompts (0: all)")
     p.add_argument("--warmup-prompts", type=int, help="untimed prompts per engine first (-1: a full pass)")
@@ -77,6 +81,9 @@ def never_stop(engine, model) -> None:
     """Force full-length generation: stop on a token id no model output can take (== vocab size)."""
     import torch
 
+    if hasattr(engine, "ignore_eos"):  # vLLM: its own EOS check, and no ids out of the vocabulary
+        engine.ignore_eos, engine.stop_ids, engine._stop_set = True, [], set()
+        return
     impossible = [model.config.vocab_size]
     engine.stop_ids, engine._stop_set = impossible, set(impossible)
     if hasattr(engine, "_stop_tensor"):
@@ -87,7 +94,9 @@ def make_engine(name, model, tokenizer, sampling, args, force):
     from toolkit.probe.engine import FastEngine
     from toolkit.probe.reference import ReferenceEngine
 
-    if name == "generate":
+    if name == "vllm":
+        engine = start_vllm(model, tokenizer, sampling)
+    elif name == "generate":
         engine = ReferenceEngine(model, tokenizer, sampling, batch_size=args.batch_prompts)
     else:
         flags = dict(fan_out_kv=True, bucket_by_length=True, compile_decode=True)  # graphs: CUDA only
@@ -97,6 +106,23 @@ def make_engine(name, model, tokenizer, sampling, args, force):
     if force:
         never_stop(engine, model)
     return engine
+
+
+def start_vllm(model, tokenizer, sampling):
+    """vLLM on the same weights in the same dtype (a random-init model is saved to a temporary
+    directory first). On a GPU it shares the device with the loaded model: half the memory each."""
+    import dataclasses
+
+    from toolkit.probe.vllm_engine import VLLMEngine
+
+    path = model.config._name_or_path
+    if not path or not Path(path).is_dir():
+        path = tempfile.mkdtemp(prefix="bench-vllm-")
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+    weights = next(model.parameters())
+    config = dataclasses.replace(sampling, engine="vllm", dtype=str(weights.dtype).removeprefix("torch."))
+    return VLLMEngine.start(path, tokenizer, config, device="cuda" if weights.is_cuda else "cpu", gpu_share=0.5)
 
 
 def load(source, args, init_on_gpu):
@@ -162,6 +188,7 @@ def bench_engine(name, model, tokenizer, requests, args, force, ceilings, prompt
                answers_per_s=n_answers / seconds, generated_tokens=tokens, generated_tokens_per_s=tokens / seconds,
                tokens_per_answer=tokens / n_answers,
                peak_memory=common.peak_memory(base, sum(p.numel() * p.element_size() for p in model.parameters())),
+               start_s=getattr(engine, "start_s", None),  # vLLM's start-up, not in `seconds`
                stats=dict(getattr(engine, "last_stats", {})), greedy=[a.greedy for a in answers],
                all_answers=[(a.greedy, a.samples) for a in answers])
     if name in args.prefill_engines:  # prefill alone: the same engine settings with max_new_tokens=1

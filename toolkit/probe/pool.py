@@ -252,8 +252,13 @@ class ProbeWorker:
             torch.set_num_threads(cpu_threads)  # Ray's OMP_NUM_THREADS default may differ per node
         t0 = time.perf_counter()
         self.device = actor_device(ray.get_gpu_ids())
-        model, tokenizer = load_model(dataclasses.replace(spec, device=self.device))
-        self.engine = make_engine(model, tokenizer, config)
+        if config.engine == "vllm":
+            from .vllm_engine import start_in_actor
+
+            self.engine = start_in_actor(spec, config, self.device, cpu_threads)
+        else:
+            model, tokenizer = load_model(dataclasses.replace(spec, device=self.device))
+            self.engine = make_engine(model, tokenizer, config)
         self.config = config
         self.pool = ExemplarPool(exemplars)
         self.load_s = time.perf_counter() - t0

@@ -31,6 +31,8 @@ from toolkit.models import EMBEDDED_MODEL, ModelSpec, choose_probe_dtype, resolv
 from .pool import ActorGroup, Placement, ProbeWorker
 from .shards import ShardPlan, data_hash, make_plan
 from .slick import CATEGORIES, ProbeConfig, ProbeConfigError
+from .vllm_engine import (node_gpu_counts, preflight_error, tensor_parallel_error, tensor_parallel_size,
+                          vllm_importable)
 
 log = logging.getLogger("toolkit.probe")
 MANIFEST_VERSION = 1
@@ -158,6 +160,9 @@ def run_probe(run: RunConfig, probe: ProbeConfig, placement: Placement = Placeme
     """Probe every item of `run.split`; return the summary. `on_shard(index, result)` runs on the driver
     after each shard is persisted; `pick_order` (shard indices) changes the hand-out order (for tests)."""
     t_start = time.perf_counter()
+    error = preflight_error(probe.engine, placement.gpus_per_actor, run.model, vllm_importable())
+    if error:
+        raise ProbeConfigError(error)
     items, exemplars = _load_inputs(run, probe)
     resolve_source(run.model)  # ModelError for a bad path; converts a GGUF once, before any actor starts
     if placement.ray_address:
@@ -193,6 +198,10 @@ def _run_shards(run: RunConfig, probe: ProbeConfig, placement: Placement, plan: 
     owns_ray = _connect_ray(placement)
     bar = None
     try:
+        if probe.engine == "vllm":  # a bundle no node can hold would wait ready_timeout_s, then fail vaguely
+            error = tensor_parallel_error(tensor_parallel_size(placement.gpus_per_actor), node_gpu_counts())
+            if error:
+                raise ProbeConfigError(error)
         t_actors = time.perf_counter()
         # The original source, not the driver's resolved path: each node resolves (and caches) it.
         threads = None if placement.gpus_per_actor else max(1, int(placement.cpus_per_actor))

