@@ -123,6 +123,7 @@ def user_inputs(tmp_path_factory, tiny_model_dir, synthetic_items):
     (["data.path={root}/qa.csv"], "field 'answer'"),
     (["train.options.lr=-1"], "train.options.lr=-1.0 must be > 0"),
     (["data.relations=color,colour"], "data.relations: no relation colour in {root}/data (known: code, color, home)"),
+    (["probe.placement.gpus_per_actor=2"], "probe.placement.gpus_per_actor=2: engine=fast uses one GPU per actor"),
     (["probe.placement.gpus_per_actor=1", "probe.placement.num_actors=64"],
      "probe.placement.gpus_per_actor=1.0: 64 actor(s) need 64 GPU(s)"),
 ])

@@ -23,13 +23,16 @@ class ProbeConfigError(ConfigError):
 
 
 def make_engine(model, tokenizer, config: ProbeConfig) -> Engine:
+    """The engine over an already loaded model (vLLM loads its own: toolkit.probe.vllm_engine)."""
     if config.engine == "fast":
         from .engine import FastEngine
 
         return FastEngine(model, tokenizer, config)
-    from .reference import ReferenceEngine
+    if config.engine == "reference":
+        from .reference import ReferenceEngine
 
-    return ReferenceEngine(model, tokenizer, config)
+        return ReferenceEngine(model, tokenizer, config)
+    raise ValueError(f"engine={config.engine}: not built over a loaded model (vLLM actors start their own engine)")
 
 
 # ---------------------------------------------------------------- scoring
