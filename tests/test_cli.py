@@ -103,3 +103,21 @@ def test_a_failed_step_is_its_message_and_exit_1(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(pipeline.Pipeline, "run", failing_run)
     assert main(["run", "--out", str(tmp_path / "run")]) == 1
     assert capsys.readouterr().err.strip() == "error: training failed (exit 7); full log: stage1/train.log"
+
+
+def test_run_headline_prints_missing_numbers_as_n_a():
+    """A rate over no items is null in metrics.json (no M1 HighlyKnown item: no relative gain); the
+    summary `gradual run` prints must say n/a, not fail on it."""
+    from toolkit.gradual.cli import headline
+
+    no_interval = {"difference": 0.0, "low": None, "high": None, "n": 0}
+    seed = {"test_accuracy": {"M1": {"overall": {"accuracy": None}}, "M2": {"overall": {"accuracy": 0.25}}},
+            "knowledge_acquired": {"highly_known_one_stage": 0, "highly_known_two_stage": 2, "relative_gain": None},
+            "forgetting": {"M2": {"dropped": 0, "base_highly_known": 0}},
+            "comparisons": {"M2 vs M1 (two stages vs one)": no_interval},
+            "item_comparisons": {"M2 vs M1": no_interval,
+                                 "M2 vs random_stage2": {"difference": -0.1, "low": -0.2, "high": -0.05, "n": 10}}}
+    lines = headline({"seeds": {"0": seed}})
+    assert lines[0] == "seed 0: test accuracy M1 n/a, M2 25.0%"
+    assert "(relative gain n/a)" in lines[1] and lines[3].endswith("+0.0% (no interval)")
+    assert lines[4] == "  HighlyKnown train items, M2 vs random_stage2: -10.0% [-20.0%, -5.0%] (significant)"

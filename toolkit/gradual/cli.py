@@ -43,20 +43,32 @@ def _resolve(args):
     return load_pipeline_config(args.config, overrides, preset=args.preset)
 
 
+def _pct(x, signed: bool = False) -> str:
+    """A fraction as a percentage; None (a rate over no items, see metrics.json) as n/a."""
+    return "n/a" if x is None else f"{x:+.1%}" if signed else f"{x:.1%}"
+
+
+def _difference(d: dict) -> str:
+    if d["low"] is None:
+        return f"{_pct(d['difference'], True)} (no interval)"
+    verdict = "significant" if d["low"] > 0 or d["high"] < 0 else "not significant"
+    return f"{_pct(d['difference'], True)} [{_pct(d['low'], True)}, {_pct(d['high'], True)}] ({verdict})"
+
+
 def headline(metrics: dict) -> list[str]:
     lines = []
     for seed, m in metrics["seeds"].items():
         acc = m["test_accuracy"]
         k, f = m["knowledge_acquired"], m["forgetting"]["M2"]
         lines.append(f"seed {seed}: test accuracy " + ", ".join(
-            f"{name} {a['overall']['accuracy']:.1%}" for name, a in acc.items()))
+            f"{name} {_pct(a['overall']['accuracy'])}" for name, a in acc.items()))
         lines.append(f"  HighlyKnown train items: {k['highly_known_one_stage']} after stage 1 -> "
-                     f"{k['highly_known_two_stage']} after stage 2 (relative gain {k['relative_gain']:+.1%})")
+                     f"{k['highly_known_two_stage']} after stage 2 (relative gain {_pct(k['relative_gain'], True)})")
         lines.append(f"  forgetting: {f['dropped']} of {f['base_highly_known']} base HighlyKnown items dropped")
-        d = m["comparisons"]["M2 vs M1 (two stages vs one)"]
-        verdict = "significant" if d["low"] > 0 or d["high"] < 0 else "not significant"
-        lines.append(f"  two stages vs one on test: {d['difference']:+.1%} "
-                     f"[{d['low']:+.1%}, {d['high']:+.1%}] ({verdict})")
+        lines.append(f"  two stages vs one on test: {_difference(m['comparisons']['M2 vs M1 (two stages vs one)'])}")
+        for name, d in m.get("item_comparisons", {}).items():
+            if name != "M2 vs M1":
+                lines.append(f"  HighlyKnown train items, {name}: {_difference(d)}")
     return lines
 
 
