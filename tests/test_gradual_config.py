@@ -75,6 +75,7 @@ def test_run_locked_by_an_older_toolkit_resumes_if_only_new_keys_are_missing(tmp
     placement = written["probe"].pop("placement")  # locked before `probe.placement`: flat actor keys
     written["probe"].update(num_actors=placement["num_actors"], cpus_per_actor=placement["cpus_per_actor"])
     written["probe"]["sample_round"] = 4  # a knob this toolkit has removed since
+    written["notes"] = "the preset's description as it was worded then"
     (tmp_path / "config.json").write_text(json.dumps(written))
     Pipeline(cfg, tmp_path)._lock_config()  # the same run: accepted
     changed = load_pipeline_config(None, ["probe.samples=3"])

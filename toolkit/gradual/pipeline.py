@@ -56,6 +56,7 @@ def _comparable(config: dict) -> dict:
             out.get(section, {}).pop(key, None)
     for key in EXECUTION_OPTIONS:
         out.get("train", {}).get("options", {}).pop(key, None)
+    out.pop("notes", None)  # a preset's description, not a setting
     return out
 
 
