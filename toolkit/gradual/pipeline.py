@@ -70,18 +70,19 @@ def preflight(cfg: PipelineConfig, check_devices: bool = True) -> dict:
     from toolkit.train.config import TrainConfigError
     from toolkit.train.launch import check_training
 
+    splits = {}
+    if cfg.data.path:
+        splits = {split: load_qa(cfg.data.path, splits=(split,)) for split in ("train", "dev", "test")}  # none empty
     if cfg.data.relations:
         from toolkit.data.facts import TEMPLATES
 
-        known = ({it.relation for it in load_qa(cfg.data.path)} if cfg.data.path else set(TEMPLATES))
+        known = {it.relation for items in splits.values() for it in items} if cfg.data.path else set(TEMPLATES)
         if unknown := sorted(set(cfg.data.relations) - known):
             raise ConfigError(f"data.relations: no relation {', '.join(unknown)} in "
                               f"{cfg.data.path or 'the built-in benchmark'} (known: {', '.join(sorted(known))})")
-    if cfg.data.path:
-        splits = {split: load_qa(cfg.data.path, splits=(split,)) for split in ("train", "dev", "test")}  # none empty
-        if cfg.probe.shots:
-            pool = ExemplarPool(splits["dev"], source=f"{cfg.data.path} (split dev)")
-            pool.check_covers([it for split in cfg.probe.splits for it in splits[split]], cfg.probe.shots)
+    if cfg.data.path and cfg.probe.shots:
+        pool = ExemplarPool(splits["dev"], source=f"{cfg.data.path} (split dev)")
+        pool.check_covers([it for split in cfg.probe.splits for it in splits[split]], cfg.probe.shots)
     load_tokenizer(cfg.model)  # ModelError for a missing path; converts the embedded GGUF once (cache)
     try:
         training = check_training(cfg.train.options, cfg.train, launching=check_devices)
