@@ -18,9 +18,10 @@ import common  # noqa: E402
 from probe_modes import bench_probe_modes  # noqa: E402
 from sampling_report import ENGINES, OPTIONAL_ENGINES, check_targets, extrapolate, report  # noqa: E402
 
-from toolkit.probe.vllm_engine import vllm_importable  # noqa: E402
+from toolkit.probe.vllm_engine import INSTALL_HINT, vllm_importable  # noqa: E402
 
 VLLM = ["vllm"] if vllm_importable() else []  # measured beside the others where it is installed
+VLLM_NOTE = None if VLLM else f"No vLLM rows: vLLM is not installed here ({INSTALL_HINT})."
 
 FEATURE_OFF = {"no-fanout": "fan_out_kv", "no-cuda-graphs": "compile_decode", "no-bucketing": "bucket_by_length"}
 SHAPES = ("random:smollm2-135m", "random:llama-3.2-1b", "random:llama-3-8b")
@@ -29,7 +30,7 @@ PRESETS = {
     "cpu": dict(models=["smollm2"], questions=12, exemplar_sets=2, shots=4, samples=8, max_new_tokens=16,
                 engines=["toolkit", "generate", "no-fanout", "no-bucketing", *VLLM], batch_prompts=16, baseline_prompts=0,
                 warmup_prompts=2, repeats=1, prefill_engines=["toolkit"], actors=[1, 2], ray_questions=4,
-                shard_size=1, budget_s=0, probe_items=48, probe_dtypes=["float32", "bfloat16"]),
+                shard_size=1, budget_s=0, probe_items=200, probe_dtypes=["float32", "bfloat16"]),
     # random-init real shapes in bf16, generation forced to max_new_tokens; one 10-minute H100 run
     "gpu": dict(models=list(SHAPES), questions=24, exemplar_sets=10, shots=4, samples=16, max_new_tokens=16,
                 engines=[*ENGINES, *VLLM], batch_prompts=16, baseline_prompts=32, warmup_prompts=-1, repeats=2,
@@ -66,8 +67,9 @@ def parse_args(argv, prog=None):
     p.add_argument("--ray-model", help="model of the Ray section (default: the first of --models)")
     p.add_argument("--shard-size", type=int, help="questions per Ray shard")
     p.add_argument("--dtype", help="float32 / bfloat16 (default: bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--probe-items", type=int, help="lazy vs full sampling on this many items, per dtype (0: skip)")
-    p.add_argument("--probe-dtypes", nargs="*", help="dtypes of the lazy/full section (e.g. float32 bfloat16)")
+    p.add_argument("--probe-items", type=int, help="the probe's own loop on this many items: lazy vs full sampling "
+                   "per dtype, and vLLM when it is among --engines (0: skip)")
+    p.add_argument("--probe-dtypes", nargs="*", help="dtypes of the probe-loop section (e.g. float32 bfloat16)")
     p.add_argument("--threads", type=int, help="torch CPU threads (1 is steadier on a busy machine)")
     p.add_argument("--budget-s", type=float, help="start no new section after this many seconds (0: no limit)")
     p.add_argument("--export-inputs", type=Path, metavar="DIR", help="write the input bundle for a GPU machine; exit")
@@ -95,7 +97,7 @@ def make_engine(name, model, tokenizer, sampling, args, force):
     from toolkit.probe.reference import ReferenceEngine
 
     if name == "vllm":
-        engine = start_vllm(model, tokenizer, sampling)
+        engine = common.start_vllm(model, tokenizer, sampling, gpu_share=0.5)
     elif name == "generate":
         engine = ReferenceEngine(model, tokenizer, sampling, batch_size=args.batch_prompts)
     else:
@@ -106,23 +108,6 @@ def make_engine(name, model, tokenizer, sampling, args, force):
     if force:
         never_stop(engine, model)
     return engine
-
-
-def start_vllm(model, tokenizer, sampling):
-    """vLLM on the same weights in the same dtype (a random-init model is saved to a temporary
-    directory first). On a GPU it shares the device with the loaded model: half the memory each."""
-    import dataclasses
-
-    from toolkit.probe.vllm_engine import VLLMEngine
-
-    path = model.config._name_or_path
-    if not path or not Path(path).is_dir():
-        path = tempfile.mkdtemp(prefix="bench-vllm-")
-        model.save_pretrained(path)
-        tokenizer.save_pretrained(path)
-    weights = next(model.parameters())
-    config = dataclasses.replace(sampling, engine="vllm", dtype=str(weights.dtype).removeprefix("torch."))
-    return VLLMEngine.start(path, tokenizer, config, device="cuda" if weights.is_cuda else "cpu", gpu_share=0.5)
 
 
 def load(source, args, init_on_gpu):
@@ -326,7 +311,7 @@ def main(argv=None, prog=None) -> int:
                         max_new_tokens=args.max_new_tokens)
     requests = [r for it in common.spread(train, args.questions) for r in build_requests(it, ExemplarPool(dev), probe)]
     payload = dict(benchmark="sampling", env=common.environment(), config=common.config_of(args), ceilings=ceilings,
-                   models=[], ray=None, probe_modes=None)
+                   models=[], ray=None, probe_modes=None, vllm_note=VLLM_NOTE)
     path = common.result_path("sampling", args.out, args.tag)
 
     def save() -> None:  # after every section: a run cut short by its time limit keeps what it measured

@@ -324,6 +324,25 @@ def resolve_inputs(inputs: str | None, data: str | None, tokenizer: str | None) 
     return data, tokenizer
 
 
+def start_vllm(model, tokenizer, sampling, gpu_share: float = 1.0):
+    """A vLLM engine on the same weights in the same dtype as `model` (a random-init model is saved to a
+    temporary directory first). On a GPU it takes `gpu_share` of the memory (the loaded model keeps
+    the rest)."""
+    import dataclasses
+    import tempfile
+
+    from toolkit.probe.vllm_engine import VLLMEngine
+
+    path = model.config._name_or_path
+    if not path or not Path(path).is_dir():
+        path = tempfile.mkdtemp(prefix="bench-vllm-")
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+    weights = next(model.parameters())
+    config = dataclasses.replace(sampling, engine="vllm", dtype=str(weights.dtype).removeprefix("torch."))
+    return VLLMEngine.start(path, tokenizer, config, device="cuda" if weights.is_cuda else "cpu", gpu_share=gpu_share)
+
+
 def load_items(data: str | None, with_dev: bool = True):
     """(train items, dev items): a QA dataset on disk, or the built-in facts."""
     if data:

@@ -1,13 +1,19 @@
 """The probe's own choices, measured as a probe runs them (toolkit.probe.slick.probe_items on real
-items, real stopping): lazy vs full sampling, and bf16 vs fp32, all on the same items in one run.
+items, real stopping): lazy vs full sampling, bf16 vs fp32, and the vLLM engine beside the own one,
+all on the same items in one run.
 
-Per row: wall time, answers generated, questions/s; against full sampling in the same dtype, the
-answers saved and whether the categories are identical; against fp32 full sampling, the speed-up and
-how many greedy answers and categories agree (bf16 changes some)."""
+Per row: wall time, answers generated, questions/s; against full sampling of the same engine and dtype,
+the answers saved and whether the categories are identical; against the own engine's fp32 full
+sampling, the speed-up and how many greedy answers and categories agree (bf16 and another engine
+change some) and the largest difference in a category's count. vLLM's start-up is reported apart."""
 from __future__ import annotations
 
 import time
 from collections import Counter
+
+import common
+
+from toolkit.probe.slick import CATEGORIES
 
 
 def bench_probe_modes(source: str, items: list, pool, args) -> dict | None:
@@ -15,45 +21,67 @@ def bench_probe_modes(source: str, items: list, pool, args) -> dict | None:
         return None
     from toolkit.models import ModelSpec, load_model
     from toolkit.probe.engine import FastEngine
-    from toolkit.probe.slick import probe_items
-    from toolkit.probe.types import ProbeConfig
 
     items = items[:args.probe_items]
-    rows = []
+    rows, loaded = [], {}
     for dtype in args.probe_dtypes:
         model, tokenizer = load_model(ModelSpec(source=source, tokenizer=args.tokenizer, dtype=dtype))
         for mode in ("full", "lazy"):
-            cfg = ProbeConfig(num_exemplar_sets=args.exemplar_sets, shots=args.shots, samples=args.samples,
-                              max_new_tokens=args.max_new_tokens, full_sampling=mode == "full")
-            engine = FastEngine(model, tokenizer, cfg, max_batch_prompts=args.batch_prompts)
-            probe_items(engine, items[:2], pool, cfg)  # warm-up: the static cache, the first kernels
-            start = time.perf_counter()
-            result = probe_items(engine, items, pool, cfg)
-            seconds = time.perf_counter() - start
-            answers = sum(r["num_prompts"] + r["num_samples"] for r in result)
-            # rows dropped as settled: answers lazy probing stopped part-way (the work it saved)
-            rows.append(dict(dtype=dtype, sampling=mode, items=len(items), answers=answers, seconds=seconds,
-                             settled_rows=engine.last_stats.get("settled_rows", 0),
-                             decode_rows=engine.last_stats.get("decode_rows", 0),
-                             questions_per_s=len(items) / seconds, answers_per_s=answers / seconds,
-                             counts=dict(Counter(r["category"] for r in result)),
-                             categories=[r["category"] for r in result],
-                             greedy=[g for r in result for g in r["greedy_answers"]]))
-        del model
+            cfg = probe_config(args, full_sampling=mode == "full")
+            rows.append(probe_row(FastEngine(model, tokenizer, cfg, max_batch_prompts=args.batch_prompts),
+                                  "toolkit", dtype, mode, items, pool, cfg))
+        if "vllm" in args.engines:
+            loaded[dtype] = (model, tokenizer)
+        else:
+            del model
+    # vLLM after every own-engine row: its CPU backend sets the process's threading when it starts
+    for dtype, (model, tokenizer) in loaded.items():
+        cfg = probe_config(args, full_sampling=True)  # vLLM has no lazy path: it never drops a running row
+        rows.append(probe_row(common.start_vllm(model, tokenizer, cfg), "vllm", dtype, "full", items, pool, cfg))
+        common.free_memory()
     return dict(model=source, samples=args.samples, exemplar_sets=args.exemplar_sets, runs=compare(rows))
 
 
+def probe_config(args, full_sampling: bool):
+    from toolkit.probe.types import ProbeConfig
+
+    return ProbeConfig(num_exemplar_sets=args.exemplar_sets, shots=args.shots, samples=args.samples,
+                       max_new_tokens=args.max_new_tokens, full_sampling=full_sampling)
+
+
+def probe_row(engine, name: str, dtype: str, mode: str, items: list, pool, cfg) -> dict:
+    from toolkit.probe.slick import probe_items
+
+    probe_items(engine, items[:2], pool, cfg)  # warm-up: the static cache, the first kernels
+    start = time.perf_counter()
+    result = probe_items(engine, items, pool, cfg)
+    seconds = time.perf_counter() - start
+    answers = sum(r["num_prompts"] + r["num_samples"] for r in result)
+    stats = getattr(engine, "last_stats", {})
+    # rows dropped as settled: answers lazy probing stopped part-way (the work it saved)
+    return dict(engine=name, dtype=dtype, sampling=mode, items=len(items), answers=answers, seconds=seconds,
+                start_s=getattr(engine, "start_s", None), settled_rows=stats.get("settled_rows", 0),
+                decode_rows=stats.get("decode_rows", 0), questions_per_s=len(items) / seconds,
+                answers_per_s=answers / seconds, counts=dict(Counter(r["category"] for r in result)),
+                categories=[r["category"] for r in result],
+                greedy=[g for r in result for g in r["greedy_answers"]])
+
+
 def compare(rows: list[dict]) -> list[dict]:
-    """Each row against full sampling in its dtype and against fp32 (or the first dtype) full sampling."""
-    full = {r["dtype"]: r for r in rows if r["sampling"] == "full"}
-    reference = full.get("float32") or next(iter(full.values()))
+    """Each row against full sampling of its engine and dtype, and against the own engine's fp32 (or
+    first dtype) full sampling."""
+    full = {(r["engine"], r["dtype"]): r for r in rows if r["sampling"] == "full"}
+    own = [r for r in rows if r["engine"] == "toolkit" and r["sampling"] == "full"]
+    reference = next((r for r in own if r["dtype"] == "float32"), own[0] if own else rows[0])
     for r in rows:
-        same = full[r["dtype"]]
+        same = full[r["engine"], r["dtype"]]
         r.update(answers_saved=1 - r["answers"] / same["answers"],
                  categories_equal_to_full=r["categories"] == same["categories"],
                  x_fp32_full=reference["seconds"] / r["seconds"],
                  greedy_agreement_vs_fp32=_agreement(r["greedy"], reference["greedy"]),
-                 category_agreement_vs_fp32=_agreement(r["categories"], reference["categories"]))
+                 category_agreement_vs_fp32=_agreement(r["categories"], reference["categories"]),
+                 max_count_difference_vs_fp32=max(abs(r["counts"].get(c, 0) - reference["counts"].get(c, 0))
+                                                  for c in CATEGORIES))
     for r in rows:
         r.pop("greedy")
         r.pop("categories")

@@ -68,15 +68,19 @@ def report(payload: dict, path: Path) -> None:
     if modes.get("error"):
         parts.append(f"Lazy/full section failed: {modes['error']}")
     elif modes:
-        parts.append(f"Lazy vs full sampling, bf16 vs fp32 ({modes['model']}, the probe's own loop on the same "
-                     f"items: N_ex={modes['exemplar_sets']}, n={modes['samples']}):\n\n"
+        parts.append(f"The probe's own loop on the same items ({modes['model']}, N_ex={modes['exemplar_sets']}, "
+                     f"n={modes['samples']}): engines, lazy vs full sampling, bf16 vs fp32; compared with the "
+                     "toolkit engine's fp32 full sampling:\n\n"
                      + common.table(modes["runs"], [
-                         ("dtype", "dtype"), ("sampling", "sampling"), ("items", "items"), ("answers", "answers"),
-                         ("answers_saved", "saved vs full"), ("settled_rows", "rows settled"),
-                         ("questions_per_s", "questions/s"),
-                         ("x_fp32_full", "x fp32 full"), ("categories_equal_to_full", "categories = full"),
+                         ("engine", "engine"), ("dtype", "dtype"), ("sampling", "sampling"), ("items", "items"),
+                         ("answers", "answers"), ("answers_saved", "saved vs full"), ("settled_rows", "rows settled"),
+                         ("questions_per_s", "questions/s"), ("x_fp32_full", "x fp32 full"),
+                         ("categories_equal_to_full", "categories = full"),
                          ("greedy_agreement_vs_fp32", "greedy = fp32"),
-                         ("category_agreement_vs_fp32", "categories = fp32")]))
+                         ("category_agreement_vs_fp32", "categories = fp32"),
+                         ("max_count_difference_vs_fp32", "max count diff"), ("start_s", "start s (apart)")]))
+    if payload.get("vllm_note"):
+        parts.append(payload["vllm_note"])
     unit = "GPU" if payload["ceilings"] else "machine like this one (CPU)"
     parts.append(f"Probing SliCK's scale ({SLICK_QUESTIONS:,} questions x {SLICK_ANSWERS} answers) per {unit} at the toolkit "
                  "engine's rate (8 devices: 8 independent actors, linear):\n\n" + common.table(payload["extrapolation"], [

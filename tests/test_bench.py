@@ -44,7 +44,7 @@ def test_sampling_smoke_through_the_cli(tmp_path, capsys):
     assert modes["lazy"]["categories_equal_to_full"] and modes["lazy"]["answers"] <= modes["full"]["answers"]
     assert modes["full"]["answers_saved"] == 0 and modes["full"]["greedy_agreement_vs_fp32"] == 1
     out = capsys.readouterr().out
-    assert "| toolkit" in out and "Lazy vs full sampling" in out
+    assert "| toolkit" in out and "The probe's own loop" in out
     next(tmp_path.glob("*.png")).unlink()
     assert main(["bench", "sampling", "--replot", str(next(tmp_path.glob("sampling-*.json")))]) == 0
     assert next(tmp_path.glob("*.png"))

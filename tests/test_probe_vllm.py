@@ -3,6 +3,7 @@ One engine in this process for the engine tests; the Ray tests start engines in 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 from pathlib import Path
@@ -87,6 +88,27 @@ def test_seeded_samples_of_a_batch_longer_than_a_step_run_on_cpu(engine, facts):
     benchmark.generate(requests[:2])  # its warm-up: two prompts already in the prefix cache
     answers = benchmark.generate(requests)
     assert len(answers) == 24 and all(len(a.samples) == 8 and a.greedy is not None for a in answers)
+
+
+@needs_vllm
+@pytest.mark.slow  # two vLLM starts (the engine table, the probe-loop section)
+def test_the_sampling_benchmark_measures_vllm_beside_the_own_engine(tmp_path, capsys):
+    argv = ["bench", "sampling", "--preset", "smoke", "--models", "smollm2", "--engines", "toolkit", "generate",
+            "vllm", "--questions", "3", "--samples", "3", "--max-new-tokens", "8", "--probe-items", "4",
+            "--probe-dtypes", "float32", "--actors", "--out", str(tmp_path)]
+    assert main(argv) == 0, capsys.readouterr().err[-3000:]
+    [path] = tmp_path.glob("sampling-*.json")
+    result = json.loads(path.read_text())
+    model = result["models"][0]
+    rows = {r["engine"]: r for r in model["engines"]}
+    assert not model["failed"] and set(rows) == {"toolkit", "generate", "vllm"}
+    assert rows["vllm"]["answers"] == 3 * 4 and rows["vllm"]["start_s"] > 0 and rows["toolkit"]["start_s"] is None
+    assert rows["vllm"]["greedy_agreement_vs_generate"] >= 2 / 3  # fp32 both: the same greedy answers, bar ties
+    loop = {(r["engine"], r["sampling"]): r for r in result["probe_modes"]["runs"]}
+    assert set(loop) == {("toolkit", "full"), ("toolkit", "lazy"), ("vllm", "full")}
+    vllm = loop["vllm", "full"]
+    assert vllm["answers"] == 4 * 4 and vllm["start_s"] > 0 and vllm["max_count_difference_vs_fp32"] <= 4
+    assert result["vllm_note"] is None and "| vllm" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------- Ray actors
