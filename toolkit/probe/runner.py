@@ -160,9 +160,8 @@ def run_probe(run: RunConfig, probe: ProbeConfig, placement: Placement = Placeme
     """Probe every item of `run.split`; return the summary. `on_shard(index, result)` runs on the driver
     after each shard is persisted; `pick_order` (shard indices) changes the hand-out order (for tests)."""
     t_start = time.perf_counter()
-    error = preflight_error(probe.engine, placement.gpus_per_actor, run.model, vllm_importable())
-    if error:
-        raise ProbeConfigError(error)
+    if refusal := preflight_error(probe.engine, placement.gpus_per_actor, run.model, vllm_importable()):
+        raise ProbeConfigError(refusal.line())
     items, exemplars = _load_inputs(run, probe)
     resolve_source(run.model)  # ModelError for a bad path; converts a GGUF once, before any actor starts
     if placement.ray_address:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import time
+from dataclasses import dataclass
 from typing import Sequence
 
 from toolkit.data.matching import extract_answer
@@ -40,23 +41,34 @@ def vllm_importable() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
-def vllm_missing_error(importable: bool) -> str | None:
-    """The one-line reason `--engine vllm` cannot run here, or None."""
-    if importable:
-        return None
-    return f"engine=vllm: vLLM is not installed in this environment ({INSTALL_HINT})"
+@dataclass(frozen=True)
+class Refusal:
+    """Why a probe cannot run with these settings: the setting at fault (`engine`, `gpus_per_actor`
+    or `model`), its value and the reason. `line(key)` names it as the caller's config calls it."""
+
+    setting: str
+    value: object
+    reason: str
+
+    def line(self, key: str | None = None) -> str:
+        value = f"{self.value:g}" if isinstance(self.value, float) else self.value
+        return f"{key or self.setting}={value}: {self.reason}"
 
 
-def preflight_error(engine: str, gpus_per_actor: float, model: str | None, importable: bool) -> str | None:
-    """Why this engine cannot probe with these settings (one line), or None; checked before any work."""
+def preflight_error(engine: str, gpus_per_actor: float, model: str | None, importable: bool) -> Refusal | None:
+    """Why this engine cannot probe with these settings, or None; checked before any work."""
     if engine != "vllm":
         if gpus_per_actor > 1:
-            return (f"gpus_per_actor={gpus_per_actor:g}: engine={engine} uses one GPU per actor "
-                    f"(engine=vllm runs tensor parallel over several)")
+            return Refusal("gpus_per_actor", gpus_per_actor, f"engine={engine} uses one GPU per actor "
+                           "(engine=vllm runs tensor parallel over several)")
         return None
     if model is not None and model.startswith("random:"):
-        return f"engine=vllm loads model directories and GGUF files, not {model}"
-    return vllm_missing_error(importable) or placement_error(gpus_per_actor)
+        return Refusal("model", model, "engine=vllm loads model directories and GGUF files, not random-init shapes")
+    if not importable:
+        return Refusal("engine", engine, f"vLLM is not installed in this environment ({INSTALL_HINT})")
+    if reason := placement_error(gpus_per_actor):
+        return Refusal("gpus_per_actor", gpus_per_actor, reason)
+    return None
 
 
 def tensor_parallel_size(gpus_per_actor: float) -> int:
@@ -69,8 +81,7 @@ def placement_error(gpus_per_actor: float) -> str | None:
     whole GPUs, or a share of one."""
     if gpus_per_actor <= 1 or gpus_per_actor in TENSOR_PARALLEL_SIZES:
         return None
-    return (f"gpus_per_actor={gpus_per_actor:g}: a vLLM actor runs tensor parallel over "
-            f"{', '.join(map(str, TENSOR_PARALLEL_SIZES))} GPUs (or a share of one)")
+    return f"a vLLM actor runs tensor parallel over {', '.join(map(str, TENSOR_PARALLEL_SIZES))} GPUs (or a share of one)"
 
 
 def tensor_parallel_error(tp_size: int, node_gpus: Sequence[float]) -> str | None:
