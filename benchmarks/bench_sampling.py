@@ -176,6 +176,8 @@ def bench_engine(name, model, tokenizer, requests, args, force, ceilings, prompt
                start_s=getattr(engine, "start_s", None),  # vLLM's start-up, not in `seconds`
                stats=dict(getattr(engine, "last_stats", {})), greedy=[a.greedy for a in answers],
                all_answers=[(a.greedy, a.samples) for a in answers])
+    if hasattr(engine, "close"):  # vLLM: free its memory (GPU) and processes before the next engine
+        engine.close()
     if name in args.prefill_engines:  # prefill alone: the same engine settings with max_new_tokens=1
         one = make_engine(name, model, tokenizer, ProbeConfig(samples=args.samples, max_new_tokens=1), args, force)
         one.generate(requests[:args.batch_prompts])

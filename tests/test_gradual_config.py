@@ -132,6 +132,9 @@ def user_inputs(tmp_path_factory, tiny_model_dir, synthetic_items):
     pytest.param(["probe.engine=vllm", "probe.placement.gpus_per_actor=3"],
                  "probe.placement.gpus_per_actor=3: a vLLM actor runs tensor parallel over 1, 2, 4, 8 GPUs",
                  marks=pytest.mark.skipif(not vllm_importable(), reason="vLLM is not installed here")),
+    pytest.param(["probe.engine=vllm", "probe.placement.gpus_per_actor=2", "model=smollm2"],
+                 "probe.placement.gpus_per_actor=2: tensor parallel size 2 does not divide the model's 9 attention",
+                 marks=pytest.mark.skipif(not vllm_importable(), reason="vLLM is not installed here")),
 ])
 def test_run_refuses_bad_input_before_writing_anything(user_inputs, capsys, sets, message):
     from toolkit.cli import main

@@ -111,6 +111,27 @@ def test_the_sampling_benchmark_measures_vllm_beside_the_own_engine(tmp_path, ca
     assert result["vllm_note"] is None and "| vllm" in capsys.readouterr().out
 
 
+@needs_vllm
+@pytest.mark.slow  # two vLLM starts, one of them with two worker processes
+def test_a_tensor_parallel_engine_gives_the_answers_of_one_process(tmp_path):
+    """TP 2 on CPU (vLLM's worker processes, its all-reduce): the same greedy and seeded answers as TP 1.
+    A random tiny Llama with 4 heads of 64 (SmolLM2's 9 heads do not split in two; vLLM's CPU
+    attention has no head size 16)."""
+    from tests import tiny
+    from toolkit.models import load_tokenizer
+    from toolkit.probe.types import PromptRequest
+
+    model_dir = str(tiny.build_model_dir(tmp_path / "tiny", hidden=256))
+    config = dataclasses.replace(PROBE, samples=2)
+    requests = [PromptRequest(f"q{i}", 0, f"Question {i}: what is {i} plus {i}?\nAnswer:") for i in range(20)]
+    answers = {}
+    for tp in (2, 1):
+        engine = vllm_engine.VLLMEngine.start(model_dir, load_tokenizer(model_dir), config, tp_size=tp)
+        answers[tp] = [(a.greedy, a.samples) for a in engine.generate(requests)]
+        engine.close()  # TP 2: its worker processes exit now
+    assert answers[2] == answers[1] and all(len(samples) == 2 for _, samples in answers[1])
+
+
 # ---------------------------------------------------------------- Ray actors
 
 
@@ -151,8 +172,9 @@ def test_cli_probe_two_actors_with_a_killed_one_equal_one_actor(cluster, ray_run
 
 @needs_vllm
 @pytest.mark.slow
-def test_tensor_parallel_beyond_a_node_is_refused_before_any_engine(cluster, ray_run, tmp_path):  # noqa: F811
-    run = dataclasses.replace(ray_run, out=str(tmp_path / "out"))
+def test_tensor_parallel_beyond_a_node_is_refused_before_any_engine(cluster, ray_run, tmp_path,  # noqa: F811
+                                                                    tiny_model_dir):
+    run = dataclasses.replace(ray_run, out=str(tmp_path / "out"), model=str(tiny_model_dir))  # 4 heads: TP 2 fits
     with pytest.raises(ProbeConfigError, match=r"^tensor parallel size 2 \(gpus_per_actor\) exceeds the 0 GPU"):
         run_probe(run, PROBE, Placement(gpus_per_actor=2))
 
@@ -167,6 +189,20 @@ def test_tensor_parallel_sizes():
                                                 "of the largest node: one vLLM actor's GPUs must be on one node")
     assert placement_error(0.5) is None and placement_error(4) is None
     assert placement_error(3) == "a vLLM actor runs tensor parallel over 1, 2, 4, 8 GPUs (or a share of one)"
+
+
+def test_head_counts_that_tensor_parallel_cannot_split_are_refused():
+    assert vllm_engine.head_split_reason(32, 8, 8) is None and vllm_engine.head_split_reason(64, 8, 4) is None
+    assert vllm_engine.head_split_reason(4, 2, 4) is None  # each KV head replicated on two GPUs
+    assert vllm_engine.head_split_reason(9, 3, 2) == ("tensor parallel size 2 does not divide the model's 9 "
+                                                     "attention heads")
+    assert vllm_engine.head_split_reason(24, 6, 4) == ("tensor parallel size 4 cannot split or replicate the "
+                                                      "model's 6 KV heads evenly")
+    from toolkit.models import resolve_source  # the real SmolLM2: 9 heads, 3 KV heads
+
+    assert vllm_engine.head_split_error(resolve_source(None), 1) is None
+    assert vllm_engine.head_split_error(resolve_source(None), 2).line() == (
+        "gpus_per_actor=2: tensor parallel size 2 does not divide the model's 9 attention heads")
 
 
 def test_cpu_engines_never_split_a_prefill():

@@ -65,7 +65,7 @@ def preflight(cfg: PipelineConfig, check_devices: bool = True) -> dict:
     the exemplars, the training launch (hostfile, ds_config, batch arithmetic) and, for a real run
     (`check_devices`), the GPUs the probe actors ask for. Raises one-line errors naming the key."""
     from toolkit.data.prompts import ExemplarPool
-    from toolkit.models import load_tokenizer
+    from toolkit.models import load_tokenizer, resolve_source
     from toolkit.probe.runner import check_reachable
     from toolkit.train.config import TrainConfigError
     from toolkit.train.launch import check_training
@@ -89,9 +89,12 @@ def preflight(cfg: PipelineConfig, check_devices: bool = True) -> dict:
     except TrainConfigError as err:
         raise TrainConfigError(f"train.options: {err}") from None
     placement = cfg.probe.placement
-    from toolkit.probe.vllm_engine import preflight_error, vllm_importable
+    from toolkit.probe.vllm_engine import head_split_error, preflight_error, vllm_importable
 
-    if refusal := preflight_error(cfg.probe.engine, placement.gpus_per_actor, cfg.model, vllm_importable()):
+    refusal = preflight_error(cfg.probe.engine, placement.gpus_per_actor, cfg.model, vllm_importable())
+    if not refusal and cfg.probe.engine == "vllm":
+        refusal = head_split_error(resolve_source(cfg.model), placement.gpus_per_actor)
+    if refusal:
         keys = {"engine": "probe.engine", "gpus_per_actor": "probe.placement.gpus_per_actor", "model": "model"}
         raise ConfigError(refusal.line(keys[refusal.setting]))
     if placement.ray_address:

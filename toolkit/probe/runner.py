@@ -31,7 +31,7 @@ from toolkit.models import EMBEDDED_MODEL, ModelSpec, choose_probe_dtype, resolv
 from .pool import ActorGroup, Placement, ProbeWorker
 from .shards import ShardPlan, data_hash, make_plan
 from .slick import CATEGORIES, ProbeConfig, ProbeConfigError
-from .vllm_engine import (node_gpu_counts, preflight_error, tensor_parallel_error, tensor_parallel_size,
+from .vllm_engine import (head_split_error, node_gpu_counts, preflight_error, tensor_parallel_error, tensor_parallel_size,
                           vllm_importable)
 
 log = logging.getLogger("toolkit.probe")
@@ -163,7 +163,9 @@ def run_probe(run: RunConfig, probe: ProbeConfig, placement: Placement = Placeme
     if refusal := preflight_error(probe.engine, placement.gpus_per_actor, run.model, vllm_importable()):
         raise ProbeConfigError(refusal.line())
     items, exemplars = _load_inputs(run, probe)
-    resolve_source(run.model)  # ModelError for a bad path; converts a GGUF once, before any actor starts
+    source = resolve_source(run.model)  # ModelError for a bad path; converts a GGUF once, before any actor starts
+    if probe.engine == "vllm" and (refusal := head_split_error(source, placement.gpus_per_actor)):
+        raise ProbeConfigError(refusal.line())
     if placement.ray_address:
         check_reachable(placement.ray_address)
     # "auto" resolved once, here: the manifest records the dtype the answers come from

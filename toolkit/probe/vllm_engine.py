@@ -94,13 +94,39 @@ def tensor_parallel_error(tp_size: int, node_gpus: Sequence[float]) -> str | Non
             f"node: one vLLM actor's GPUs must be on one node")
 
 
-def context_length(model_path: str) -> int:
-    """The longest sequence the model's config allows (what vLLM would take as max_model_len)."""
+def text_config(model_path: str):
+    """The language model's config in a model directory (or hub id)."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model_path)
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return int(getattr(text_config, "max_position_embeddings", None) or CPU_TOKEN_BUDGET)
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def context_length(model_path: str) -> int:
+    """The longest sequence the model's config allows (what vLLM would take as max_model_len)."""
+    return int(getattr(text_config(model_path), "max_position_embeddings", None) or CPU_TOKEN_BUDGET)
+
+
+def head_split_reason(heads: int, kv_heads: int, tp_size: int) -> str | None:
+    """Why vLLM cannot split these attention heads over `tp_size` GPUs, or None: every GPU takes
+    the same number of query heads, and KV heads are split evenly or replicated evenly."""
+    if heads % tp_size:
+        return f"tensor parallel size {tp_size} does not divide the model's {heads} attention heads"
+    if (kv_heads % tp_size) if tp_size < kv_heads else (tp_size % kv_heads):
+        return f"tensor parallel size {tp_size} cannot split or replicate the model's {kv_heads} KV heads evenly"
+    return None
+
+
+def head_split_error(model_path: str, gpus_per_actor: float) -> Refusal | None:
+    """The refusal of a TP size that the model's heads cannot take (read from its config, on the driver,
+    before any actor starts: vLLM would refuse it only inside each actor)."""
+    tp = tensor_parallel_size(gpus_per_actor)
+    if tp == 1:
+        return None
+    config = text_config(model_path)
+    heads = config.num_attention_heads
+    reason = head_split_reason(heads, getattr(config, "num_key_value_heads", None) or heads, tp)
+    return Refusal("gpus_per_actor", gpus_per_actor, reason) if reason else None
 
 
 def engine_kwargs(model_path: str, dtype: str, device: str, tp_size: int, gpu_share: float, seed: int,
@@ -162,6 +188,10 @@ class VLLMEngine:
         max_len = context_length(model_path) if device == "cpu" else None
         llm = LLM(**engine_kwargs(model_path, config.dtype, device, tp_size, gpu_share, config.seed, max_len))
         return cls(llm, tokenizer, config, start_s=time.perf_counter() - t0)
+
+    def close(self) -> None:
+        """Stop the engine now (with TP, its worker processes), not whenever it is garbage-collected."""
+        self.llm.llm_engine.engine_core.shutdown()
 
     def _params(self, **kwargs):
         from vllm import SamplingParams
