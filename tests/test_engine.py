@@ -438,6 +438,8 @@ def test_fast_engine_probes_whatever_attention_was_asked_for(tiny_model_dir):
         assert model.config._attn_implementation == ATTENTION
         answers.append([(a.greedy, a.samples) for a in engine.generate(requests)])
     assert answers[0] == answers[1]
+    ReferenceEngine(model, tokenizer, cfg)  # the baseline on the same model: stock SDPA again
+    assert model.config._attn_implementation == "sdpa"
 
 
 def test_prompt_batch_fills_half_the_free_gpu_memory():

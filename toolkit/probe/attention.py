@@ -38,6 +38,13 @@ def sdpa_single_query_gqa(module, query, key, value, attention_mask, dropout: fl
     return out.reshape(batch, 1, heads, dim), None
 
 
+def use_stock_attention(model) -> None:
+    """Undo `use_engine_attention` for a model the fast engine used before (the sampling benchmark
+    runs every engine on one model): the reference engine is plain transformers, with plain SDPA."""
+    if model.config._attn_implementation == ATTENTION:
+        model.set_attn_implementation("sdpa")
+
+
 def use_engine_attention(model) -> None:
     """Switch `model` to the engine's attention (whatever it was loaded with: sdpa, eager, FA2)."""
     from transformers import AttentionInterface, AttentionMaskInterface

@@ -14,6 +14,7 @@ from toolkit.data.matching import extract_answer
 from toolkit.data.prompts import stable_seed
 from toolkit.models import encode_prompts, newline_token_ids, tokens_until_stop
 
+from .attention import use_stock_attention
 from .types import PromptAnswers, PromptRequest, ProbeConfig
 
 
@@ -22,7 +23,9 @@ class ReferenceEngine:
     cannot ask for a few samples at a time and stay exact (the probe samples in full with it)."""
 
     keyed_samples = False
+
     def __init__(self, model, tokenizer, config: ProbeConfig, batch_size: int = 16):
+        use_stock_attention(model)  # the baseline users would run, not the fast engine's attention
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.batch_size = batch_size
         self.stop_ids = sorted({*newline_token_ids(tokenizer), tokenizer.eos_token_id})
