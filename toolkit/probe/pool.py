@@ -36,7 +36,8 @@ class Placement:
 
     num_actors: int = knob(1, "model replicas (Ray actors)")
     cpus_per_actor: float = knob(1.0, "CPUs per actor (its torch threads on CPU)")
-    gpus_per_actor: float = knob(0.0, "GPUs per actor; fractions share a GPU, e.g. 0.5")
+    gpus_per_actor: float = knob(0.0, "GPUs per actor; fractions share a GPU, e.g. 0.5; with engine vllm, 2, 4 "
+                                      "or 8 run one engine tensor parallel over that many GPUs of a node")
     resources_per_actor: dict = knob(factory=dict, help="custom Ray resources per actor, e.g. {node0: 1}")
     strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = knob(
         "PACK", "placement-group strategy (STRICT_SPREAD: one actor per node)")

