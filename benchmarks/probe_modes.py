@@ -1,6 +1,6 @@
 """The probe's own choices, measured as a probe runs them (toolkit.probe.slick.probe_items on real
-items, real stopping): lazy vs full sampling, bf16 vs fp32, and the vLLM engine beside the own one,
-all on the same items in one run.
+items, real stopping): lazy vs full sampling, bf16 vs fp32, for the own engine and for vLLM, all on
+the same items in one run.
 
 Per row: wall time, answers generated, questions/s; against full sampling of the same engine and dtype,
 the answers saved and whether the categories are identical; against the own engine's fp32 full
@@ -36,8 +36,11 @@ def bench_probe_modes(source: str, items: list, pool, args) -> dict | None:
             del model
     # vLLM after every own-engine row: its CPU backend sets the process's threading when it starts
     for dtype, (model, tokenizer) in loaded.items():
-        cfg = probe_config(args, full_sampling=True)  # vLLM has no lazy path: it never drops a running row
-        rows.append(probe_row(common.start_vllm(model, tokenizer, cfg), "vllm", dtype, "full", items, pool, cfg))
+        engine = common.start_vllm(model, tokenizer, probe_config(args, full_sampling=True))
+        for mode in ("full", "lazy"):  # lazy: greedy answers first, then samples of the unsettled items
+            cfg = probe_config(args, full_sampling=mode == "full")
+            rows.append(probe_row(engine, "vllm", dtype, mode, items, pool, cfg))
+        engine.close()  # its memory and processes, before the next engine
         common.free_memory()
     return dict(model=source, samples=args.samples, exemplar_sets=args.exemplar_sets, runs=compare(rows))
 
@@ -52,14 +55,14 @@ def probe_config(args, full_sampling: bool):
 def probe_row(engine, name: str, dtype: str, mode: str, items: list, pool, cfg) -> dict:
     from toolkit.probe.slick import probe_items
 
+    if hasattr(engine, "reset_prefix_cache"):  # vLLM: no prompt cached by the previous row
+        engine.reset_prefix_cache()
     probe_items(engine, items[:2], pool, cfg)  # warm-up: the static cache, the first kernels
     start = time.perf_counter()
     result = probe_items(engine, items, pool, cfg)
     seconds = time.perf_counter() - start
     answers = sum(r["num_prompts"] + r["num_samples"] for r in result)
     stats = getattr(engine, "last_stats", {})
-    if hasattr(engine, "close"):  # vLLM: free its memory and processes before the next engine
-        engine.close()
     # rows dropped as settled: answers lazy probing stopped part-way (the work it saved)
     return dict(engine=name, dtype=dtype, sampling=mode, items=len(items), answers=answers, seconds=seconds,
                 start_s=getattr(engine, "start_s", None), settled_rows=stats.get("settled_rows", 0),

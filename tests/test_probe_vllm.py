@@ -77,6 +77,28 @@ def test_seeded_samples_repeat_and_are_keyed(engine, facts):
 
 @needs_vllm
 @pytest.mark.slow
+def test_lazy_probing_gives_the_categories_of_full_sampling_with_fewer_samples(engine, facts):
+    """Greedy answers first, then samples only for the items they did not settle: the samples produced
+    are full sampling's (same seeds), so every category is the same."""
+    from toolkit.probe.slick import probe_items
+
+    train, dev = facts
+    pool = ExemplarPool(dev)
+    full = probe_items(engine, train, pool, dataclasses.replace(PROBE, full_sampling=True))
+    lazy = probe_items(engine, train, pool, PROBE)
+    assert [r["category"] for r in lazy] == [r["category"] for r in full]
+    assert all(r["sampling"] == "lazy" for r in lazy) and engine.last_stats["settled_rows"] > 0
+    for f, z in zip(full, lazy):
+        assert z["greedy_answers"] == f["greedy_answers"]
+        if z["p_greedy"] > 0:  # a right greedy answer settles the item: no sample asked for
+            assert z["num_samples"] == 0
+        else:  # the others get every sample, the same ones as full sampling
+            assert z["sampled_answers"] == f["sampled_answers"]
+    assert sum(r["num_samples"] for r in lazy) < sum(r["num_samples"] for r in full)
+
+
+@needs_vllm
+@pytest.mark.slow
 def test_seeded_samples_of_a_batch_longer_than_a_step_run_on_cpu(engine, facts):
     """The sampling benchmark's shape (a warm-up, then 24 four-shot prompts x (1 + 8)). With chunked
     prefill the scheduler split a seeded request's prefill between steps and vLLM failed to rewind its
@@ -105,9 +127,10 @@ def test_the_sampling_benchmark_measures_vllm_beside_the_own_engine(tmp_path, ca
     assert rows["vllm"]["answers"] == 3 * 4 and rows["vllm"]["start_s"] > 0 and rows["toolkit"]["start_s"] is None
     assert rows["vllm"]["greedy_agreement_vs_generate"] >= 2 / 3  # fp32 both: the same greedy answers, bar ties
     loop = {(r["engine"], r["sampling"]): r for r in result["probe_modes"]["runs"]}
-    assert set(loop) == {("toolkit", "full"), ("toolkit", "lazy"), ("vllm", "full")}
+    assert set(loop) == {("toolkit", "full"), ("toolkit", "lazy"), ("vllm", "full"), ("vllm", "lazy")}
     vllm = loop["vllm", "full"]
     assert vllm["answers"] == 4 * 4 and vllm["start_s"] > 0 and vllm["max_count_difference_vs_fp32"] <= 4
+    assert loop["vllm", "lazy"]["categories_equal_to_full"]
     assert result["vllm_note"] is None and "| vllm" in capsys.readouterr().out
 
 

@@ -5,7 +5,8 @@ with the prompt's token ids (toolkit.models.encode_prompts: the same BOS rule as
 stopping at a newline or EOS as the own engines do. Prefix caching prefills a prompt once for its
 1 + n requests. A sample's seed is stable_seed(seed, question id, prompt index, sample index), so a
 re-run gives the same answers and sample j does not depend on which other samples a call asks for
-(up to floating-point differences between batch shapes, as with the own engine).
+(up to floating-point differences between batch shapes, as with the own engine). Lazy probing runs
+in two phases: the greedy answers, then the samples of the questions they did not settle.
 
 vLLM is optional (`pip install gradual[vllm]` on CPU, `pip install vllm` on CUDA machines): this
 module imports it only when an engine is built.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import time
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -22,7 +24,7 @@ from toolkit.data.matching import extract_answer
 from toolkit.data.prompts import stable_seed
 from toolkit.models import encode_prompts, newline_token_ids, tokens_until_stop
 
-from .types import PromptAnswers, PromptRequest, ProbeConfig
+from .types import GREEDY_STREAM, FinishedAnswer, PromptAnswers, PromptRequest, ProbeConfig, Settled
 
 # vLLM's CPU default (128) is longer than a probe prompt (~95 tokens of SmolLM2), so no block would
 # ever fill and be shared: 32 lets the 1 + n requests of a prompt share all but its last block.
@@ -167,7 +169,7 @@ class VLLMEngine:
     """Engine protocol over a vLLM `LLM`. Build it with `start` (or pass an LLM of your own)."""
 
     keyed_samples = True  # every sample is its own request with its own seed
-    settles_questions = False
+    settles_questions = True  # generate() takes `settled`: greedy answers first, then unsettled samples
     ignore_eos = False  # True: run to max_new_tokens (the benchmark's forced full length)
 
     def __init__(self, llm, tokenizer, config: ProbeConfig, start_s: float = 0.0):
@@ -175,6 +177,7 @@ class VLLMEngine:
         self.start_s = start_s  # seconds the engine took to start (model load, KV cache, warm-up)
         self.stop_ids = sorted({*newline_token_ids(tokenizer), tokenizer.eos_token_id})
         self._stop_set = set(self.stop_ids)
+        self.last_stats: dict = {}
 
     @classmethod
     def start(cls, model_path: str, tokenizer, config: ProbeConfig, device: str = "cpu", tp_size: int = 1,
@@ -193,6 +196,10 @@ class VLLMEngine:
         """Stop the engine now (with TP, its worker processes), not whenever it is garbage-collected."""
         self.llm.llm_engine.engine_core.shutdown()
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prompt block (a benchmark row must not reuse the previous row's)."""
+        self.llm.reset_prefix_cache()
+
     def _params(self, **kwargs):
         from vllm import SamplingParams
 
@@ -205,9 +212,29 @@ class VLLMEngine:
         return extract_answer(self.tokenizer.decode(ids[:used], skip_special_tokens=True)), used
 
     def generate(self, requests: Sequence[PromptRequest], sample_indices: Sequence[int] | None = None,
-                 greedy: bool = True) -> list[PromptAnswers]:
+                 greedy: bool = True, settled: Settled | None = None) -> list[PromptAnswers]:
+        """The answers of `requests`. With `settled` (lazy probing): every greedy answer first, then
+        the samples of only the questions their greedy answers did not settle. A sample's seed is its
+        key, so the samples produced are those full sampling produces; the prompts' blocks are still
+        in the prefix cache for the second phase."""
+        indices = list(range(self.config.samples)) if sample_indices is None else list(sample_indices)
+        if settled is None or not greedy or not indices:
+            return self._generate(requests, indices, greedy)
+        answers = self._generate(requests, [], greedy=True)
+        finished = defaultdict(list)
+        for request, answer in zip(requests, answers):
+            finished[request.question_id].append(FinishedAnswer(request.prompt_index, GREEDY_STREAM, answer.greedy))
+        done = {question: settled(question, answers_so_far) for question, answers_so_far in finished.items()}
+        pending = [i for i, request in enumerate(requests) if not done[request.question_id]]
+        for i, more in zip(pending, self._generate([requests[i] for i in pending], indices, greedy=False)):
+            answers[i].samples, answers[i].sample_tokens = more.samples, more.sample_tokens
+        for answer in answers:
+            answer.sample_indices = list(indices) if answer.samples else []
+        self.last_stats = dict(settled_rows=(len(requests) - len(pending)) * len(indices))  # samples never asked
+        return answers
+
+    def _generate(self, requests: Sequence[PromptRequest], indices: list[int], greedy: bool) -> list[PromptAnswers]:
         cfg = self.config
-        indices = list(range(cfg.samples)) if sample_indices is None else list(sample_indices)
         greedy_params = self._params(temperature=0.0)
         prompts, params, slots = [], [], []  # slots: (request index, sample index or None for greedy)
         for r, (req, ids) in enumerate(zip(requests, encode_prompts(self.tokenizer, [q.text for q in requests]))):
