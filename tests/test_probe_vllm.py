@@ -223,8 +223,9 @@ def test_head_counts_that_tensor_parallel_cannot_split_are_refused():
                                                       "model's 6 KV heads evenly")
     from toolkit.models import resolve_source  # the real SmolLM2: 9 heads, 3 KV heads
 
-    assert vllm_engine.head_split_error(resolve_source(None), 1) is None
-    assert vllm_engine.head_split_error(resolve_source(None), 2).line() == (
+    assert vllm_engine.head_split_error("vllm", resolve_source(None), 1) is None
+    assert vllm_engine.head_split_error("fast", resolve_source(None), 2) is None
+    assert vllm_engine.head_split_error("vllm", resolve_source(None), 2).line() == (
         "gpus_per_actor=2: tensor parallel size 2 does not divide the model's 9 attention heads")
 
 

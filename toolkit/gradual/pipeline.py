@@ -91,9 +91,8 @@ def preflight(cfg: PipelineConfig, check_devices: bool = True) -> dict:
     placement = cfg.probe.placement
     from toolkit.probe.vllm_engine import head_split_error, preflight_error, vllm_importable
 
-    refusal = preflight_error(cfg.probe.engine, placement.gpus_per_actor, cfg.model, vllm_importable())
-    if not refusal and cfg.probe.engine == "vllm":
-        refusal = head_split_error(resolve_source(cfg.model), placement.gpus_per_actor)
+    refusal = (preflight_error(cfg.probe.engine, placement.gpus_per_actor, cfg.model, vllm_importable())
+               or head_split_error(cfg.probe.engine, resolve_source(cfg.model), placement.gpus_per_actor))
     if refusal:
         keys = {"engine": "probe.engine", "gpus_per_actor": "probe.placement.gpus_per_actor", "model": "model"}
         raise ConfigError(refusal.line(keys[refusal.setting]))

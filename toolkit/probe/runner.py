@@ -164,7 +164,7 @@ def run_probe(run: RunConfig, probe: ProbeConfig, placement: Placement = Placeme
         raise ProbeConfigError(refusal.line())
     items, exemplars = _load_inputs(run, probe)
     source = resolve_source(run.model)  # ModelError for a bad path; converts a GGUF once, before any actor starts
-    if probe.engine == "vllm" and (refusal := head_split_error(source, placement.gpus_per_actor)):
+    if refusal := head_split_error(probe.engine, source, placement.gpus_per_actor):
         raise ProbeConfigError(refusal.line())
     if placement.ray_address:
         check_reachable(placement.ray_address)

@@ -119,11 +119,11 @@ def head_split_reason(heads: int, kv_heads: int, tp_size: int) -> str | None:
     return None
 
 
-def head_split_error(model_path: str, gpus_per_actor: float) -> Refusal | None:
-    """The refusal of a TP size that the model's heads cannot take (read from its config, on the driver,
-    before any actor starts: vLLM would refuse it only inside each actor)."""
+def head_split_error(engine: str, model_path: str, gpus_per_actor: float) -> Refusal | None:
+    """The refusal of a vLLM TP size that the model's heads cannot take (read from its config, on the
+    driver, before any actor starts: vLLM would refuse it only inside each actor)."""
     tp = tensor_parallel_size(gpus_per_actor)
-    if tp == 1:
+    if engine != "vllm" or tp == 1:
         return None
     config = text_config(model_path)
     heads = config.num_attention_heads
