@@ -94,7 +94,8 @@ def is_settled(finished: Sequence[FinishedAnswer], gold: Sequence[str], num_prom
 
 def probe_items(engine: Engine, items: Sequence[QAItem], pool: ExemplarPool, config: ProbeConfig) -> list[dict]:
     """Rows for `items`, in order. The prompts of all items go to the engine together so it can batch
-    freely; every answer depends only on its key, never on the batch.
+    freely; every answer's random draw depends only on its key, never on the batch (on CPU the answers
+    are bit-identical under any batching; on a GPU see README, "What is identical where").
 
     Lazy (the default, with an engine that settles questions): one pass, every prompt prefilled once,
     greedy and sampled answers decoded together; an item's remaining answers stop as soon as

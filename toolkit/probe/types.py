@@ -54,8 +54,10 @@ class ProbeConfig:
 
 @dataclass(frozen=True)
 class PromptRequest:
-    """One few-shot prompt. Its sampled answers depend only on (seed, question_id, prompt_index,
-    sample index): never on the batch it lands in or the actor that runs it."""
+    """One few-shot prompt. The random draw of each sampled answer depends only on (seed, question_id,
+    prompt_index, sample index), never on the batch it lands in or the actor that runs it; the answer
+    itself is then identical wherever the logits are (bit for bit on CPU; on a GPU kernels chosen per
+    batch shape can flip near-tied tokens: README, "What is identical where")."""
 
     question_id: str
     prompt_index: int
