@@ -60,6 +60,40 @@ def test_random_init_from_named_shape_and_from_config_file(tmp_path):
     assert one_layer.config.num_hidden_layers == 1
 
 
+def test_loading_a_saved_model_on_cpu_gives_the_logits_of_a_plain_load(tiny_model_dir):
+    """The CPU path is today's from_pretrained (no device_map): the same weights, bit for bit."""
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    model, _ = load_model(ModelSpec(source=str(tiny_model_dir), device="cpu"))
+    ids = torch.tensor([[5, 17, 230, 99, 4]])
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, plain(input_ids=ids).logits)
+    assert all(p.device.type == "cpu" for p in model.parameters())
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_random_init_on_cpu_draws_the_weights_it_always_drew(dtype):
+    """Seeded random init on the CPU is what torch.manual_seed + from_config gives (benchmarks and
+    tests compare runs across commits); only the GPU path builds under a device context."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(3)
+    before = AutoModelForCausalLM.from_config(models.random_config("tiny"), dtype=getattr(torch, dtype))
+    model, _ = load_model(ModelSpec(source="random:tiny", seed=3, dtype=dtype, device="cpu"))
+    assert next(model.parameters()).dtype == getattr(torch, dtype)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before.parameters()))
+
+
+def test_load_plan_puts_weights_on_the_named_gpu_and_keeps_the_cpu_path():
+    third = models.plan_load("cuda:3", "bfloat16")
+    assert third == models.LoadPlan(device="cuda:3", dtype="bfloat16", device_map="cuda:3", init_on_device=True)
+    # a bare 'cuda' is the current GPU, never transformers' reading of it (cuda:$LOCAL_RANK)
+    assert models.plan_load("cuda", "bfloat16", cuda_index=0).device_map == "cuda:0"
+    assert models.plan_load("cuda", "float32", cuda_index=2) == models.LoadPlan("cuda:2", "float32", "cuda:2", True)
+    assert models.plan_load("cpu", "float32") == models.LoadPlan("cpu", "float32", None, False)
+
+
 def test_real_shapes_have_the_published_parameter_counts():
     from transformers import AutoModelForCausalLM
 

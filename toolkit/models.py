@@ -210,29 +210,72 @@ def load_tokenizer(source: str | None):
     return tokenizer
 
 
+@dataclass(frozen=True)
+class LoadPlan:
+    """Where and how a model is built. `device`: a full device name ('cuda' made 'cuda:<index>');
+    `device_map`: from_pretrained's (None on CPU: today's path, materialised on the CPU as before);
+    `init_on_device`: build a random-init model under `torch.device(device)`."""
+
+    device: str
+    dtype: str
+    device_map: str | None
+    init_on_device: bool
+
+
+def plan_load(device: str, dtype: str, cuda_index: int = 0) -> LoadPlan:
+    """The load arguments for `device` ('cpu', 'cuda', 'cuda:3'); `cuda_index` names the GPU a bare
+    'cuda' means (torch.cuda.current_device(): the actor's only visible GPU under Ray).
+
+    On a GPU every weight goes straight to that GPU as it is read: transformers 5.19's from_pretrained
+    builds the model on the meta device (PreTrainedModel.get_init_context), opens safetensors files
+    through mmap (safe_open in _load_pretrained_model) and copies each tensor to its device_map device
+    one at a time (core_model_loading._materialize_copy), so the host holds a few tensors in flight
+    (4 loader threads), never a full copy; eight ranks that mmap one file share its page cache.
+    (`low_cpu_mem_usage` is gone: 5.x pops and ignores it, meta-device init is always on.) Without a
+    device_map each tensor is materialised on the CPU: the full host copy `.to(device)` used to move.
+    A bare 'cuda' is made explicit because transformers reads it as cuda:$LOCAL_RANK
+    (integrations/accelerate.check_and_set_device_map), wrong where a launcher sets LOCAL_RANK but
+    shows the process a single GPU."""
+    if device == "cuda":
+        device = f"cuda:{cuda_index}"
+    on_gpu = device.startswith("cuda")
+    return LoadPlan(device=device, dtype=dtype, device_map=device if on_gpu else None, init_on_device=on_gpu)
+
+
 def load_model(spec: ModelSpec):
-    """(model, tokenizer) in eval mode on the chosen device, with the chosen attention and dtype."""
+    """(model, tokenizer) in eval mode on the chosen device, with the chosen attention and dtype;
+    the weights are loaded (or randomly initialised) on that device, not copied there from the CPU."""
+    import contextlib
+
     import torch
     from transformers import AutoModelForCausalLM
 
-    device = spec.device or default_device()
-    attention = spec.attention or choose_attention(device)
-    dtype_name = spec.dtype or choose_dtype(device)
-    dtype = getattr(torch, dtype_name)
+    requested = spec.device or default_device()
+    attention = spec.attention or choose_attention(requested)
+    plan = plan_load(requested, spec.dtype or choose_dtype(requested),
+                     torch.cuda.current_device() if requested == "cuda" else 0)
+    dtype = getattr(torch, plan.dtype)
     ref = resolve_source(spec.source)
     tokenizer = load_tokenizer(spec.tokenizer or spec.source)
     if ref.startswith(RANDOM_PREFIX):
         config = random_config(ref[len(RANDOM_PREFIX):])
-        torch.manual_seed(spec.seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention)
+        torch.manual_seed(spec.seed)  # seeds the CUDA generators too
+        # from_config creates the parameters in `dtype` (its local_torch_dtype context), so a GPU model
+        # is drawn on the GPU in bf16, with no fp32 CPU copy. The CUDA generator draws other numbers
+        # than the CPU's: a seed gives the same weights on every GPU of a kind, not the CPU's (the CPU
+        # path is unchanged; DeepSpeed broadcasts rank 0's weights to the other ranks anyway).
+        where = torch.device(plan.device) if plan.init_on_device else contextlib.nullcontext()
+        with where:
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention)
     else:
         try:
-            model = AutoModelForCausalLM.from_pretrained(ref, dtype=dtype, attn_implementation=attention)
+            model = AutoModelForCausalLM.from_pretrained(ref, dtype=dtype, attn_implementation=attention,
+                                                         device_map=plan.device_map)
         except (OSError, ValueError) as err:
             raise ModelError(f"cannot load model '{spec.source}': {err}".splitlines()[0]) from None
-    model.to(device).eval()
+    model.to(plan.device).eval()  # a no-op for what is already there (everything, on a GPU)
     log.info("model %s: %.1fM params, attention=%s, dtype=%s, device=%s", spec.source or EMBEDDED_MODEL,
-             sum(p.numel() for p in model.parameters()) / 1e6, attention, dtype_name, device)
+             sum(p.numel() for p in model.parameters()) / 1e6, attention, plan.dtype, plan.device)
     return model, tokenizer
 
 

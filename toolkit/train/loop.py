@@ -107,6 +107,9 @@ def _train(plan: RunPlan, strategy: DeepSpeedStrategy) -> dict:
     started = time.perf_counter()
     _record_rank(cfg, strategy)
     dtype = "bfloat16" if plan.ds_config["bf16"]["enabled"] else "float32"
+    # Straight onto this rank's own device (cuda:<local rank>): weights go to the GPU as they are read,
+    # no full host copy per rank (models.plan_load). A random-init model drawn on each GPU is replaced
+    # by rank 0's when DeepSpeed's engine broadcasts the parameters (stage 0-2).
     model, tokenizer = load_model(ModelSpec(source=cfg.model, dtype=dtype, device=str(strategy.device),
                                             seed=cfg.seed))
     model.train()
