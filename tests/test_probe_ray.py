@@ -200,6 +200,11 @@ def test_rerun_skips_everything_and_other_arguments_are_refused(baseline, worklo
         run_probe(run, dataclasses.replace(PROBE, dtype="bfloat16"))
 
 
+def _counts(num_actors: int = 1, **kwargs) -> Placement:
+    """A placement with every count set, as ActorGroup takes it (the probe resolves "auto" first)."""
+    return Placement(num_actors=num_actors, cpus_per_actor=1, gpus_per_actor=0, **kwargs)
+
+
 class _Toy:
     """A torch-free actor for the group's own error paths."""
 
@@ -219,16 +224,133 @@ class _Toy:
 @pytest.mark.slow
 def test_group_errors(cluster):
     with pytest.raises(ActorGroupError, match="actor 0 failed to start: ValueError: no weights here"):
-        with ActorGroup(_Toy, (True,), Placement()) as group:  # a constructor error: no restart loop
+        with ActorGroup(_Toy, (True,), _counts()) as group:  # a constructor error: no restart loop
             group.wait_ready()
-    with ActorGroup(_Toy, (), Placement(num_actors=2)) as group:
+    with ActorGroup(_Toy, (), _counts(2)) as group:
         results = {}
         group.run([(i, i) for i in range(6)], "work", results.__setitem__)
         assert results == {i: i * 10 for i in range(6)} and sum(group.tasks_done.values()) == 6
-        with pytest.raises(KeyError, match="bad payload"):  # a task's own error propagates, typed
+        with pytest.raises(KeyError, match="bad payload") as raised:  # a task's own error propagates, typed
             group.run([("k", "boom")], "work", results.__setitem__)
+        assert type(raised.value) is KeyError  # as raised, not Ray's wrapper (whose message is a traceback)
     with pytest.raises(ActorGroupError, match="cannot place 9 actor"):
-        ActorGroup(_Toy, (), Placement(num_actors=9, ready_timeout_s=2))
+        ActorGroup(_Toy, (), _counts(9, ready_timeout_s=2))
+
+
+class _Visible:
+    """Reports what CUDA would be shown in an actor."""
+
+    def info(self) -> dict:
+        return {"cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
+
+
+@pytest.mark.slow
+def test_an_actor_without_a_gpu_share_sees_no_gpu(cluster):
+    """Ray 2.60 leaves CUDA_VISIBLE_DEVICES unset in a worker with num_gpus=0, so CUDA would show it
+    every GPU of the node: the group hides them."""
+    with ActorGroup(_Visible, (), _counts(2)) as group:
+        assert [info["cuda_visible_devices"] for info in group.wait_ready()] == ["", ""]
+
+
+class _SlowStart:
+    """An actor whose start takes a while, recording when it began and ended."""
+
+    def __init__(self, seconds: float):
+        self.began = time.time()
+        time.sleep(seconds)
+        self.ended = time.time()
+
+    def info(self) -> dict:
+        return {"began": self.began, "ended": self.ended}
+
+    def work(self, x):
+        return x + 1
+
+
+@pytest.mark.slow
+def test_serial_start_creates_each_actor_once_the_previous_one_is_ready(cluster):
+    placement = _counts(3)
+    with ActorGroup(_SlowStart, (1.0,), placement, start_serially=True) as group:
+        results = {}
+        group.run([(i, i) for i in range(6)], "work", results.__setitem__)  # starts them too
+        serial = group.wait_ready()
+    assert results == {i: i + 1 for i in range(6)}
+    assert all(later["began"] >= earlier["ended"] for earlier, later in zip(serial, serial[1:])), serial
+    with ActorGroup(_SlowStart, (1.0,), placement) as group:
+        together = sorted(group.wait_ready(), key=lambda info: info["began"])
+    assert any(later["began"] < earlier["ended"] for earlier, later in zip(together, together[1:])), together
+
+
+_SESSION_OF_ITS_OWN = ("import subprocess, time; subprocess.Popen(['sleep', '600']); time.sleep(600)")
+
+
+class _Spawner:
+    """An actor that starts a process in a session of its own, which starts another (as vLLM's
+    engine core starts its TP workers), then dies on its first task when it is the first actor on
+    its node. A replacement records which of the previous actor's processes still ran when it began."""
+
+    def __init__(self, state_dir: str):
+        import psutil
+        import ray
+
+        from toolkit.train.devices import process_alive
+
+        state = Path(state_dir) / ray.get_runtime_context().get_node_id()
+        self.first = not state.exists()
+        self.left_running = [] if self.first else [p for p in json.loads(state.read_text()) if process_alive(p)]
+        self.child = subprocess.Popen([sys.executable, "-c", _SESSION_OF_ITS_OWN], start_new_session=True)
+        deadline = time.time() + 30
+        while len(psutil.Process().children(recursive=True)) < 2 and time.time() < deadline:
+            time.sleep(0.05)
+        state.write_text(json.dumps([p.pid for p in psutil.Process().children(recursive=True)]))
+
+    def info(self) -> dict:
+        from toolkit.probe.pool import worker_info
+        from toolkit.probe.processes import process_tree
+
+        return dict(worker_info(), processes=process_tree(), first=self.first, left_running=self.left_running)
+
+    def work(self, x):
+        if self.first:
+            os._exit(1)  # its processes are in another session: Ray's clean-up of the actor misses them
+        return x * 10
+
+
+@pytest.mark.slow
+def test_a_dead_actors_processes_are_gone_before_its_replacement_starts(cluster, tmp_path):
+    """One actor per node (the driver's node and the other one, reached with a pinned Ray task):
+    each dies on its first task, and its replacement finds none of its processes running."""
+    from toolkit.train.devices import process_alive
+
+    results = {}
+    with ActorGroup(_Spawner, (str(tmp_path),), _counts(2, strategy="STRICT_SPREAD")) as group:
+        firsts = group.wait_ready()
+        started = [pid for info in firsts for pid, _ in info["processes"][1:]]
+        group.run([(i, i) for i in range(6)], "work", results.__setitem__)
+        replacements = group.wait_ready()
+        assert group.restarts == [1, 1] and len(started) == 4
+        assert all(not info["first"] and info["left_running"] == [] for info in replacements), replacements
+        assert not any(process_alive(pid) for pid in started)
+        now_running = [pid for info in replacements for pid, _ in info["processes"][1:]]
+    assert results == {i: i * 10 for i in range(6)}  # every task finished
+    assert len(now_running) == 4 and not any(process_alive(pid) for pid in now_running)  # shutdown stops them too
+
+
+def test_only_the_recorded_processes_are_killed():
+    """A pid whose start time differs from the recorded one belongs to another process: left alone."""
+    import psutil
+
+    from toolkit.probe.processes import kill_processes
+    from toolkit.train.devices import process_alive
+
+    proc = subprocess.Popen(["sleep", "600"])
+    try:
+        started = psutil.Process(proc.pid).create_time()
+        assert kill_processes([(proc.pid, started - 3600)], timeout_s=5) == [] and process_alive(proc.pid)
+        assert kill_processes([(proc.pid, started), (proc.pid + 10**7, started)], timeout_s=5) == [proc.pid]
+        proc.wait(timeout=5)
+    finally:
+        proc.kill()
 
 
 def test_actor_device_follows_the_gpu_share():

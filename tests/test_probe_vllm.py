@@ -113,6 +113,19 @@ def test_seeded_samples_of_a_batch_longer_than_a_step_run_on_cpu(engine, facts):
 
 
 @needs_vllm
+@pytest.mark.slow
+def test_the_engine_refuses_a_prompt_longer_than_its_length(engine, facts):
+    """vLLM would answer it cut short (or refuse it in its own words): the engine names the lengths."""
+    from toolkit.probe.types import PromptRequest
+
+    long = PromptRequest("q-long", 0, "Question: " + "the capital of France " * 1200 + "\nAnswer:")
+    assert engine.max_model_len == vllm_engine.PROBE_TOKEN_BUDGET  # SmolLM2's own context is 8192
+    with pytest.raises(ProbeConfigError, match=r"^a probe prompt of question 'q-long' is \d+ tokens, and with "
+                                               r"max_new_tokens=8 the vLLM engine takes prompts of at most 4088"):
+        engine.generate([long])
+
+
+@needs_vllm
 @pytest.mark.slow  # two vLLM starts (the engine table, the probe-loop section)
 def test_the_sampling_benchmark_measures_vllm_beside_the_own_engine(tmp_path, capsys):
     argv = ["bench", "sampling", "--preset", "smoke", "--models", "smollm2", "--engines", "toolkit", "generate",
@@ -230,12 +243,43 @@ def test_head_counts_that_tensor_parallel_cannot_split_are_refused():
 
 
 def test_cpu_engines_never_split_a_prefill():
-    kwargs = vllm_engine.engine_kwargs("m", "float32", "cpu", 1, 1.0, seed=0, max_len=8192)
+    kwargs = vllm_engine.engine_kwargs("m", "float32", "cpu", 1, 1.0, seed=0, context_len=8192)
     assert kwargs["enable_chunked_prefill"] is False and kwargs["block_size"] == 32
     assert kwargs["max_model_len"] <= kwargs["max_num_batched_tokens"]  # vLLM's condition without chunking
-    assert vllm_engine.engine_kwargs("m", "float32", "cpu", 1, 1.0, seed=0, max_len=2048)["max_model_len"] == 2048
-    gpu = vllm_engine.engine_kwargs("m", "bfloat16", "cuda", 2, 1.0, seed=0)
-    assert "enable_chunked_prefill" not in gpu and gpu["distributed_executor_backend"] == "mp"
+    assert "gpu_memory_utilization" not in kwargs  # the CPU backend sizes its KV cache from VLLM_CPU_KVCACHE_SPACE
+    assert vllm_engine.engine_kwargs("m", "float32", "cpu", 1, 1.0, seed=0, context_len=2048)["max_model_len"] == 2048
+
+
+def test_engine_settings_per_gpu_share(tmp_path):
+    """A 128k-context model on one H100, on half of one, and tensor parallel over 4: the engine's
+    length is the probe's budget on every device (vLLM would start only with KV for one 131072-token
+    sequence), and its memory follows the actor's share of the GPU."""
+    from transformers import LlamaConfig
+
+    LlamaConfig(max_position_embeddings=131072, num_attention_heads=32, num_key_value_heads=8).save_pretrained(tmp_path)
+    context = vllm_engine.context_length(str(tmp_path))  # read from the config, as on every device
+    whole = vllm_engine.engine_kwargs(str(tmp_path), "bfloat16", "cuda", 1, 1.0, seed=0, context_len=context)
+    half = vllm_engine.engine_kwargs(str(tmp_path), "bfloat16", "cuda", 1, 0.5, seed=0, context_len=context)
+    tp4 = vllm_engine.engine_kwargs(str(tmp_path), "bfloat16", "cuda", 4, 4.0, seed=0, context_len=context)
+    assert context == 131072 and {k["max_model_len"] for k in (whole, half, tp4)} == {vllm_engine.PROBE_TOKEN_BUDGET}
+    assert whole["gpu_memory_utilization"] == 0.9 and half["gpu_memory_utilization"] == 0.45
+    assert tp4["gpu_memory_utilization"] == 0.9 and tp4["tensor_parallel_size"] == 4
+    assert tp4["distributed_executor_backend"] == "mp" and "distributed_executor_backend" not in whole
+    assert "enable_chunked_prefill" not in whole and "block_size" not in whole  # vLLM's GPU defaults
+    assert vllm_engine.gpu_memory_utilization(0.25) == 0.225
+
+
+def test_only_vllm_engines_sharing_a_gpu_start_one_after_another():
+    assert vllm_engine.starts_serially("vllm", 0.5) and vllm_engine.starts_serially("vllm", 0.25)
+    assert not any(vllm_engine.starts_serially("vllm", g) for g in (0, 1, 4))  # CPU, a whole GPU, TP
+    assert not vllm_engine.starts_serially("fast", 0.5)  # the own engines do not profile the GPU
+
+
+def test_a_prompt_whose_answer_would_overrun_the_engine_is_refused_with_its_lengths():
+    assert vllm_engine.prompt_length_error(4080, "q1", 16, 4096) is None
+    assert vllm_engine.prompt_length_error(4081, "q1", 16, 4096) == (
+        "a probe prompt of question 'q1' is 4081 tokens, and with max_new_tokens=16 the vLLM engine takes "
+        "prompts of at most 4080 tokens (max_model_len 4096); use fewer shots or a smaller max_new_tokens")
 
 
 def test_preflight_errors_name_the_setting_at_fault():

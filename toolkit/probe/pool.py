@@ -7,8 +7,11 @@ worker it runs.
   gets the next task, so faster actors take more. An actor pulls only once it is ready (model loaded);
   `wait_ready()` waits for all of them, and a run never waits for a re-created actor once no work is left.
 * Death (process killed, OOM, node lost): the task it held goes back to the front of the queue for
-  the next free actor, and the actor is re-created in its own bundle (up to `max_restarts` per slot).
-  A task is handed out again only after its previous attempt failed, so results are never duplicated.
+  the next free actor, and the actor is re-created in its own bundle (up to `max_restarts` per slot),
+  once the processes it started are gone (toolkit.probe.processes). A task is handed out again only
+  after its previous attempt failed, so results are never duplicated.
+* Devices: an actor without a GPU share never sees the node's GPUs; `start_serially` starts one actor
+  at a time (vLLM engines sharing a GPU each measure their memory while the others stand still).
 """
 from __future__ import annotations
 
@@ -70,13 +73,22 @@ def _death_errors() -> tuple[type[Exception], ...]:
 
 class ActorGroup:
     """`num_actors` instances of `actor_cls(*args)`, one per placement-group bundle. The actor class
-    must have an `info()` method (called as a readiness probe; its result lands in `self.infos`)."""
+    must have an `info()` method (called as a readiness probe; its result lands in `self.infos`);
+    with `node_id` and `processes` (toolkit.probe.processes.process_tree()) in it, what the actor
+    started is killed after it died, before its replacement starts.
 
-    def __init__(self, actor_cls: type, args: tuple = (), config: Placement = Placement()):
+    `start_serially`: an actor is created only while no other is starting (slot k+1 once slot k
+    answered `info()`): vLLM engines sharing one GPU each profile its memory at start-up and would
+    count each other's allocations. A replacement after a death starts while the others run, which
+    is fine: the running engines' memory is steady by then."""
+
+    def __init__(self, actor_cls: type, args: tuple = (), config: Placement = Placement(),
+                 start_serially: bool = False):
         import ray
         from ray.util.placement_group import placement_group
 
         self.config = config
+        self.start_serially = start_serially
         self._remote_cls = ray.remote(actor_cls)
         self._args = args
         n = config.num_actors
@@ -88,21 +100,41 @@ class ActorGroup:
             raise ActorGroupError(
                 f"cannot place {n} actor(s) with {config.bundle} each (strategy {config.strategy}) within "
                 f"{config.ready_timeout_s:.0f}s; the cluster has {ray.cluster_resources()}") from None
-        self.actors: list[Any] = [self._create(slot) for slot in range(n)]
+        self.actors: list[Any] = [None] * n  # None: not created yet
         self.live = set(range(n))
         self.restarts = [0] * n
         self.infos: list[dict | None] = [None] * n
         self.tasks_done = Counter()  # slot -> tasks finished
+        self._waiting = deque(range(n))  # slots to create, in order
+        self._create_waiting()
+
+    def _starting(self) -> bool:
+        return any(self.actors[s] is not None and self.infos[s] is None for s in self.live)
+
+    def _create_waiting(self) -> list[int]:
+        """Create the waiting slots' actors (with start_serially: one, once none is starting); their slots."""
+        created = []
+        while self._waiting and not (self.start_serially and self._starting()):
+            slot = self._waiting.popleft()
+            self.actors[slot] = self._create(slot)
+            created.append(slot)
+        return created
 
     def _create(self, slot: int):
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         c = self.config
         strategy = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=slot)
+        # Ray 2.60 leaves CUDA_VISIBLE_DEVICES as the node has it for a worker with no GPU share
+        # (ray/_private/utils.py set_visible_accelerator_ids skips an empty id list unless
+        # RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=1; ray-project/ray#54868), so CUDA would hand such an
+        # actor GPU 0. A GPU actor's variable is set by Ray. Ray merges these env_vars into the job's
+        # runtime env (working_dir and other env_vars stay).
+        options = {} if c.gpus_per_actor else {"runtime_env": {"env_vars": {"CUDA_VISIBLE_DEVICES": ""}}}
         # max_restarts=0: we re-create dead actors ourselves, so a restart never races a queued call.
         return self._remote_cls.options(
             num_cpus=c.cpus_per_actor, num_gpus=c.gpus_per_actor, resources=dict(c.resources_per_actor),
-            max_restarts=0, max_task_retries=0, scheduling_strategy=strategy).remote(*self._args)
+            max_restarts=0, max_task_retries=0, scheduling_strategy=strategy, **options).remote(*self._args)
 
     def _restart(self, slot: int, err: Exception) -> None:
         import ray
@@ -117,6 +149,11 @@ class ActorGroup:
         self.restarts[slot] += 1
         who = self.infos[slot] or {}
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        killed = self._kill_leftovers([who], f"actor {slot}")
+        self.infos[slot] = None  # not ready, and nothing of it left to kill
+        if killed:
+            log.info("actor %d: stopped the %d process(es) it left (pid %s)", slot, len(killed),
+                     ", ".join(map(str, killed)))
         if self.restarts[slot] > self.config.max_restarts:
             self.live.discard(slot)
             log.warning("actor %d (pid %s) died (%s); out of restarts, dropping it", slot, who.get("pid"), first_line)
@@ -125,8 +162,21 @@ class ActorGroup:
             return
         log.warning("actor %d (pid %s) died (%s); restarting it (%d/%d)", slot, who.get("pid"), first_line,
                     self.restarts[slot], self.config.max_restarts)
-        self.infos[slot] = None
-        self.actors[slot] = self._create(slot)
+        self.actors[slot] = None
+        self._waiting.appendleft(slot)  # created by the caller's _create_waiting()
+
+    @staticmethod
+    def _kill_leftovers(infos: list[dict], whose: str) -> list[int]:
+        """What these actors started (a vLLM engine core, TP workers) can outlive them and keep GPU
+        memory that a replacement or the next job needs: kill it and wait until it is gone."""
+        from .processes import kill_leftovers
+
+        try:
+            return kill_leftovers(infos)
+        except Exception as err:  # DeviceBusyError, a lost node: whatever comes next is tried anyway
+            lines = str(err).strip().splitlines() or [type(err).__name__]
+            log.warning("%s: could not stop every process it started (%s)", whose, lines[0])
+            return []
 
     def wait_ready(self) -> list[dict]:
         """Block until every actor has loaded (restarting any that die meanwhile); their infos."""
@@ -159,10 +209,12 @@ class ActorGroup:
             inflight[self.actors[slot].info.remote()] = (slot, None, None)
 
         for slot in sorted(self.live):
-            if self.infos[slot] is None:
-                probe(slot)  # not known to be ready yet: it pulls work once its model is loaded
-            else:
+            if self.infos[slot] is not None:
                 idle.append(slot)
+            elif self.actors[slot] is not None:
+                probe(slot)  # not known to be ready yet: it pulls work once its model is loaded
+        for slot in self._create_waiting():
+            probe(slot)
         dispatch()
 
         def busy() -> bool:  # actors still restarting are not waited for once all tasks are done
@@ -181,12 +233,16 @@ class ActorGroup:
                                               f"giving up (last error: {str(err).splitlines()[0]})") from None
                     pending.appendleft((key, payload))  # the oldest work goes first, to a ready actor
                 self._restart(slot, err)
-                if slot in self.live:
-                    probe(slot)
+                for started in self._create_waiting():
+                    probe(started)
                 dispatch()
                 continue
+            except ray.exceptions.RayTaskError as err:  # the task's own exception, as it raised it
+                raise err.cause from err
             if key is None:
                 self.infos[slot] = result
+                for started in self._create_waiting():
+                    probe(started)
             idle.append(slot)
             dispatch()  # hand out the next task before the driver spends time on this result
             if key is not None:
@@ -200,10 +256,14 @@ class ActorGroup:
         from ray.util.placement_group import remove_placement_group
 
         for actor in getattr(self, "actors", []):
+            if actor is None:
+                continue
             try:
                 ray.kill(actor, no_restart=True)
             except Exception:
                 pass
+        # ray.kill returns at once: the processes go when this returns, not while the next job starts
+        self._kill_leftovers([info for info in getattr(self, "infos", []) if info], "the actor group")
         try:
             remove_placement_group(self.pg)
         except Exception:
@@ -265,7 +325,11 @@ class ProbeWorker:
         self.load_s = time.perf_counter() - t0
 
     def info(self) -> dict:
-        return dict(worker_info(), load_s=self.load_s, device=self.device)
+        from .processes import process_tree
+
+        # Read once the constructor is done: vLLM starts its engine core and TP workers inside LLM(...),
+        # and generating starts none, so the tree is complete (the group kills it after a death).
+        return dict(worker_info(), load_s=self.load_s, device=self.device, processes=process_tree())
 
     def probe_shard(self, task: tuple[int, list]) -> dict:
         from .slick import probe_items

@@ -31,8 +31,8 @@ from toolkit.models import EMBEDDED_MODEL, ModelSpec, choose_probe_dtype, resolv
 from .pool import ActorGroup, Placement, ProbeWorker
 from .shards import ShardPlan, data_hash, make_plan
 from .slick import CATEGORIES, ProbeConfig, ProbeConfigError
-from .vllm_engine import (head_split_error, node_gpu_counts, preflight_error, tensor_parallel_error, tensor_parallel_size,
-                          vllm_importable)
+from .vllm_engine import (head_split_error, node_gpu_counts, preflight_error, starts_serially, tensor_parallel_error,
+                          tensor_parallel_size, vllm_importable)
 
 log = logging.getLogger("toolkit.probe")
 MANIFEST_VERSION = 1
@@ -209,9 +209,11 @@ def _run_shards(run: RunConfig, probe: ProbeConfig, placement: Placement, plan: 
         spec = ModelSpec(source=run.model, dtype=probe.dtype, attention=probe.load_attention())
         args = (spec, probe, ray.put(exemplars), threads)
         log.info("starting %d actor(s) with %s each", placement.num_actors, placement.bundle)
-        with ActorGroup(ProbeWorker, args, placement) as group:
+        with ActorGroup(ProbeWorker, args, placement,
+                        start_serially=starts_serially(probe.engine, placement.gpus_per_actor)) as group:
             # Every replica loaded before the first shard: model errors surface at once, all actors
-            # start together, and the throughput excludes loading.
+            # start together (vLLM engines sharing a GPU: one after another), and the throughput
+            # excludes loading.
             group.wait_ready()
             stats.actor_start_s = time.perf_counter() - t_actors
             bar = tqdm(total=plan.num_items, initial=plan.num_items - sum(len(s.item_ids) for s in todo),

