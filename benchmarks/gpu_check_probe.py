@@ -1,16 +1,16 @@
 """The probe engine's GPU checks (`python benchmarks/gpu_check.py --probe`), on randomly initialised
-Llama-3.2-1B and Llama-3-8B shapes in bf16 (the GPU machine downloads no weights), generation forced
-to max_new_tokens so every step is full:
+Llama-3.2-1B and Llama-3-8B shapes in bf16 (no weights to download), generation forced to
+max_new_tokens so every step is full:
 
-  engine_1b, engine_8b  the toolkit engine with CUDA graphs, the same engine eager, and HF `generate`
-                        on the same prompts: answers/s, CUDA graphs vs eager answers identical (greedy
-                        and sampled), greedy agreement with generate, the decode step against the HBM
-                        roofline (bench_sampling's accounting), peak memory
+  engine_1b, engine_8b  the toolkit engine with CUDA graphs, the same engine eager, eager with half
+                        the batch, and HF `generate`, on the same prompts: answers/s, the decode step
+                        against the HBM roofline (bench_sampling's accounting), peak memory, and how
+                        often their answers agree (gpu_check_rules.GPU_RULES: rates with counts)
   actors                Ray actors: two sharing one GPU (0.5 each) both on that GPU, one without a GPU
-                        share on the CPU; their rows equal one in-process probe's
+                        share on the CPU; their categories against each other
 
-Each check is a function(ctx) -> JSON-able dict for gpu_check.py's runner; `--smoke` runs them on CPU
-with a tiny model (checks this script, not the hardware).
+Each check is a function(ctx) -> JSON-able dict for gpu_check_rules' runner; `--smoke` runs them on
+CPU with a tiny model (checks this script, not the hardware).
 """
 from __future__ import annotations
 
@@ -19,16 +19,21 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import common
+from gpu_check_rules import Check, agreement, expect_at_most, expect_rate, rule
 
 PROBE_SHAPES = {"engine_1b": "random:llama-3.2-1b", "engine_8b": "random:llama-3-8b"}
 SMOKE_SHAPE = "random:tiny"
+
+# (row name, bench_sampling engine, settings changed): the engine runs each shape check makes.
+ENGINE_RUNS = (("toolkit", "toolkit", {}), ("eager", "no-cuda-graphs", {}),
+               ("eager_batch8", "no-cuda-graphs", {"batch_prompts": 8, "prefill_engines": []}),
+               ("generate", "generate", {}))
 
 
 def engine_args(ctx, on_gpu: bool) -> SimpleNamespace:
     """bench_sampling's settings for one model: the SliCK workload, sized for about a minute per shape."""
     return SimpleNamespace(samples=16 if on_gpu else 2, max_new_tokens=16 if on_gpu else 3, batch_prompts=16,
                            baseline_prompts=16 if on_gpu else 0, warmup_prompts=-1, repeats=2 if on_gpu else 1,
-                           engines=["toolkit", "no-cuda-graphs", "generate"],
                            prefill_engines=["toolkit", "no-cuda-graphs"], force_full_length="on",
                            tokenizer=ctx.shared.get("tokenizer"), dtype="bfloat16" if on_gpu else "float32")
 
@@ -43,9 +48,33 @@ def probe_requests(data, questions: int, exemplar_sets: int):
     return [r for it in common.spread(train, questions) for r in build_requests(it, ExemplarPool(dev), cfg)]
 
 
+def every_answer(row: dict) -> list[str]:
+    """A row's answers in one list: per prompt its greedy answer, then its seeded samples."""
+    return [answer for greedy, samples in row["all_answers"] for answer in (greedy, *samples)]
+
+
+def engine_comparisons(rows: dict, on_gpu: bool) -> tuple[dict, list[dict]]:
+    """(agreements, expectations) between the engine rows present (a row that failed compares nothing)."""
+    pairs = {"graphs_vs_eager": ("toolkit", "eager"), "batch_8_vs_16": ("eager_batch8", "eager")}
+    found, expectations = {}, []
+    for name, (a, b) in pairs.items():
+        if a in rows and b in rows:
+            found[name] = {"answers": agreement(every_answer(rows[a]), every_answer(rows[b])),
+                           "greedy": agreement(rows[a]["greedy"], rows[b]["greedy"])}
+            expectations.append(expect_rate(name, found[name]["answers"], rule(name, on_gpu)))
+    if "toolkit" in rows and "generate" in rows:  # generate ran the first prompts only
+        n = len(rows["generate"]["greedy"])
+        found["engine_vs_generate"] = {"greedy": agreement(rows["toolkit"]["greedy"][:n], rows["generate"]["greedy"])}
+        expectations.append(expect_rate("engine_vs_generate", found["engine_vs_generate"]["greedy"],
+                                        rule("engine_vs_generate", on_gpu)))
+    return found, expectations
+
+
 def engine_check(shape_key: str):
     def run(ctx) -> dict:
         import bench_sampling
+
+        from toolkit.data.prompts import token_counts
 
         data, tokenizer = common.resolve_inputs(ctx.args.inputs, ctx.args.data, ctx.args.tokenizer)
         ctx.shared["tokenizer"] = tokenizer
@@ -54,26 +83,38 @@ def engine_check(shape_key: str):
         requests = probe_requests(data, questions=16 if ctx.on_gpu else 2, exemplar_sets=2)
         ceilings = ctx.shared.get("ceilings") or (common.measure_ceilings() if ctx.on_gpu else None)
         ctx.shared["ceilings"] = ceilings
-        result = bench_sampling.bench_model(source, requests, args, ctx.on_gpu, ceilings)
-        rows = {r["engine"]: r for r in result["engines"]}
-        if result["failed"]:
-            raise RuntimeError(f"engines failed: {result['failed']}")
-        eager = rows.get("no-cuda-graphs")
-        if eager is not None and not eager["same_answers_as_toolkit"]:
-            raise RuntimeError("CUDA graphs changed answers: the eager engine's differ")
-        toolkit = rows["toolkit"]
-        return {"model": source, "params": result["params"], "prompts": toolkit["prompts"],
-                "answers_per_s": {e: r["answers_per_s"] for e, r in rows.items()},
-                "x_generate": toolkit["x_generate"], "x_eager": eager and toolkit["answers_per_s"] / eager["answers_per_s"],
-                "graphs_same_answers_as_eager": eager and eager["same_answers_as_toolkit"],
-                "greedy_agreement_vs_generate": toolkit.get("greedy_agreement_vs_generate"),
-                "decode_step_ms": {e: (r.get("decode_step_s") or 0) * 1e3 for e, r in rows.items() if e != "generate"},
-                "roofline": toolkit.get("roofline"), "peak_memory": toolkit["peak_memory"], "ceilings": ceilings}
+        model, tok = bench_sampling.load(source, args, ctx.on_gpu)
+        params = sum(p.numel() for p in model.parameters())
+        prompt_lens = token_counts(tok, [r.text for r in requests])
+        rows, failed = {}, {}
+        for name, engine, changes in ENGINE_RUNS:
+            try:
+                rows[name] = bench_sampling.bench_engine(engine, model, tok, requests, SimpleNamespace(
+                    **{**vars(args), **changes}), True, ceilings, prompt_lens)
+            except Exception as err:  # noqa: BLE001 -- recorded: the other engines' figures still count
+                failed[name] = repr(err)[:1000]
+            common.free_memory()
+        del model
+        if ctx.on_gpu:
+            import torch
+
+            torch._dynamo.reset()  # drop compiled graphs and CUDA graph pools with the model
+        common.free_memory()
+        agreements, expectations = engine_comparisons(rows, ctx.on_gpu)
+        expectations.append(expect_at_most("engines_failed", len(failed), 0, "every engine runs"))
+        speed = {name: r["answers_per_s"] for name, r in rows.items()}
+        ratio = lambda a, b: speed[a] / speed[b] if a in speed and b in speed else None  # noqa: E731
+        return {"model": source, "params": params, "prompts": len(requests), "answers_per_s": speed,
+                "x_generate": ratio("toolkit", "generate"), "x_eager": ratio("toolkit", "eager"),
+                "decode_step_ms": {n: r["decode_step_s"] * 1e3 for n, r in rows.items() if r.get("decode_step_s")},
+                "roofline": rows.get("toolkit", {}).get("roofline"),
+                "peak_memory": {n: r["peak_memory"] for n, r in rows.items()}, "ceilings": ceilings,
+                "failed_engines": failed, "agreement": agreements, "expectations": expectations}
     return run
 
 
 def check_actors(ctx) -> dict:
-    """Two actors sharing one GPU each on the GPU, an actor without a share on the CPU; same rows."""
+    """Two actors sharing one GPU each on the GPU, an actor without a share on the CPU; their categories."""
     import ray
 
     from toolkit.io import read_jsonl, write_jsonl
@@ -107,14 +148,15 @@ def check_actors(ctx) -> dict:
     expected = {"two_actors_one_gpu": ["cuda" if ctx.on_gpu else "cpu"], "cpu_actor": ["cpu"]}
     if devices != expected:
         raise RuntimeError(f"actor devices {devices}, expected {expected}")
-    same_rows = runs["two_actors_one_gpu"]["rows"] == runs["cpu_actor"]["rows"] if not ctx.on_gpu else None
-    for r in runs.values():
-        r.pop("rows")
-    return {"devices": devices, "runs": runs, "cpu_rows_equal": same_rows}
+    rows = {name: r.pop("rows") for name, r in runs.items()}
+    categories = {name: [(row["id"], row["category"]) for row in r] for name, r in rows.items()}
+    agreed = agreement(categories["two_actors_one_gpu"], categories["cpu_actor"])
+    return {"devices": devices, "runs": runs, "rows_equal": rows["two_actors_one_gpu"] == rows["cpu_actor"],
+            "category_agreement": agreed,
+            "expectations": [expect_rate("actor_rows", agreed, rule("actor_rows", ctx.on_gpu))]}
 
 
-def probe_checks(check_cls) -> list:
-    """The checks, as gpu_check.py's Check objects (its class, passed in: no import cycle)."""
-    return [check_cls("engine_1b", engine_check("engine_1b"), estimate_s=90),
-            check_cls("engine_8b", engine_check("engine_8b"), estimate_s=180),
-            check_cls("actors", check_actors, estimate_s=60)]
+PROBE_CHECKS = [Check("engine_1b", engine_check("engine_1b"), estimate_s=100),
+                Check("engine_8b", engine_check("engine_8b"), estimate_s=200),
+                Check("actors", check_actors, estimate_s=60)]
+

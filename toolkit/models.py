@@ -232,7 +232,9 @@ def plan_load(device: str, dtype: str, cuda_index: int = 0) -> LoadPlan:
     one at a time (core_model_loading._materialize_copy), so the host holds a few tensors in flight
     (4 loader threads), never a full copy; eight ranks that mmap one file share its page cache.
     (`low_cpu_mem_usage` is gone: 5.x pops and ignores it, meta-device init is always on.) Without a
-    device_map each tensor is materialised on the CPU: the full host copy `.to(device)` used to move.
+    device_map the tensors land on the CPU: on the file's mmap pages where its dtype is the one asked
+    for (no copy: measured), else converted into a full host copy that `.to(device)` then moved (an fp32
+    file, such as a GGUF conversion, loaded in bf16 on a GPU: benchmarks/gpu_check.py load_to_device).
     A bare 'cuda' is made explicit because transformers reads it as cuda:$LOCAL_RANK
     (integrations/accelerate.check_and_set_device_map), wrong where a launcher sets LOCAL_RANK but
     shows the process a single GPU."""
