@@ -25,8 +25,8 @@ def count_params(shape: dict | str) -> int:
 
 
 def memory_table(world: int = 8) -> list[dict]:
-    """Model-state bytes per GPU (the trainer's own estimate, toolkit.train.dsconfig.memory_estimate)."""
-    from toolkit.train.dsconfig import memory_estimate
+    """Model-state bytes per GPU (the trainer's own estimate, toolkit.train.memory.memory_estimate)."""
+    from toolkit.train.memory import memory_estimate
 
     rows = []
     for name, shape in (("1B (llama-3.2-1b)", "random:llama-3.2-1b"), ("8B (llama-3-8b)", "random:llama-3-8b"),
@@ -41,7 +41,7 @@ def memory_table(world: int = 8) -> list[dict]:
 
 
 def figures(results: list[dict], n_params: int, peak_flops: float | None, on_gpu: bool, args) -> None:
-    from toolkit.train.dsconfig import memory_estimate
+    from toolkit.train.memory import memory_estimate
 
     bf16 = on_gpu if args.bf16 == "auto" else args.bf16 == "true"
     zero0 = {(r["gradient_checkpointing"], r["optimizer"]): r for r in results if r["status"] == "ok" and r["zero_stage"] == 0}

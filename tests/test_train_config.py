@@ -15,8 +15,7 @@ os.environ.setdefault("GRADUAL_CACHE_DIR", str(REPO / ".cache" / "gradual"))
 from toolkit.data.schema import DataError  # noqa: E402
 from toolkit.train.config import TrainConfigError, load_config  # noqa: E402
 from toolkit.train.data import IGNORE_INDEX, BatchPlan, encode_sft  # noqa: E402
-from toolkit.train.dsconfig import (batch_arithmetic, memory_estimate, read_hostfile, resolve,  # noqa: E402
-                                    world_size_for)
+from toolkit.train.dsconfig import batch_arithmetic, read_hostfile, resolve, world_size_for  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -196,12 +195,13 @@ def test_no_valid_micro_batch_is_one_clear_error(setup):
     assert batch_arithmetic(cfg_with(setup, micro_batch_size=None), 4) == (8, 1, 32)
 
 
-def test_dry_run_plans_stated_gpus_on_a_machine_without_them(setup, capsys):
+def test_dry_run_plans_stated_gpus_on_a_machine_without_them(setup, capsys, monkeypatch):
     """`gradual train --num-gpus 8 --dry-run` on a login node: the 8-GPU plan (bf16, the arithmetic for
     8 ranks, the launcher's --num_gpus 8); the launch itself needs the GPUs."""
     from toolkit.cli import main
     from toolkit.train.launch import LaunchConfig, check_launchable
 
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     assert main(["train", "--config", str(setup / "cfg.yaml"), "--num-gpus", "8", "--dry-run",
                  "--set", "train_batch_size=64", "--set", "micro_batch_size=null"]) == 0
     out = capsys.readouterr().out
@@ -224,16 +224,6 @@ def test_hostfile_and_world_size(tmp_path):
     (tmp_path / "bad").write_text("worker-0 slots=8\nworker-1 gpus=8\n")
     with pytest.raises(TrainConfigError, match=r"bad:2: expected '<host> slots=<n>'"):
         read_hostfile(tmp_path / "bad")
-
-
-def test_memory_estimate_follows_zero_stages():
-    n = 1_000_000_000
-    z = {s: memory_estimate(n, s, 8, True, "adamw", False) for s in (0, 1, 2)}
-    assert z[0]["total"] > z[1]["total"] > z[2]["total"]
-    assert z[1]["optimizer"] == n * 12 / 8 and z[2]["gradients"] == n * 2 / 8  # ZeRO paper: K = 12
-    off = memory_estimate(n, 2, 8, True, "deepspeed_adam", True)
-    assert off["optimizer"] == 0 and off["cpu_offload"] == n * 12 / 8
-    assert memory_estimate(n, 1, 8, True, "adamw_8bit", False)["optimizer"] == n * 6 / 8
 
 
 def test_disk_estimate_of_a_run_and_of_a_pipeline():
@@ -346,19 +336,137 @@ def _train_args(*argv):
 def test_gradual_train_builds_the_launcher_command(setup, tmp_path):
     from toolkit.train.launch import LaunchConfig, build_command
 
-    cmd, world, _ = build_command(LaunchConfig(num_accelerators=2), Path("o/train_config.yaml"), False)
+    cmd, world, _, _ = build_command(LaunchConfig(num_accelerators=2), Path("o/train_config.yaml"), False)
     assert cmd[1:4] == ["--num_accelerators", "2", "--master_port"] and world == 2
     assert cmd[4] != "29500"  # one node: a free port, so two runs on a machine do not collide
     assert cmd[-4:] == ["--module", "toolkit.train", "--config", str(Path("o/train_config.yaml").resolve())]
     (tmp_path / "hosts").write_text("a slots=8\nb slots=8\n")
-    cmd, world, _ = build_command(LaunchConfig(hostfile=str(tmp_path / "hosts"), node_rank=1, master_addr="10.0.0.1"),
+    cmd, world, _, _ = build_command(LaunchConfig(hostfile=str(tmp_path / "hosts"), node_rank=1, master_addr="10.0.0.1"),
                                   Path("c.yaml"), True)
     assert world == 16 and "--no_ssh" in cmd and cmd[cmd.index("--node_rank") + 1] == "1"
     assert cmd[cmd.index("--master_port") + 1] == "29500"  # every node must name the same port
-    cmd, world, _ = build_command(LaunchConfig(num_gpus=4), Path("c.yaml"), True)
+    cmd, world, _, _ = build_command(LaunchConfig(num_gpus=4), Path("c.yaml"), True)
     assert cmd[1:3] == ["--num_gpus", "4"] and world == 4
     with pytest.raises(TrainConfigError, match="--node-rank needs --hostfile"):
         build_command(LaunchConfig(node_rank=0), Path("c.yaml"), False)
+
+
+# nvidia-smi's answer on an 8-GPU node (GPU_QUERY): index, uuid, MiB used, MiB total
+SMI_8 = "".join(f"{i}, GPU-{i:08x}-1111-2222-3333-444444444444, 0, 81559\n" for i in range(8))
+
+
+def deepspeed_assignment(cmd: list[str], gpus_on_node: int) -> dict:
+    """The GPUs DeepSpeed 0.19's own runner gives the ranks of `cmd` on one node with `gpus_on_node`
+    GPUs: its argument parser and resource filters, applied as runner.main applies them (after it has
+    deleted CUDA_VISIBLE_DEVICES); launch.py then sets each rank's CUDA_VISIBLE_DEVICES to them."""
+    from deepspeed.launcher import runner
+
+    args = runner.parse_args(cmd[1:])
+    assert not ((args.include or args.exclude) and (args.num_gpus >= 0 or args.num_nodes >= 0))  # runner: ValueError
+    active = runner.parse_inclusion_exclusion({"localhost": gpus_on_node}, args.include, args.exclude)
+    return dict(runner.apply_num_nodes_and_gpus(active, args.num_nodes, args.num_gpus))
+
+
+@pytest.mark.parametrize("visible, gpus_seen, num_gpus, include, ranks_get", [
+    ("4,5,6,7", 4, None, "localhost:4,5,6,7", [4, 5, 6, 7]),
+    ("4,5,6,7", 4, 2, "localhost:4,5", [4, 5]),
+    ("6,4", 2, None, "localhost:4,6", [4, 6]),  # DeepSpeed sorts the indices
+    (None, 8, None, None, list(range(8))),
+    ("", 8, 2, None, [0, 1]),  # an empty mask is no mask (DeepSpeed's runner agrees)
+    ("GPU-00000005-1111-2222-3333-444444444444,GPU-00000002", 2, None, "localhost:2,5", [2, 5]),  # a prefix too
+])
+def test_a_single_node_launch_trains_on_the_gpus_the_user_gave(visible, gpus_seen, num_gpus, include, ranks_get):
+    """CUDA_VISIBLE_DEVICES=4,5,6,7 used to become `--num_gpus 4`, which DeepSpeed's runner answers with
+    GPUs 0-3 (it drops the mask whenever --num_gpus is given); the probe's Ray actors honour the mask."""
+    from toolkit.train.devices import NodeGpus, parse_nvidia_smi
+    from toolkit.train.launch import LaunchConfig, build_command
+
+    node = NodeGpus(visible, gpus_seen, (), tuple(parse_nvidia_smi(SMI_8, "")))
+    cmd, world, hosts, devices = build_command(LaunchConfig(num_gpus=num_gpus), Path("c.yaml"), True, node)
+    assert world == len(ranks_get) and hosts is None and devices == {"localhost": ranks_get}
+    if include:
+        assert cmd[1:3] == ["--include", include] and "--num_gpus" not in cmd
+    else:
+        assert cmd[1:3] == ["--num_gpus", str(len(ranks_get))]
+    assert deepspeed_assignment(cmd, gpus_on_node=8) == {"localhost": ranks_get}
+
+
+@pytest.mark.parametrize("visible, num_gpus, smi, message", [
+    ("4,5,6,7", 8, True, "num_gpus=8: CUDA_VISIBLE_DEVICES=4,5,6,7 makes 4 GPU(s) visible"),
+    ("MIG-7a1b2c3d-0000-1111-2222-333333333333", None, True, "names MIG instances: the deepspeed launcher hands "
+                                                             "each rank whole GPUs by index"),
+    ("GPU-00000005-1111-2222-3333-444444444444", None, False, "nvidia-smi (needed to map the UUID"),
+    ("GPU-0000000f", None, True, "nvidia-smi lists no GPU(s) GPU-0000000f on this node"),
+    ("3,GPU-00000005", None, True, "mixes indices and UUIDs"),
+    ("4,4", None, True, "names a GPU twice"),
+])
+def test_gpus_the_launcher_cannot_take_are_refused_in_one_line(visible, num_gpus, smi, message):
+    from toolkit.train.devices import NodeGpus, parse_nvidia_smi
+    from toolkit.train.launch import LaunchConfig, build_command
+
+    node = NodeGpus(visible, 4, (), tuple(parse_nvidia_smi(SMI_8, "")) if smi else None)
+    with pytest.raises(TrainConfigError) as err:
+        build_command(LaunchConfig(num_gpus=num_gpus), Path("c.yaml"), True, node)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_with_a_hostfile_the_hostfile_decides_the_gpus(tmp_path, monkeypatch):
+    """DeepSpeed reads no mask with a hostfile: each node's ranks get its first slots (or num_gpus)."""
+    from toolkit.train.devices import NodeGpus
+    from toolkit.train.launch import LaunchConfig, build_command, launch_env
+
+    (tmp_path / "hosts").write_text("a slots=8\nb slots=4\n")
+    launch = LaunchConfig(hostfile=str(tmp_path / "hosts"), num_gpus=6)
+    cmd, world, _, devices = build_command(launch, Path("c.yaml"), True, NodeGpus("4,5,6,7", 4))
+    assert "--include" not in cmd and cmd[1:3] == ["--num_gpus", "6"] and world == 10
+    assert devices == {"a": [0, 1, 2, 3, 4, 5], "b": [0, 1, 2, 3]}
+    # nvidia-smi numbers GPUs in PCI bus order: a launch whose indices came from UUIDs says so to CUDA
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-00000005")
+    monkeypatch.delenv("CUDA_DEVICE_ORDER", raising=False)
+    assert launch_env(LaunchConfig())["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+    assert "CUDA_DEVICE_ORDER" not in launch_env(launch)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5")
+    assert "CUDA_DEVICE_ORDER" not in launch_env(LaunchConfig())
+
+
+def test_dry_run_prints_the_devices_and_the_memory_plan(setup, tmp_path, capsys, monkeypatch):
+    """On a login node: the mask this shell has, the GPU memory stated, the 8B shape sized on the meta device."""
+    from toolkit.cli import main
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
+    assert main(["train", "--config", str(setup / "cfg.yaml"), "--dry-run", "--num-gpus", "3", "--gpu-memory-gib",
+                 "80", "--set", "model=random:llama-3-8b", "--set", f"output_dir={tmp_path / 'out'}"]) == 0
+    out = capsys.readouterr().out
+    assert "== devices per node (GPU indices)\nlocalhost: 4, 5, 6\n" in out and "--include localhost:4,5,6 " in out
+    assert "== model-state memory per GPU: 8030.3M parameters, bf16, adamw, world size 3" in out
+    assert "fit: 55.6 GiB of the 72.0 GiB that 90% of a 80.0 GiB GPU (gpu_memory_gib) leaves: fits" in out
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert main(["train", "--config", str(setup / "cfg.yaml"), "--dry-run", "--num-gpus", "8",
+                 "--set", f"output_dir={tmp_path / 'out'}"]) == 0
+    out = capsys.readouterr().out
+    assert "localhost: 0, 1, 2, 3, 4, 5, 6, 7\n" in out and "--num_gpus 8 " in out
+    assert "fit: not checked, the GPU memory is unknown here" in out
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argv, expect", [
+    (["--num-gpus", "8", "--set", "model=random:llama-3-70b"],
+     "the bf16 weights alone (131.4 GiB) sit whole on every GPU under ZeRO-0/1/2"),
+    (["--num-gpus", "1", "--set", "model=random:llama-3-8b"],
+     "use optimizer offload, ds_config=zero2_offload (~16.7 GiB per GPU"),
+])
+def test_a_plan_that_cannot_fit_is_refused_before_anything_is_written(setup, tmp_path, capsys, monkeypatch, argv,
+                                                                      expect):
+    from toolkit.cli import main
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    out = tmp_path / "out"
+    for extra in (["--dry-run"], ["--print-only"]):  # the dry run, and what a launch checks first
+        assert main(["train", "--config", str(setup / "cfg.yaml"), *argv, "--gpu-memory-gib", "80",
+                     "--set", f"output_dir={out}", *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: model states need ~") and expect in err and "\n" not in err
+        assert not out.exists()
 
 
 def test_print_only_writes_the_config_the_ranks_read(setup, tmp_path, capsys):
@@ -417,8 +525,9 @@ def test_gradual_train_bad_input_is_one_line_and_exit_2(setup, capsys):
 ])
 def test_launcher_scripts_print_the_resolved_command(setup, tmp_path, script, env, expect):
     (tmp_path / "hosts").write_text("a slots=1\nb slots=1\n")
+    unmasked = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
     run = subprocess.run(["bash", str(REPO / "launchers" / script), str(setup / "cfg.yaml"), "--set", "lr=1e-4"],
-                         cwd=tmp_path, env={**os.environ, "PRINT_ONLY": "1", **env}, capture_output=True, text=True)
+                         cwd=tmp_path, env={**unmasked, "PRINT_ONLY": "1", **env}, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert expect in run.stderr and f"--config {setup / 'cfg.yaml'} --set lr=1e-4" in run.stderr
     if script == "train_multi_node.sh":  # environment propagation to the other nodes
@@ -462,6 +571,18 @@ def test_gradual_train_with_a_hostfile_writes_the_env_file(setup, tmp_path, caps
     assert args.func(args) == 0
     assert f"DS_ENV_FILE={out / 'deepspeed_env'} " in capsys.readouterr().err
     assert "NCCL_IB_DISABLE=1\n" in (out / "deepspeed_env").read_text()
+
+
+def test_single_node_script_refuses_num_gpus_beside_a_mask(setup, tmp_path):
+    """deepspeed --num_gpus N drops CUDA_VISIBLE_DEVICES and takes GPUs 0..N-1; without NUM_GPUS the mask decides."""
+    script = str(REPO / "launchers" / "train_single_node.sh")
+    env = {**os.environ, "PRINT_ONLY": "1", "CUDA_VISIBLE_DEVICES": "4,5"}
+    run = subprocess.run(["bash", script, str(setup / "cfg.yaml")], cwd=tmp_path, env={**env, "NUM_GPUS": "2"},
+                         capture_output=True, text=True)
+    assert run.returncode == 2 and "deepspeed would ignore the mask and train on GPUs 0..1" in run.stderr
+    env.pop("NUM_GPUS", None)
+    run = subprocess.run(["bash", script, str(setup / "cfg.yaml")], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert run.returncode == 0 and "--num_gpus" not in run.stderr
 
 
 def test_launcher_scripts_reject_missing_settings(setup, tmp_path):

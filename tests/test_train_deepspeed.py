@@ -500,8 +500,9 @@ def test_export_from_the_cpu_state_dict_equals_the_module_export(work, tmp_path)
     assert not torch.equal(logits[0], init)  # the export holds the trained weights, not the initial ones
 
 
-# bf16 as on a GPU (DeepSpeed's CPU accelerator runs it too): one rank, the shipped ds_config resolved
-# for bf16, two optimizer steps of two accumulated micro-batches, a checkpoint.
+# bf16 as on a GPU (DeepSpeed's CPU accelerator runs it too, BF16_Optimizer included): one rank, a shipped
+# ds_config resolved for bf16, two optimizer steps of two accumulated micro-batches, a checkpoint; how many
+# parameters still hold a bf16 .grad after the last backward.
 BF16_STEPS = r"""
 import json
 import sys
@@ -515,7 +516,7 @@ from toolkit.train.plan import prepare
 from toolkit.train.strategy import OPTIMIZER_STATE_GLOB, DeepSpeedStrategy
 
 cfg = load_config(sys.argv[1], [f"output_dir={sys.argv[2]}", "bf16=true", f"zero_stage={sys.argv[3]}",
-                                "micro_batch_size=2", "gradient_accumulation_steps=2"])
+                                f"ds_config={sys.argv[4]}", "micro_batch_size=2", "gradient_accumulation_steps=2"])
 plan = prepare(cfg, 1, on_gpu=False)
 strategy = DeepSpeedStrategy(plan.cfg, plan.ds_config)
 strategy.setup_distributed()
@@ -527,29 +528,55 @@ for step in range(2):
         batch = collate([plan.examples[i] for i in range(2 * accum_step, 2 * accum_step + 2)], tokenizer.pad_token_id)
         loss = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
         strategy.backward(loss)
+        bf16_grads_held = sum(p.grad is not None for p in engine.module.parameters())
         strategy.step()
     losses.append(float(loss.detach()))
 strategy.save_checkpoint(cfg.checkpoint_dir, "step000002", {}, {"tag": "step000002"})
 print("RESULT " + json.dumps({
     "data_types": plan.ds_config.get("data_types"), "optimizer": type(engine.optimizer).__name__,
-    "weights": str(next(engine.module.parameters()).dtype), "losses": losses,
+    "weights": str(next(engine.module.parameters()).dtype), "losses": losses, "bf16_grads_held": bf16_grads_held,
+    "parameters": sum(1 for _ in engine.module.parameters()),
+    "immediate_grad_update": plan.ds_config["bf16"].get("immediate_grad_update", False),
     "optimizer_files": sorted(p.name for p in (cfg.checkpoint_dir / "step000002").glob(OPTIMIZER_STATE_GLOB))}))
 strategy.destroy()
 """
+
+
+BF16_RUNS: dict[tuple[int, str], dict] = {}
+
+
+def bf16_run(work: Path, out: Path, stage: int, ds_config: str) -> dict:
+    """BF16_STEPS under `ds_config` with `zero_stage`, run once per module."""
+    if (stage, ds_config) not in BF16_RUNS:
+        done = subprocess.run([sys.executable, "-c", BF16_STEPS, str(work / "cfg.yaml"), str(out), str(stage),
+                               ds_config], cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT)
+        assert done.returncode == 0, done.stderr[-3000:]
+        BF16_RUNS[stage, ds_config] = json.loads(next(ln for ln in done.stdout.splitlines()
+                                                      if ln.startswith("RESULT "))[7:])
+    return BF16_RUNS[stage, ds_config]
 
 
 @pytest.mark.parametrize("stage, optimizer", [(1, "BF16_Optimizer"), (2, "DeepSpeedZeroOptimizer")])
 def test_bf16_with_fp32_gradient_accumulation_trains_under_zero1_and_zero2(work, tmp_path, stage, optimizer):
     """What the shipped ds_configs resolve to on GPU (bf16, grad_accum_dtype fp32) is accepted and steps
     in DeepSpeed 0.19: ZeRO-1 through its BF16_Optimizer, ZeRO-2 with an fp32 accumulation buffer."""
-    done = subprocess.run([sys.executable, "-c", BF16_STEPS, str(work / "cfg.yaml"), str(tmp_path), str(stage)],
-                          cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(next(ln for ln in done.stdout.splitlines() if ln.startswith("RESULT "))[7:])
+    result = bf16_run(work, tmp_path, stage, "zero2")
     assert result["data_types"] == {"grad_accum_dtype": "fp32"} and result["weights"] == "torch.bfloat16"
     assert result["optimizer"] == optimizer
     assert all(0 < loss < 20 for loss in result["losses"])
     assert result["optimizer_files"] == ["bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"]  # what pruning deletes
+
+
+def test_zero1_json_frees_the_bf16_gradients_and_keeps_the_losses(work, tmp_path_factory):
+    """ds_configs/zero1.json sets bf16.immediate_grad_update: BF16_Optimizer adds each bf16 gradient into
+    its fp32 buffer in backward and frees it (2 bytes per parameter less on every GPU), and accumulating
+    two micro-batches gives the very losses of the default, which keeps the bf16 gradients allocated."""
+    held = bf16_run(work, tmp_path_factory.mktemp("bf16-held"), 1, "zero2")
+    freed = bf16_run(work, tmp_path_factory.mktemp("bf16-freed"), 1, "zero1")
+    assert freed["optimizer"] == held["optimizer"] == "BF16_Optimizer"
+    assert (held["immediate_grad_update"], freed["immediate_grad_update"]) == (False, True)
+    assert held["bf16_grads_held"] == held["parameters"] and freed["bf16_grads_held"] == 0
+    assert freed["losses"] == held["losses"]
 
 
 # Dev evaluation inside a real 2-rank process group (gloo, started by the deepspeed launcher): each

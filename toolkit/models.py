@@ -38,6 +38,10 @@ RANDOM_SHAPES: dict[str, dict] = {
     "llama-3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                        num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
                        max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=False),
+    # sized only (training's memory plan, meta device); never materialised here
+    "llama-3-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                        num_attention_heads=64, num_key_value_heads=8, vocab_size=128256,
+                        max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=False),
 }
 
 

@@ -83,6 +83,7 @@ def cmd_run(args) -> int:
         checks = preflight(cfg, check_devices=False)
         print(json.dumps(cfglib.to_dict(cfg), indent=2))
         print(f"training launch: {checks['train_batch']}")
+        print("\n".join(checks["train_devices"] + checks["train_memory"]))
         print(f"training disk: {checks['train_disk_line']}")
         print(f"config ok (data, model and training launch checked: {checks['train_world_size']} training "
               f"rank(s)); the run would write to {out}")

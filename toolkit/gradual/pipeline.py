@@ -85,7 +85,8 @@ def preflight(cfg: PipelineConfig, check_devices: bool = True) -> dict:
         pool.check_covers([it for split in cfg.probe.splits for it in splits[split]], cfg.probe.shots)
     load_tokenizer(cfg.model)  # ModelError for a missing path; converts the embedded GGUF once (cache)
     try:
-        training = check_training(cfg.train.options, cfg.train, launching=check_devices)
+        training = check_training(cfg.train.options, cfg.train, launching=check_devices,
+                                  model=cfg.model or EMBEDDED_MODEL)  # refuses model states that cannot fit
     except TrainConfigError as err:
         raise TrainConfigError(f"train.options: {err}") from None
     placement = cfg.probe.placement
@@ -114,6 +115,7 @@ def preflight(cfg: PipelineConfig, check_devices: bool = True) -> dict:
     disk = disk_estimate(count_parameters(cfg.model or EMBEDDED_MODEL), training["bf16"], options.optimizer,
                          options.keep_last_n, stages, cfg.train.keep_checkpoints)
     return {"train_world_size": training["world_size"], "train_batch": training["batch"], "train_disk": disk,
+            "train_devices": training["devices"], "train_memory": training["memory"],
             "train_disk_line": f"up to {human_bytes(disk['total_peak'])} for {stages} training stage(s): "
                                f"{human_bytes(disk['stage_peak'])} while a stage trains (one checkpoint "
                                f"{human_bytes(disk['checkpoint_full'])}), "

@@ -149,6 +149,91 @@ def physical_gpu(local_rank: int, visible: str | None, torch_uuid=None) -> tuple
     return None, local_rank
 
 
+# ---------------------------------------------------------------- the GPUs a launch uses
+
+
+@dataclass(frozen=True)
+class NodeGpus:
+    """This node's GPUs as a single-node launch sees them: the CUDA_VISIBLE_DEVICES mask, how many
+    GPUs torch sees through it, each one's total memory (torch's order), and nvidia-smi's list
+    (read only when the mask names UUIDs). Built by `this_node`; tests describe a node instead."""
+
+    visible: str | None = None
+    count: int = 0
+    memory_bytes: tuple[int, ...] = ()
+    smi: tuple[GpuState, ...] | None = None
+
+
+def mask_entries(visible: str | None) -> list[str]:
+    """CUDA_VISIBLE_DEVICES as its entries; [] when unset or empty (DeepSpeed's runner treats an
+    empty mask as none too)."""
+    return [e.strip() for e in visible.split(",") if e.strip()] if visible else []
+
+
+def mask_names_uuids(visible: str | None) -> bool:
+    return any(not e.isdigit() for e in mask_entries(visible))
+
+
+def this_node() -> NodeGpus:
+    """Read this node: the mask, torch's GPU count and memory (torch.cuda.get_device_properties:
+    starts the CUDA runtime here, allocates no tensor), nvidia-smi only for a UUID mask."""
+    import torch
+
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    memory = tuple(torch.cuda.get_device_properties(i).total_memory for i in range(count))
+    smi = query_nvidia_smi() if mask_names_uuids(visible) else None
+    return NodeGpus(visible, count, memory, tuple(smi) if smi is not None else None)
+
+
+def launch_gpu_ids(node: NodeGpus, num_gpus: int | None) -> list[int] | None:
+    """The GPU indices a single-node launch hands its ranks (`deepspeed --include localhost:<ids>`):
+    the first `num_gpus` entries of CUDA_VISIBLE_DEVICES (all of them by default), UUIDs mapped to
+    nvidia-smi's indices. None without a mask: the launcher takes GPUs 0..N-1 (`--num_gpus`).
+
+    DeepSpeed 0.19's runner accepts integers only here (launcher/runner.py parse_node_config:
+    `int(x)` of each slot), sorts them (parse_node_config_list), and its launch.py gives every rank
+    CUDA_VISIBLE_DEVICES=<those ids>, with LOCAL_RANK indexing into them. A MIG instance has no such
+    index, so a MIG mask is refused. Raises TrainConfigError (one line)."""
+    from .config import TrainConfigError
+
+    entries = mask_entries(node.visible)
+    if not entries:
+        return None
+    shown = f"CUDA_VISIBLE_DEVICES={node.visible}"
+    if any(e.upper().startswith("MIG-") for e in entries):
+        raise TrainConfigError(f"{shown} names MIG instances: the deepspeed launcher hands each rank whole GPUs "
+                               "by index (CUDA_VISIBLE_DEVICES=<indices>), not a MIG instance; train on whole GPUs "
+                               "(give their indices)")
+    if mask_names_uuids(node.visible) and any(e.isdigit() for e in entries):
+        raise TrainConfigError(f"{shown} mixes indices and UUIDs; give one kind")
+    ids = []
+    for entry in entries:
+        if entry.isdigit():
+            ids.append(int(entry))
+            continue
+        if node.smi is None:
+            raise TrainConfigError(f"{shown}: the deepspeed launcher takes GPU indices, and nvidia-smi (needed to "
+                                   f"map the UUID {entry} to one) is not available; give the indices instead")
+        # CUDA also takes a unique prefix of a UUID
+        found = [g for g in node.smi if normalise_uuid(g.uuid).startswith(normalise_uuid(entry))]
+        if len(found) != 1:
+            raise TrainConfigError(f"{shown}: nvidia-smi lists {len(found) or 'no'} GPU(s) {entry} on this node")
+        ids.append(found[0].index)
+    if len(set(ids)) != len(ids):
+        raise TrainConfigError(f"{shown} names a GPU twice")
+    if num_gpus is not None and num_gpus > len(ids):
+        raise TrainConfigError(f"num_gpus={num_gpus}: {shown} makes {len(ids)} GPU(s) visible")
+    return sorted(ids[:num_gpus] if num_gpus else ids)
+
+
+def describe_devices(devices: dict[str, list[int]], on_gpu: bool) -> list[str]:
+    """The dry run's lines: per node, the GPU indices its ranks get (CPU runs: how many ranks)."""
+    return [f"== devices per node ({'GPU indices' if on_gpu else 'CPU ranks'})",
+            *(f"{host}: {', '.join(map(str, ids))}" if on_gpu else f"{host}: {len(ids)} CPU rank(s)"
+              for host, ids in devices.items())]
+
+
 # ---------------------------------------------------------------- processes
 
 

@@ -1,4 +1,4 @@
-"""ds_config resolution, batch arithmetic, hostfiles and the model-state memory estimate.
+"""ds_config resolution, batch arithmetic, hostfiles and the disk estimate (memory: memory.py).
 
 Convention (the Hugging Face Trainer's): a value written "auto" in a ds_config is filled from the
 training config; an explicit value is kept, and fills the training config field it maps to, unless
@@ -115,6 +115,13 @@ def resolve(cfg: TrainConfig, raw: dict, world_size: int, on_gpu: bool, source: 
     zero["stage"] = stage
     if cfg.offload and offload_device in (None, "none"):
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
+    # ds_configs/zero1.json also sets bf16.immediate_grad_update. ZeRO-1 with bf16 and fp32 accumulation
+    # runs DeepSpeed's BF16_Optimizer, which keeps a full fp32 gradient buffer either way and, without
+    # it, every bf16 .grad beside that buffer (zeroed, never freed: 15 GiB more per GPU for 8B). With it
+    # a post-accumulate-grad hook adds each bf16 gradient into the fp32 buffer and frees it, in every
+    # micro-step, so gradient accumulation is unchanged (bf16_optimizer.py accumulate_hp_grads_and_remove_lp;
+    # test_zero1_json_frees_the_bf16_gradients_and_keeps_the_losses). The memory estimate reads the
+    # flag from the resolved ds_config (memory.states_for).
     ds["bf16"] = {**(ds.get("bf16") or {}), "enabled": bf16}
     # bf16 weights and gradients, but gradients accumulated (micro-steps, and ZeRO's reductions) in fp32;
     # DeepSpeed 0.19 runs that under ZeRO-1/2 only (ZeRO-1: its BF16_Optimizer), not plain data parallel
@@ -329,23 +336,7 @@ def world_size_for(hosts: dict | None, per_node: int | None, num_nodes: int | No
     return sum(min(s, per_node) if per_node else s for s in slots)
 
 
-# ---------------------------------------------------------------- memory
-
-
-def memory_estimate(num_params: int, stage: int, world_size: int, bf16: bool, optimizer: str,
-                    offload: bool) -> dict[str, float]:
-    """Model-state bytes per device (the ZeRO paper's accounting; activations come on top):
-    weights replicated; gradients partitioned from stage 2; fp32 master copy + Adam moments
-    (8-bit Adam: 2 bytes) partitioned from stage 1, or held in CPU memory with offload."""
-    width = 2 if bf16 else 4
-    moments = 2 if optimizer == "adamw_8bit" else 8
-    master = 4 if (bf16 or stage >= 1) else 0
-    weights = num_params * width
-    grads = num_params * width / (world_size if stage >= 2 else 1)
-    states = num_params * (master + moments) / (world_size if stage >= 1 else 1)
-    device_states = 0.0 if offload else states
-    return {"weights": weights, "gradients": grads, "optimizer": device_states,
-            "total": weights + grads + device_states, "cpu_offload": states if offload else 0.0}
+# ---------------------------------------------------------------- disk
 
 
 def checkpoint_bytes(num_params: int, bf16: bool, optimizer: str) -> dict[str, float]:

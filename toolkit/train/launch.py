@@ -1,7 +1,9 @@
-"""`gradual train`: validate the run here (one clear error, exit 2, nothing launched), then start the
-`deepspeed` launcher: `--num_accelerators N` on CPU, `--num_gpus N` on GPU, `--hostfile` for several
-nodes (pdsh by default; `--node-rank` for one launch per node without ssh). The resolved command is
-printed before it runs."""
+"""`gradual train`: validate the run here (one clear error, exit 2, nothing launched: the model states
+must fit the GPUs too), then start the `deepspeed` launcher: `--num_accelerators N` on CPU; on GPU
+`--include localhost:<ids>` for the GPUs CUDA_VISIBLE_DEVICES names (the first N of them with
+--num-gpus N), else `--num_gpus N`; `--hostfile` for several nodes (pdsh by default; `--node-rank` for
+one launch per node without ssh), where each node's ranks get its first `slots` GPUs. The resolved
+command is printed before it runs."""
 from __future__ import annotations
 
 import argparse
@@ -12,7 +14,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import yaml
 
@@ -21,6 +23,8 @@ from toolkit.io import write_text
 
 from .__main__ import add_run_arguments, config_from_args
 from .config import REPO_ROOT, TrainConfig, TrainConfigError
+from .devices import NodeGpus, describe_devices, launch_gpu_ids, mask_names_uuids, this_node
+from .memory import GIB, check_fit, describe_memory, states_for
 
 MULTI_NODE_PORT = 29500  # torch.distributed's usual default, the same on every node
 RESOLVED_CONFIG = "train_config.yaml"  # written into output_dir; the ranks read it
@@ -40,11 +44,16 @@ class LaunchConfig:
                                             "hostfile, where every node must name the same one)")
     node_rank: Optional[int] = knob(None, "launch only this node's ranks, without ssh (run once per node)")
     launcher: str = knob("pdsh", "multi-node backend: pdsh, openmpi, slurm, ...")
+    gpu_memory_gib: Optional[float] = knob(
+        None, "memory of each GPU in GiB, for the dry run's fit check on a machine without the GPUs "
+              "(default: measured)")
 
     def __post_init__(self):
         for name in ("num_gpus", "num_accelerators", "num_nodes", "master_port"):
             value = getattr(self, name)
             require(value is None or value >= 1, name, value, "must be >= 1")
+        require(self.gpu_memory_gib is None or self.gpu_memory_gib > 0, "gpu_memory_gib", self.gpu_memory_gib,
+                "must be > 0")
 
     def on_gpu(self) -> bool:
         """GPU ranks: this machine has a GPU, or GPUs are stated (--num-gpus): a dry run plans them
@@ -59,16 +68,19 @@ def check_launchable(launch: LaunchConfig, gpus_here: int | None = None) -> None
     checked by their own ranks). A dry run plans without them."""
     if launch.num_gpus is None or launch.hostfile:
         return
+    mask = ""
     if gpus_here is None:
         import torch
 
         gpus_here = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if os.environ.get("CUDA_VISIBLE_DEVICES"):
+            mask = f" visible (CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']})"
     if gpus_here == 0:
-        raise TrainConfigError(f"num_gpus={launch.num_gpus}: this machine has no GPU; a dry run plans it "
+        raise TrainConfigError(f"num_gpus={launch.num_gpus}: this machine has no GPU{mask}; a dry run plans it "
                                "(--dry-run), a launch needs the GPUs (or a hostfile naming GPU nodes; "
                                "num_accelerators for CPU ranks)")
     if launch.num_gpus > gpus_here:
-        raise TrainConfigError(f"num_gpus={launch.num_gpus}: this machine has {gpus_here} GPU(s)")
+        raise TrainConfigError(f"num_gpus={launch.num_gpus}: this machine has {gpus_here} GPU(s){mask}")
 
 
 def deepspeed_executable() -> str:
@@ -89,6 +101,10 @@ def launch_env(launch: LaunchConfig | None = None, out_dir: Path | None = None) 
 
     env = with_venv_path(os.environ)
     env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO_ROOT / ".cache" / "torch_extensions"))
+    if launch is not None and not launch.hostfile and mask_names_uuids(env.get("CUDA_VISIBLE_DEVICES")):
+        # the --include indices came from nvidia-smi, which numbers GPUs in PCI bus order; CUDA's
+        # default order (fastest first) may differ on a node of mixed GPUs
+        env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
     if launch is not None and launch.hostfile and launch.node_rank is None and out_dir is not None:
         env["DS_ENV_FILE"] = write_env_file(Path(out_dir) / "deepspeed_env", env)["path"]
     return env
@@ -108,8 +124,32 @@ def launch_from_args(args) -> LaunchConfig:
     return from_dict(LaunchConfig, given_arguments(args, LaunchConfig), source="gradual train")
 
 
-def build_command(launch: LaunchConfig, config_path: Path, on_gpu: bool) -> tuple[list[str], int, dict | None]:
-    """(deepspeed command, world size, hostfile hosts) for ranks that read `config_path`."""
+class LaunchTarget(NamedTuple):
+    cmd: list[str]  # the deepspeed command
+    world: int
+    hosts: dict | None  # the hostfile's hosts and slots
+    devices: dict[str, list[int]]  # per node: the GPU indices (CPU runs: rank slots) its ranks get
+
+
+def build_command(launch: LaunchConfig, config_path: Path, on_gpu: bool, node: NodeGpus = NodeGpus()) -> LaunchTarget:
+    """The deepspeed command for ranks that read `config_path`, and where they run. `node`: this
+    node's GPUs (`devices.this_node()`; for a single-node GPU launch).
+
+    On one node the command names the GPUs itself. DeepSpeed 0.19's runner (launcher/runner.py
+    main(), lines 448-460) reads CUDA_VISIBLE_DEVICES only when no hostfile is given, ignores it
+    ("ignoring it because ... --num_gpus ... cl args were used") whenever --include, --exclude,
+    --num_gpus or --num_nodes is passed, and deletes it from the environment either way; the ranks
+    then get GPUs 0..N-1 of the node (lines 385-406, apply_num_nodes_and_gpus: `list(range(num_gpus))`).
+    So a mask of 4,5,6,7 with --num_gpus 4 trained on GPUs 0-3. `--include localhost:4,5,6,7` (never
+    beside --num_gpus: lines 462-464 raise) makes its launch.py give every rank
+    CUDA_VISIBLE_DEVICES=4,5,6,7 (and LOCAL_RANK) instead; the runner still prints that it ignores
+    the mask, which it no longer needs. It checks the ids against the node's GPU count taken after it
+    deleted the mask (torch.cuda.device_count asks NVML, which reads the environment at each call;
+    were NVML to fail, the CUDA runtime's masked count would refuse ids beyond it).
+
+    With a hostfile, the hostfile decides: each node's ranks get its first `slots` GPUs (or the first
+    num_gpus) and a local mask is ignored. Other GPUs of a host are DeepSpeed's `--include
+    host1:4,5,6,7@host2:4,5,6,7` with the deepspeed launcher itself (see launchers/README.md)."""
     from .dsconfig import read_hostfile, world_size_for
     from .strategy import free_port
 
@@ -124,15 +164,20 @@ def build_command(launch: LaunchConfig, config_path: Path, on_gpu: bool) -> tupl
             raise TrainConfigError(f"--node-rank {launch.node_rank} is outside 0..{nodes - 1}")
     if on_gpu and launch.num_accelerators:
         raise TrainConfigError("--num-accelerators is for CPU runs; use --num-gpus on a GPU machine")
-    per_node = launch.num_gpus if on_gpu else (launch.num_accelerators or (None if hosts else 1))
-    if per_node is None and on_gpu and not hosts:
-        import torch
-
-        per_node = torch.cuda.device_count()
-    world = world_size_for(hosts, per_node, launch.num_nodes)
     cmd = [deepspeed_executable()]
-    if per_node is not None:
-        cmd += ["--num_gpus" if on_gpu else "--num_accelerators", str(per_node)]
+    gpu_ids = launch_gpu_ids(node, launch.num_gpus) if on_gpu and not hosts else None
+    if gpu_ids is not None:
+        world, devices = len(gpu_ids), {"localhost": gpu_ids}
+        cmd += ["--include", f"localhost:{','.join(map(str, gpu_ids))}"]
+    else:
+        per_node = launch.num_gpus if on_gpu else (launch.num_accelerators or (None if hosts else 1))
+        if per_node is None and on_gpu and not hosts:
+            per_node = node.count
+        world = world_size_for(hosts, per_node, launch.num_nodes)
+        slots = list(hosts.items())[: launch.num_nodes or len(hosts)] if hosts else [("localhost", world)]
+        devices = {host: list(range(min(n, per_node) if per_node else n)) for host, n in slots}
+        if per_node is not None:
+            cmd += ["--num_gpus" if on_gpu else "--num_accelerators", str(per_node)]
     if hosts:
         cmd += ["--hostfile", str(Path(launch.hostfile).resolve())]
         if launch.num_nodes:
@@ -146,7 +191,31 @@ def build_command(launch: LaunchConfig, config_path: Path, on_gpu: bool) -> tupl
     # a fixed single-node default collides when two runs share a machine (the pipeline's stages, tests)
     port = launch.master_port or (MULTI_NODE_PORT if hosts else free_port())
     cmd += ["--master_port", str(port), "--module", "toolkit.train", "--config", str(Path(config_path).resolve())]
-    return cmd, world, hosts
+    return LaunchTarget(cmd, world, hosts, devices)
+
+
+def gpu_memory(launch: LaunchConfig, node: NodeGpus, ranks_here: int) -> tuple[int | None, str]:
+    """(bytes of each GPU, where the figure came from): gpu_memory_gib when given, else the
+    smallest of the GPUs this node's ranks use (torch numbers them in mask order), else unknown."""
+    if launch.gpu_memory_gib:
+        return int(launch.gpu_memory_gib * GIB), "gpu_memory_gib"
+    if node.memory_bytes:
+        return min(node.memory_bytes[: ranks_here or None]), "measured on this node"
+    return None, ""
+
+
+def fit_check(cfg: TrainConfig, ds: dict, target: LaunchTarget, launch: LaunchConfig, node: NodeGpus, on_gpu: bool,
+              model: str) -> list[str]:
+    """Refuse (TrainConfigError, one line) model states that cannot fit the GPUs; the memory lines."""
+    from .plan import model_size
+
+    size = model_size(model)
+    states = states_for(size.params, size.largest_param, ds, cfg.optimizer, target.world)
+    ranks_here = max(map(len, target.devices.values()))
+    gpu_bytes, source = gpu_memory(launch, node, ranks_here) if on_gpu else (None, "")
+    if on_gpu:
+        check_fit(states, gpu_bytes, size.largest_layer)
+    return describe_memory(states, gpu_bytes, source, on_gpu, ranks_here)
 
 
 def plan_launch(cfg: TrainConfig, launch: LaunchConfig, dry_run: bool = False):
@@ -157,26 +226,35 @@ def plan_launch(cfg: TrainConfig, launch: LaunchConfig, dry_run: bool = False):
     if not dry_run:
         check_launchable(launch)
     on_gpu = launch.on_gpu()
-    cmd, world, hosts = build_command(launch, cfg.out / RESOLVED_CONFIG, on_gpu)
-    return cmd, prepare(cfg, world, on_gpu=on_gpu, hosts=hosts)  # raises before any launch
+    node = this_node() if on_gpu else NodeGpus()
+    target = build_command(launch, cfg.out / RESOLVED_CONFIG, on_gpu, node)
+    plan = prepare(cfg, target.world, on_gpu=on_gpu, hosts=target.hosts)  # raises before any launch
+    plan.devices = target.devices
+    plan.memory_lines = fit_check(plan.cfg, plan.ds_config, target, launch, node, on_gpu, plan.cfg.model)
+    return target.cmd, plan
 
 
-def check_training(cfg: TrainConfig, launch: LaunchConfig, launching: bool = True) -> dict:
-    """The checks of a launch that need neither data nor model (hostfile, world size, ds_config, batch
-    arithmetic, DeepSpeed's own parser, and for a real launch the GPUs), for a caller that checks
-    before its first step. Returns what was planned: world size, batch arithmetic, precision."""
+def check_training(cfg: TrainConfig, launch: LaunchConfig, launching: bool = True, model: str | None = None) -> dict:
+    """The checks of a launch that need no data (hostfile, world size, ds_config, batch arithmetic,
+    DeepSpeed's own parser, the fit of the model states when the model is known: `model` or
+    cfg.model, and for a real launch the GPUs), for a caller that checks before its first step.
+    Returns what was planned: world size, batch arithmetic, precision, the lines of the devices and of
+    the memory plan."""
     from .dsconfig import derived_batch_note, load_ds_config, resolve
 
     if launching:
         check_launchable(launch)
     on_gpu = launch.on_gpu()
-    _, world, _ = build_command(launch, Path(RESOLVED_CONFIG), on_gpu)
+    node = this_node() if on_gpu else NodeGpus()
+    target = build_command(launch, Path(RESOLVED_CONFIG), on_gpu, node)
+    world = target.world
     ds_path = cfg.ds_config_path()
     raw = load_ds_config(ds_path)
     resolved, ds = resolve(cfg, raw, world, on_gpu, str(ds_path))
     note = derived_batch_note(cfg, world, raw)
+    memory = fit_check(resolved, ds, target, launch, node, on_gpu, model or cfg.model) if (model or cfg.model) else []
     return {"world_size": world, "on_gpu": on_gpu, "bf16": ds["bf16"]["enabled"], "config": resolved,
-            "ds_config": ds,
+            "ds_config": ds, "devices": describe_devices(target.devices, on_gpu), "memory": memory,
             "batch": f"train_batch_size {ds['train_batch_size']} = micro_batch_size "
                      f"{ds['train_micro_batch_size_per_gpu']} x gradient_accumulation_steps "
                      f"{ds['gradient_accumulation_steps']} x world size {world}" + (f" ({note})" if note else "")}

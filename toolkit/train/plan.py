@@ -3,11 +3,13 @@ tokenizer, resume directory. Every rank (and `gradual train`, before launching) 
 RunPlan, so bad input fails with one clear error instead of a hang. Also the dry-run report."""
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import yaml
 
@@ -17,8 +19,10 @@ from toolkit.data.schema import DataError, QAItem
 
 from .config import TrainConfig, TrainConfigError, replace
 from .data import BatchPlan, SFTExample, encode_sft, load_categories
+from .devices import describe_devices
+from .memory import describe_memory, states_for
 from .ops import check_optimizer_build
-from .dsconfig import (derived_batch_note, describe_disk, disk_estimate, human_bytes, load_ds_config, memory_estimate, resolve,
+from .dsconfig import (derived_batch_note, describe_disk, disk_estimate, load_ds_config, resolve,
                        validate_with_deepspeed)
 
 log = logging.getLogger("toolkit.train")
@@ -45,6 +49,8 @@ class RunPlan:
     resume_tag: str | None = None
     notes: list[str] = field(default_factory=list)
     batch_note: str | None = None  # how micro batch / accumulation were derived from the world size
+    devices: dict[str, list[int]] | None = None  # per node: the GPU indices (or CPU rank slots) its ranks get
+    memory_lines: list[str] = field(default_factory=list)  # the fit-checked memory plan (gradual train)
 
     @property
     def total_steps(self) -> int:
@@ -139,8 +145,15 @@ def check_resume(cfg: TrainConfig, world_size: int) -> str | None:
 # ---------------------------------------------------------------- dry run
 
 
-def count_parameters(model_ref: str) -> int:
-    """Parameters of the model, counted on the meta device (no weights loaded)."""
+class ModelSize(NamedTuple):
+    params: int
+    largest_param: int  # the largest tensor (DeepSpeed's offload copy buffers)
+    largest_layer: int  # the largest module's own parameters (DeepSpeed's ZeRO-3 estimator)
+
+
+@functools.lru_cache(maxsize=8)  # a dry run sizes the model for the fit check and again for the report
+def model_size(model_ref: str) -> ModelSize:
+    """The model's parameters, counted on the meta device (no weights loaded)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -150,7 +163,16 @@ def count_parameters(model_ref: str) -> int:
     config = random_config(ref[len(RANDOM_PREFIX):]) if ref.startswith(RANDOM_PREFIX) else AutoConfig.from_pretrained(ref)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    return sum(p.numel() for p in model.parameters())
+    return ModelSize(sum(p.numel() for p in model.parameters()), max(p.numel() for p in model.parameters()),
+                     max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()))
+
+
+def count_parameters(model_ref: str) -> int:
+    return model_size(model_ref).params
+
+
+def ranks_per_node(plan: RunPlan) -> int:
+    return max(map(len, plan.devices.values())) if plan.devices else plan.world_size
 
 
 def describe(plan: RunPlan) -> str:
@@ -179,19 +201,12 @@ def describe(plan: RunPlan) -> str:
               f"item: {ex.item_id}", f"prompt ({n_prompt} tokens, masked): {tok.decode(ex.input_ids[:n_prompt])!r}",
               f"target ({ex.target_tokens} tokens, trained): {tok.decode(ex.input_ids[n_prompt:])!r}",
               f"input_ids: {list(ex.input_ids)}", f"labels:    {list(ex.labels)}"]
-    n = count_parameters(cfg.model)
-    lines.append(f"== model-state memory per device: {n / 1e6:.1f}M parameters, "
-                 f"{'bf16' if ds['bf16']['enabled'] else 'fp32'}, {cfg.optimizer}, world size {plan.world_size} "
-                 "(activations not included)")
-    for stage in (0, 1, 2):
-        est = memory_estimate(n, stage, plan.world_size, ds["bf16"]["enabled"], cfg.optimizer,
-                              cfg.offload and stage >= 1)
-        mark = "  <- chosen" if stage == cfg.zero_stage else ""
-        lines.append(f"ZeRO-{stage}: weights {human_bytes(est['weights'])} + gradients {human_bytes(est['gradients'])}"
-                     f" + optimizer {human_bytes(est['optimizer'])} = {human_bytes(est['total'])}"
-                     + (f" (+{human_bytes(est['cpu_offload'])} CPU, offloaded)" if est["cpu_offload"] else "")
-                     + mark)
-    est = disk_estimate(n, ds["bf16"]["enabled"], cfg.optimizer, cfg.keep_last_n)
+    size = model_size(cfg.model)
+    lines += describe_devices(plan.devices, plan.on_gpu) if plan.devices else []
+    lines += plan.memory_lines or describe_memory(
+        states_for(size.params, size.largest_param, ds, cfg.optimizer, plan.world_size), None, "", plan.on_gpu,
+        ranks_per_node(plan))
+    est = disk_estimate(size.params, ds["bf16"]["enabled"], cfg.optimizer, cfg.keep_last_n)
     lines += [f"== disk for checkpoints and the export under {cfg.out}", *describe_disk(est, cfg.keep_last_n)]
     lines += [f"note: {note}" for note in plan.notes]
     return "\n".join(lines)
