@@ -147,7 +147,9 @@ def roofline(model, prompt_lens, args, bucket, ceilings, decode_s, decode_steps)
             flops = 2 * matmul_params * rows + 4 * cfg.num_hidden_layers * cfg.num_attention_heads * head_dim * ctx
             total_bytes, total_flops = total_bytes + nbytes, total_flops + flops
             roof_s += max(nbytes / ceilings["hbm_bytes_per_s"], flops / ceilings["bf16_flops_per_s"])
-    cache_len = -(-(max(lens) + args.max_new_tokens) // 64) * 64  # FastEngine's static cache length
+    from toolkit.probe.memory import cache_length
+
+    cache_len = cache_length(max(lens) + args.max_new_tokens)  # FastEngine's static cache length
     return dict(bytes_per_step=total_bytes / decode_steps, flops_per_step=total_flops / decode_steps,
                 weight_bytes=weight_bytes, static_cache_kv_bytes_per_step=kv_per_token * cache_len * streams
                 * args.batch_prompts, roofline_step_s=roof_s / decode_steps, measured_step_s=decode_s / decode_steps,

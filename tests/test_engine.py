@@ -1,6 +1,8 @@
 """FastEngine (toolkit/probe/engine.py): same greedy answers as the HF-generate reference, samples from
-the right distribution, independent of batching and of every feature flag."""
+the right distribution, independent of batching and of every feature flag; batches sized for its GPU
+share and retried smaller after an out-of-memory error."""
 import collections
+import contextlib
 import logging
 import random
 import warnings
@@ -442,17 +444,112 @@ def test_fast_engine_probes_whatever_attention_was_asked_for(tiny_model_dir):
     assert model.config._attn_implementation == "sdpa"
 
 
-def test_prompt_batch_fills_half_the_free_gpu_memory():
+def test_actors_sharing_a_gpu_budget_their_share_of_its_total_memory():
+    """Every FastEngine used to take half of the device-wide free memory: two 8B actors at 0.5 both
+    claimed it, four 1B actors at 0.25 needed ~84 GiB of an 80 GiB GPU. Each now budgets its share."""
     from transformers import LlamaConfig
 
     from toolkit.models import RANDOM_SHAPES
-    from toolkit.probe.engine import kv_bytes_per_row, prompt_batch_size
+    from toolkit.probe.memory import (batch_memory_budget, cache_length, kv_bytes_per_row, memory_share,
+                                      prompt_batch_size)
 
-    llama8b = LlamaConfig(**RANDOM_SHAPES["llama-3-8b"])
-    row = kv_bytes_per_row(llama8b, length=112, dtype_bytes=2)  # a ~96-token prompt + 16 new tokens, bf16
-    assert row == 2 * 32 * 8 * 128 * 112 * 2 + 8 * 128256  # K and V of 32 layers x 8 KV heads, + logits
-    free = 60 * 2**30  # an 80 GB GPU holding the 16 GB of weights
-    prompts = prompt_batch_size(free, row, streams=17)
-    assert prompts == int(free * 0.5) // row // 17 and 100 <= prompts <= 256
-    assert prompt_batch_size(2**30, row, streams=17) == 2  # a small GPU: fewer prompts, still some
-    assert prompt_batch_size(10, row, streams=17) == 1 and prompt_batch_size(2**50, row, 17) == 256
+    gib, total = 2**30, 80 * 2**30
+    assert [cache_length(n) for n in (1, 64, 65, 112, 128, 129)] == [64, 64, 128, 128, 128, 192]
+    assert [memory_share(g) for g in (0, 0.25, 0.5, 1, 4)] == [1.0, 0.25, 0.5, 1.0, 1.0]
+    for shape, weights, share in (("llama-3-8b", 8_030_261_248 * 2, 0.5), ("llama-3.2-1b", 1_235_814_400 * 2, 0.25)):
+        config = LlamaConfig(**RANDOM_SHAPES[shape])
+        # a ~96-token prompt + 16 new tokens: the cache holds 128 positions, as _load_cache allocates it
+        row = kv_bytes_per_row(config, length=cache_length(112), dtype_bytes=2)
+        kv_heads, layers, head_dim = config.num_key_value_heads, config.num_hidden_layers, config.head_dim
+        assert row == 2 * layers * kv_heads * head_dim * 128 * 2 + 8 * config.vocab_size  # K and V + fp32 logits
+        budget = batch_memory_budget(share, total, held_bytes=weights)
+        assert budget == int((share * total - weights) * 0.5)
+        prompts = prompt_batch_size(budget, row, streams=17)
+        assert 16 <= prompts < 256  # room for a real batch, below the cap
+        actors = round(1 / share)
+        per_actor = weights + prompts * 17 * row  # weights + its batch's decode rows
+        assert per_actor <= share * total * 0.75  # the rest of the share: prefill, activations, graphs
+        assert actors * per_actor <= total, (shape, actors * per_actor / gib)
+        # counted with the unrounded length, the batch would overrun its budget
+        unrounded = prompt_batch_size(budget, kv_bytes_per_row(config, 112, 2), 17)
+        assert unrounded > prompts and unrounded * 17 * row > budget
+    # the static cache an engine holds is reused by its next batch: not memory lost
+    cache = 6 * gib
+    assert batch_memory_budget(0.5, total, 16 * gib + cache, own_cache_bytes=cache) == batch_memory_budget(
+        0.5, total, 16 * gib)
+    assert batch_memory_budget(0.25, total, 30 * gib) == 0 and prompt_batch_size(0, row, 17) == 1  # never 0
+    assert prompt_batch_size(2**50, row, 17) == 256
+
+
+# ------------------------------------------------------------------ out of memory: retried in halves
+
+
+@contextlib.contextmanager
+def out_of_memory_above(model, rows: int):
+    """The real model, raising torch's out-of-memory error (as a full GPU would) from every forward
+    of more than `rows` rows; yields the row counts of the forwards that ran."""
+    ran = []
+
+    def check(module, args, kwargs):
+        n = kwargs["input_ids"].shape[0]
+        if n > rows:
+            raise torch.OutOfMemoryError(f"CUDA out of memory (test: a forward of {n} rows > {rows})")
+        ran.append(n)
+
+    handle = model.register_forward_pre_hook(check, with_kwargs=True)
+    try:
+        yield ran
+    finally:
+        handle.remove()
+
+
+def test_out_of_memory_batches_are_retried_in_halves_with_the_same_answers(stoppy_lm, caplog):
+    model, tokenizer = stoppy_lm
+    cfg = ProbeConfig(samples=2, max_new_tokens=6)  # 3 rows per prompt
+    requests = tiny_requests(10)
+    unconstrained = FastEngine(model, tokenizer, cfg, max_batch_prompts=8)
+    expected = unconstrained.generate(requests)
+    engine = FastEngine(model, tokenizer, cfg, max_batch_prompts=8)
+    with out_of_memory_above(model, rows=6) as ran, caplog.at_level(logging.WARNING, "toolkit.probe.engine"):
+        got = engine.generate(requests)  # 8 prompts: their prefill fails; 4: their first decode step
+    key = lambda answers: [(a.greedy, a.greedy_tokens, a.samples, a.sample_tokens) for a in answers]  # noqa: E731
+    assert key(got) == key(expected)  # bit for bit
+    assert engine.prompt_cap == 2 and engine.last_stats["oom_retries"] == 2 and max(ran) <= 6
+    assert [r.getMessage() for r in caplog.records] == [
+        "out of memory on a batch of 8 prompts (24 rows); retrying it as batches of at most 4 prompts, and "
+        "capping later batches there",
+        "out of memory on a batch of 4 prompts (12 rows); retrying it as batches of at most 2 prompts, and "
+        "capping later batches there"]
+    with out_of_memory_above(model, rows=6):  # the engine remembers: later calls start at the cap
+        again = engine.generate(requests)
+    assert key(again) == key(expected) and engine.last_stats["oom_retries"] == 0
+    assert engine.last_stats["batches"] == 5 and unconstrained.last_stats["batches"] == 2
+
+
+def test_out_of_memory_retry_of_a_lazy_batch_starts_its_books_again(stoppy_lm):
+    """Rows finish (and questions settle) before a batch's first decode step fails: the retry must not
+    see them twice, so its answers are those of a run that used the smaller batches from the start."""
+    model, tokenizer = stoppy_lm
+    cfg = ProbeConfig(samples=3, max_new_tokens=8, seed=3)
+    requests = grouped_requests([2, 2, 2, 2])
+
+    def settled(question_id, finished):  # q1 settles at step 0, q3 at step 3 (it has 1 answer at step 0)
+        return len(finished) >= 2
+
+    engine = FastEngine(model, tokenizer, cfg, max_batch_prompts=8, compact_below=1.0)
+    with out_of_memory_above(model, rows=16):  # 8 prompts x 4 rows fail at the first decode step
+        lazy = engine.generate(requests, settled=settled)
+    assert engine.last_stats["oom_retries"] == 1 and engine.prompt_cap == 4
+    halves = FastEngine(model, tokenizer, cfg, max_batch_prompts=4, compact_below=1.0)
+    assert lazy == halves.generate(requests, settled=settled)  # q0 and q1, then q2 and q3
+    for stat in ("settled_rows", "batches", "decode_rows", "prefill_tokens"):  # the failed attempt not counted
+        assert engine.last_stats[stat] == halves.last_stats[stat], stat
+    assert engine.last_stats["settled_rows"] > 0
+
+
+def test_a_single_prompt_out_of_memory_is_raised(tiny_lm):
+    model, tokenizer = tiny_lm
+    engine = FastEngine(model, tokenizer, ProbeConfig(samples=3, max_new_tokens=4), max_batch_prompts=4)
+    with out_of_memory_above(model, rows=2), pytest.raises(torch.OutOfMemoryError, match="4 rows > 2"):
+        engine.generate(tiny_requests(3))
+    assert engine.prompt_cap == 1

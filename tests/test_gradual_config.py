@@ -127,7 +127,7 @@ def user_inputs(tmp_path_factory, tiny_model_dir, synthetic_items):
     (["data.relations=color,colour"], "data.relations: no relation colour in {root}/data (known: code, color, home)"),
     (["probe.placement.gpus_per_actor=2"], "probe.placement.gpus_per_actor=2: engine=fast uses one GPU per actor"),
     (["probe.placement.gpus_per_actor=1", "probe.placement.num_actors=64"],
-     "probe.placement.gpus_per_actor=1.0: 64 actor(s) need 64 GPU(s)"),
+     "probe.placement.gpus_per_actor=1: 64 actor(s) need 64 GPU(s)"),
     (["probe.engine=vllm", "model=random:tiny"], "model=random:tiny: engine=vllm loads model directories"),
     pytest.param(["probe.engine=vllm", "probe.placement.gpus_per_actor=3"],
                  "probe.placement.gpus_per_actor=3: a vLLM actor runs tensor parallel over 1, 2, 4, 8 GPUs",
@@ -155,7 +155,11 @@ def test_dry_run_checks_the_inputs_too(user_inputs, capsys):
 
     root = user_inputs
     assert main(["run", str(root / "good.yaml"), "--dry-run"]) == 0
-    assert "config ok (data, model and training launch checked: 1 training rank(s))" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "config ok (data, model and training launch checked: 1 training rank(s))" in out
+    # the probe's plan, as `gradual probe --dry-run` words it: the placement resolved, the first probe's shards
+    assert "\nprobe plan: " in out and "\n  node this machine: " in out
+    assert "\n  shards: 60 item(s) in 2 shard(s) of up to 32\n" in out  # the 60 train items
     assert main(["run", str(root / "good.yaml"), "--dry-run", "--set", f"data.path={root}/qa.csv"]) == 2
 
 

@@ -69,7 +69,7 @@ def baseline(cluster, workload):
     return summary, read_jsonl(Path(run.out) / "categories.jsonl")
 
 
-def _run(run: RunConfig, out: Path, placement: Placement = Placement(), probe: ProbeConfig = PROBE,
+def _run(run: RunConfig, out: Path, placement: Placement = Placement(num_actors=1), probe: ProbeConfig = PROBE,
          **kwargs) -> tuple[dict, list[dict]]:
     summary = run_probe(dataclasses.replace(run, out=str(out)), probe, placement, **kwargs)
     return summary, read_jsonl(out / "categories.jsonl")
@@ -86,7 +86,10 @@ def test_baseline_outputs(baseline, workload):
     for rel in summary["relations"].values():
         assert rel["items"] == 6 and sum(rel["fractions"].values()) == pytest.approx(1.0)
     assert summary["total_answers"] == 18 * 3 * 5 and summary["answers_per_s"] > 0
-    assert summary["num_shards"] == 9 and summary["engine"] == "reference" and summary["num_actors"] == 1
+    assert summary["num_shards"] == 9 and summary["engine"] == "reference"
+    # the placement's counts left auto: on two 2-CPU nodes without GPUs, 2 one-thread actors
+    assert (summary["num_actors"], summary["gpus_per_actor"], summary["cpus_per_actor"]) == (2, 0, 1)
+    assert summary["placement"] == "2 actor(s) x (1 CPU) each, engine reference, on 2 node(s) without GPUs"
     manifest = json.loads((Path(run.out) / "manifest.json").read_text())
     assert manifest["shots"] == 2 and manifest["samples"] == 4 and len(manifest["data_hash"]) == 64
     assert sorted(p.name for p in (Path(run.out) / "shards").iterdir()) == [f"shard-{i:05d}.jsonl" for i in range(9)]
@@ -361,9 +364,18 @@ def test_actor_device_follows_the_gpu_share():
 
 def test_group_config_bundles():
     assert Placement(cpus_per_actor=2, gpus_per_actor=0.5).bundle == {"CPU": 2, "GPU": 0.5}
-    assert Placement(resources_per_actor={"node1": 1}).bundle == {"CPU": 1.0, "node1": 1}
+    assert _counts(resources_per_actor={"node1": 1}).bundle == {"CPU": 1.0, "node1": 1}
     with pytest.raises(ValueError, match="num_actors=0 must be >= 1"):
         Placement(num_actors=0)
+
+
+@pytest.mark.slow
+def test_cluster_nodes_are_read_from_ray(cluster):
+    from toolkit.probe.placement import cluster_nodes, probe_nodes
+
+    nodes = cluster_nodes()
+    assert [(n.gpus, n.gpu_memory_bytes, n.cpus) for n in nodes] == [(0, None, 2), (0, None, 2)]
+    assert probe_nodes(Placement()) == (nodes, "ray")  # the Ray this process is connected to
 
 
 # ---------------------------------------------------------------- CLI errors: exit 2, one line
@@ -378,6 +390,7 @@ def cli_inputs(tmp_path_factory):
     return root, tiny.build_model_dir(root / "model")
 
 
+@pytest.mark.parametrize("dry_run", [[], ["--dry-run"]])
 @pytest.mark.parametrize("args, message", [
     (["--model", "/nonexistent/model", "--data", "{root}/small.jsonl", "--shots", "2"], "model path not found: /nonexistent/model"),
     (["--model", "{model}", "--data", "{root}/empty.jsonl"], "the dataset is empty"),
@@ -386,11 +399,27 @@ def cli_inputs(tmp_path_factory):
     (["--model", "{model}", "--data", "{root}/small.jsonl", "--shots", "2", "--ray-address", "127.0.0.1:1"],
      "cannot reach the Ray cluster at 127.0.0.1:1"),
 ])
-def test_cli_bad_input_exit_2(cli_inputs, capsys, args, message):
+def test_cli_bad_input_exit_2(cli_inputs, capsys, args, message, dry_run):
     root, model = cli_inputs
     argv = ["probe", *[a.format(root=root, model=model) for a in args], "--out", str(root / "out"),
-            "--engine", "reference"]
+            "--engine", "reference", *dry_run]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
     assert not (root / "out").exists()  # failed before writing anything
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(cli_inputs, capsys):
+    import ray
+
+    root, model = cli_inputs
+    had_ray = ray.is_initialized()  # the module's test cluster, when the slow tests ran first
+    argv = ["probe", "--model", str(model), "--data", f"{root}/small.jsonl", "--shots", "2", "--out",
+            str(root / "out"), "--shard-size", "5", "--dry-run"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("probe plan: 2 actor(s) x (1 CPU) each, engine fast, on ")
+    assert [line for line in out if line.startswith("  node ")] and "  shards: 12 item(s) in 3 shard(s) of up to 5" in out
+    assert "  batches: 16 prompts x 17 answers (fast engine on CPU)" in out
+    assert out[-1] == f"probe ok (data, exemplars, model and placement checked); it would write to {root / 'out'}"
+    assert not (root / "out").exists() and ray.is_initialized() == had_ray  # nothing written, no Ray started

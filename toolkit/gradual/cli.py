@@ -80,8 +80,9 @@ def cmd_run(args) -> int:
     cfg = _resolve(args)
     out = args.out or Path("runs") / cfg.preset
     if args.dry_run:
-        checks = preflight(cfg, check_devices=False)
+        checks = preflight(cfg, check_devices=False, describe_probe=True)
         print(json.dumps(cfglib.to_dict(cfg), indent=2))
+        print("\n".join(checks["probe_plan"]))
         print(f"training launch: {checks['train_batch']}")
         print("\n".join(checks["train_devices"] + checks["train_memory"]))
         print(f"training disk: {checks['train_disk_line']}")

@@ -60,10 +60,12 @@ def _comparable(config: dict) -> dict:
     return out
 
 
-def preflight(cfg: PipelineConfig, check_devices: bool = True) -> dict:
+def preflight(cfg: PipelineConfig, check_devices: bool = True, describe_probe: bool = False) -> dict:
     """Every check that needs no step to have run, before anything is written: the data, the model,
-    the exemplars, the training launch (hostfile, ds_config, batch arithmetic) and, for a real run
-    (`check_devices`), the GPUs the probe actors ask for. Raises one-line errors naming the key."""
+    the exemplars, the training launch (hostfile, ds_config, batch arithmetic), the probe's placement
+    (auto counts resolved as each probe step resolves them) and, for a real run (`check_devices`), the
+    GPUs the probe actors ask for. Raises one-line errors naming the key. `describe_probe`: the probe
+    plan's lines (toolkit.probe.placement.describe_probe_plan) under "probe_plan"."""
     from toolkit.data.prompts import ExemplarPool
     from toolkit.models import load_tokenizer, resolve_source
     from toolkit.probe.runner import check_reachable
@@ -90,23 +92,21 @@ def preflight(cfg: PipelineConfig, check_devices: bool = True) -> dict:
     except TrainConfigError as err:
         raise TrainConfigError(f"train.options: {err}") from None
     placement = cfg.probe.placement
+    from toolkit.probe.placement import gpu_shortage, resolve_placement
     from toolkit.probe.vllm_engine import head_split_error, preflight_error, vllm_importable
 
-    refusal = (preflight_error(cfg.probe.engine, placement.gpus_per_actor, cfg.model, vllm_importable())
-               or head_split_error(cfg.probe.engine, resolve_source(cfg.model), placement.gpus_per_actor))
-    if refusal:
-        keys = {"engine": "probe.engine", "gpus_per_actor": "probe.placement.gpus_per_actor", "model": "model"}
+    keys = {"engine": "probe.engine", "gpus_per_actor": "probe.placement.gpus_per_actor",
+            "num_actors": "probe.placement.num_actors", "model": "model"}
+    if refusal := preflight_error(cfg.probe.engine, placement.gpus_per_actor or 0.0, cfg.model, vllm_importable()):
         raise ConfigError(refusal.line(keys[refusal.setting]))
     if placement.ray_address:
         check_reachable(placement.ray_address)
-    elif check_devices and placement.gpus_per_actor:
-        import torch
-
-        wanted, have = placement.num_actors * placement.gpus_per_actor, torch.cuda.device_count()
-        if wanted > have:
-            raise ConfigError(f"probe.placement.gpus_per_actor={placement.gpus_per_actor}: "
-                              f"{placement.num_actors} actor(s) need {wanted:g} GPU(s), this machine has {have} "
-                              "(set probe.placement.ray_address to use a cluster)")
+    source = resolve_source(cfg.model)
+    plan, _ = resolve_placement(placement, cfg.probe.engine, cfg.probe.dtype, source)
+    refusal = (head_split_error(cfg.probe.engine, source, plan.placement.gpus_per_actor)
+               or (gpu_shortage(plan) if check_devices else None))
+    if refusal:
+        raise ConfigError(refusal.line(keys[refusal.setting]))
     from toolkit.train.dsconfig import disk_estimate, human_bytes
     from toolkit.train.plan import count_parameters
 
@@ -116,12 +116,33 @@ def preflight(cfg: PipelineConfig, check_devices: bool = True) -> dict:
                          options.keep_last_n, stages, cfg.train.keep_checkpoints)
     return {"train_world_size": training["world_size"], "train_batch": training["batch"], "train_disk": disk,
             "train_devices": training["devices"], "train_memory": training["memory"],
+            "probe_plan": _probe_plan_lines(cfg, plan, source, splits) if describe_probe else [],
             "train_disk_line": f"up to {human_bytes(disk['total_peak'])} for {stages} training stage(s): "
                                f"{human_bytes(disk['stage_peak'])} while a stage trains (one checkpoint "
                                f"{human_bytes(disk['checkpoint_full'])}), "
                                f"{human_bytes(disk['finished_stage'])} left by each finished one ("
                                + ("its checkpoints kept: train.keep_checkpoints" if cfg.train.keep_checkpoints
                                   else "its exported model; its checkpoints deleted") + ")"}
+
+
+def _probe_plan_lines(cfg: PipelineConfig, plan, source: str, splits: dict) -> list[str]:
+    """The plan of the run's first probe (the base model on the train subset, exemplars from the full
+    dev split), as `gradual probe --dry-run` words it; the later probes differ only in their model."""
+    from toolkit.data.facts import load_builtin_items
+    from toolkit.data.subset import balanced_subset
+    from toolkit.models import choose_probe_dtype
+    from toolkit.probe.runner import plan_lines
+    from toolkit.probe.shards import make_plan
+
+    items = [it for split in splits.values() for it in split] if cfg.data.path else load_builtin_items(seed=0)
+    relations = set(cfg.data.relations or {it.relation for it in items})
+    train = balanced_subset([it for it in items if it.split == "train" and it.relation in relations],
+                            cfg.data.train_items, cfg.data.subset_seed)
+    dev = [it for it in items if it.split == "dev"]
+    probe = cfg.probe.probe_config(cfg.seeds[0])
+    probe = dataclasses.replace(probe, dtype=choose_probe_dtype(probe.dtype, on_gpu=plan.on_gpu))
+    shards = make_plan(train, cfg.probe.shard_size, probe.seed)
+    return plan_lines(plan, probe, source, cfg.model, train, dev if probe.shots else [], shards)
 
 
 def read_categories(probe_dir: Path) -> dict[str, str]:

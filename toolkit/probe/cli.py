@@ -24,6 +24,9 @@ def add_probe_parser(subparsers) -> None:
         cfglib.add_arguments(p.add_argument_group(title), cls, exclude=exclude, required=("data", "out"))
     p.add_argument("--spread", dest="strategy", action="store_const", const="STRICT_SPREAD", default=argparse.SUPPRESS,
                    help="one actor per node: shorthand for --strategy STRICT_SPREAD")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the data, exemplars, model and settings, print the plan (nodes and GPUs seen, "
+                        "actors, GPUs and CPUs each, batch budget, shards) and exit: no Ray starts, nothing is written")
     p.set_defaults(func=cmd_probe)
 
 
@@ -33,9 +36,13 @@ def configs_from_args(args) -> tuple[RunConfig, ProbeConfig, Placement]:
 
 
 def cmd_probe(args) -> int:
-    from .runner import run_probe
+    from .runner import dry_run, run_probe
 
     run, probe, placement = configs_from_args(args)
+    if args.dry_run:
+        print("\n".join(dry_run(run, probe, placement)))
+        print(f"probe ok (data, exemplars, model and placement checked); it would write to {run.out}")
+        return 0
     summary = run_probe(run, probe, placement)  # an ActorGroupError ends in one line, exit 1 (toolkit.cli)
     print(f"probed {summary['items']} items ({summary['total_answers']} answers) in {summary['wall_s']:.1f}s; "
           f"{summary['questions_per_s']:.2f} q/s, {summary['answers_per_s']:.1f} answers/s")

@@ -16,7 +16,9 @@ caller declares settled stop early (settling.py), so prompts are prefilled once 
 from __future__ import annotations
 
 import inspect
+import logging
 import time
+from collections import deque
 from typing import Sequence
 
 import torch
@@ -27,7 +29,9 @@ from toolkit.data.prompts import stable_seed
 from toolkit.models import encode_prompts, newline_token_ids, tokens_until_stop
 
 from .attention import use_engine_attention
-from .settling import SettleBook, plan_batches, prompt_answers
+from .memory import (CPU_BATCH_PROMPTS, MAX_BATCH_PROMPTS, batch_memory_budget, cache_length, kv_bytes_per_row,
+                     prompt_batch_size)
+from .settling import SettleBook, pack_groups, plan_batches, prompt_answers, question_groups
 from .types import GREEDY_STREAM, PromptAnswers, PromptRequest, ProbeConfig, Settled
 
 # splitmix64 constants as signed int64: torch int64 arithmetic wraps around, i.e. it is uint64
@@ -35,6 +39,7 @@ from .types import GREEDY_STREAM, PromptAnswers, PromptRequest, ProbeConfig, Set
 _GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
 _MUL1 = 0xBF58476D1CE4E5B9 - (1 << 64)
 _MUL2 = 0x94D049BB133111EB - (1 << 64)
+log = logging.getLogger("toolkit.probe.engine")
 
 
 def to_int64(u: int) -> int:
@@ -69,23 +74,6 @@ def gumbel_noise(row_keys: torch.Tensor, step: torch.Tensor, token_ids: torch.Te
     return -torch.log(-torch.log(uniform))
 
 
-def kv_bytes_per_row(model_config, length: int, dtype_bytes: int) -> int:
-    """Device bytes one decode row needs: its K and V for `length` positions in every layer, plus the
-    fp32 logits of a step and their top-k work (a vocabulary-sized row, twice)."""
-    heads = model_config.num_attention_heads
-    kv_heads = getattr(model_config, "num_key_value_heads", None) or heads
-    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // heads
-    kv = 2 * model_config.num_hidden_layers * kv_heads * head_dim * length * dtype_bytes
-    return kv + 2 * 4 * model_config.vocab_size
-
-
-def prompt_batch_size(free_bytes: int, row_bytes: int, streams: int, fraction: float = 0.5, cap: int = 256) -> int:
-    """Prompts per batch so that their streams' rows fill `fraction` of the free device memory
-    (the rest: activations, the prefill's own cache, fragmentation), at least 1, at most `cap`."""
-    rows = int(free_bytes * fraction) // max(1, row_bytes)
-    return max(1, min(cap, rows // max(1, streams)))
-
-
 class FastEngine:
     """Engine protocol implementation; the feature flags exist so the benchmark can switch the
     optimisations off one at a time. Answers are identical under every flag combination."""
@@ -94,15 +82,20 @@ class FastEngine:
     settles_questions = True  # generate() takes `settled`: lazy probing in one pass
 
     def __init__(self, model, tokenizer, config: ProbeConfig, max_batch_prompts: int | None = None, *,
-                 fan_out_kv: bool = True, bucket_by_length: bool = True, compile_decode: bool = True,
-                 compact_below: float = 0.5):
-        """max_batch_prompts None: 16 on CPU; on a GPU as many as half its free memory holds (per call).
+                 memory_share: float = 1.0, fan_out_kv: bool = True, bucket_by_length: bool = True,
+                 compile_decode: bool = True, compact_below: float = 0.5):
+        """max_batch_prompts None: 16 on CPU; on a GPU as many as this engine's budget holds (per call;
+        toolkit.probe.memory), on `memory_share` of the GPU (its Ray actor's fraction of it).
         compile_decode: CUDA graphs for the decode step, on CUDA only (on CPU there is nothing to gain)."""
         if max_batch_prompts is not None and max_batch_prompts < 1:
             raise ValueError(f"max_batch_prompts must be >= 1, got {max_batch_prompts}")
+        if not 0 < memory_share <= 1:
+            raise ValueError(f"memory_share must be in (0, 1], got {memory_share}")
         self.model, self.tokenizer, self.config = model, tokenizer, config
         use_engine_attention(model)  # SDPA with a copy-free GQA decode step, whatever the model was loaded with
         self.max_batch_prompts = max_batch_prompts
+        self.memory_share = memory_share
+        self.prompt_cap: int | None = None  # lowered by each out-of-memory retry, for every later batch
         self.fan_out_kv, self.bucket_by_length = fan_out_kv, bucket_by_length
         self.compact_below = compact_below  # compact when live rows <= this fraction of the batch
         self.device = next(model.parameters()).device
@@ -136,21 +129,28 @@ class FastEngine:
         streams = len(stream_keys)
         self.last_stats = dict(prompts=len(requests), answers=0, batches=0, prefill_tokens=0,
                                prefill_padded_tokens=0, generated_tokens=0, decode_steps=0, decode_rows=0,
-                               compactions=0, settled_rows=0)
+                               compactions=0, settled_rows=0, oom_retries=0)
         if not requests:
             return []
         ids = encode_prompts(self.tokenizer, [r.text for r in requests])
         length = max(map(len, ids)) + self.config.max_new_tokens
         # The same batches with `settled` or without: lazy probing prefills exactly what full sampling does.
-        batches = plan_batches(requests, [len(x) for x in ids], self._batch_prompts(streams, length),
-                               by_length=self.bucket_by_length)
-        # The static cache is sized once for the largest batch (the first) and the longest prompt.
-        capacity = (len(batches[0]) * streams, length)
+        # The static cache is sized for the largest batch (the first) and the longest prompt: later
+        # batches reuse it.
+        batches = deque(plan_batches(requests, [len(x) for x in ids], self._batch_prompts(streams, length),
+                                     by_length=self.bucket_by_length))
         book = SettleBook(settled) if settled is not None else None
         results: list[PromptAnswers | None] = [None] * len(requests)
-        for chunk in batches:
-            batch = self._run_batch([requests[i] for i in chunk], [ids[i] for i in chunk], capacity,
-                                    stream_keys, book)
+        while batches:
+            chunk = batches.popleft()
+            if self.prompt_cap is not None and len(chunk) > self.prompt_cap:
+                batches.extendleft(reversed(self._split(requests, chunk, self.prompt_cap)))
+                continue
+            batch = self._try_batch([requests[i] for i in chunk], [ids[i] for i in chunk], length, stream_keys,
+                                    book)
+            if batch is None:  # out of memory: split by the lowered cap, and again
+                batches.appendleft(chunk)
+                continue
             for i, answers in zip(chunk, batch):
                 results[i] = answers
         self.last_stats["answers"] = sum((a.greedy is not None) + len(a.samples) for a in results)
@@ -160,14 +160,60 @@ class FastEngine:
 
     def _batch_prompts(self, streams: int, length: int) -> int:
         if self.max_batch_prompts is not None:
-            return self.max_batch_prompts
+            return min(self.max_batch_prompts, self.prompt_cap or self.max_batch_prompts)
+        cap = min(MAX_BATCH_PROMPTS, self.prompt_cap or MAX_BATCH_PROMPTS)
         if self.device.type != "cuda":
-            return 16
-        free, _ = torch.cuda.mem_get_info(self.device)
-        if self._cache is not None:  # the cache we hold is reusable memory too
-            free += sum(k.numel() * k.element_size() * 2 for k, _ in self._buffers)
+            return min(CPU_BATCH_PROMPTS, cap)
+        # this actor's share of the device's total memory, not the free memory every actor sees at once
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        budget = batch_memory_budget(self.memory_share, total, torch.cuda.memory_allocated(self.device),
+                                     self._cache_bytes())
         dtype_bytes = next(self.model.parameters()).element_size()
-        return prompt_batch_size(free, kv_bytes_per_row(self.model.config, length, dtype_bytes), streams)
+        row = kv_bytes_per_row(self.model.config, cache_length(length), dtype_bytes)
+        return prompt_batch_size(budget, row, streams, cap=cap)
+
+    def _cache_bytes(self) -> int:
+        """Device bytes of the static cache this engine holds (K and V of every layer)."""
+        return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self._buffers)
+
+    # ------------------------------------------------------------------ out of memory
+
+    def _try_batch(self, reqs: list[PromptRequest], ids: list[list[int]], length: int, stream_keys: list[int],
+                   book: SettleBook | None) -> list[PromptAnswers] | None:
+        """The batch's answers; None after torch's out-of-memory error, with the prompt cap halved for
+        this and every later batch and the memory the engine held let go. A single prompt that does
+        not fit re-raises. Every answer is a function of its key, so retried halves give the answers
+        the whole batch would have given; last_stats counts the work of the batches that succeeded."""
+        saved, stats = (book.save() if book is not None else None), dict(self.last_stats)
+        try:
+            return self._run_batch(reqs, ids, (len(reqs) * len(stream_keys), length), stream_keys, book)
+        except torch.OutOfMemoryError:
+            if len(reqs) == 1:
+                raise
+        # Past the except block: the error's traceback, and the tensors its frames held, are gone.
+        self._release_cache()
+        if book is not None:
+            book.restore(saved)  # the failed attempt's finished answers and settled questions never were
+        self.last_stats.update(stats)
+        self.prompt_cap = -(-len(reqs) // 2)
+        self.last_stats["oom_retries"] += 1
+        log.warning("out of memory on a batch of %d prompts (%d rows); retrying it as batches of at most %d "
+                    "prompts, and capping later batches there", len(reqs), len(reqs) * len(stream_keys),
+                    self.prompt_cap)
+        return None
+
+    @staticmethod
+    def _split(requests: Sequence[PromptRequest], chunk: list[int], cap: int) -> list[list[int]]:
+        """`chunk` as batches of at most `cap` prompts, a question's prompts together where they fit."""
+        groups = question_groups([requests[i] for i in chunk])
+        return [[chunk[i] for i in batch] for batch in pack_groups(groups, cap)]
+
+    def _release_cache(self) -> None:
+        """Drop the static cache (the next batch allocates one of its own size) and, on CUDA, hand the
+        allocator's cached blocks back, so the smaller retry starts from what the weights leave."""
+        self._cache, self._buffers = None, []
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     # ------------------------------------------------------------------ one batch
 
@@ -289,11 +335,11 @@ class FastEngine:
         plen, where decoding continues."""
         rows, length = capacity
         if self._cache is None or self._buffers[0][0].shape[0] < rows or self._cache.get_max_length() < length:
-            # Allocated once, rounded up so later calls can reuse it: a decode step over fixed
-            # buffers is what CUDA graphs can capture. The buffers are allocated lazily by the first
+            # Allocated once, rounded up (cache_length) so later calls can reuse it: a decode step over
+            # fixed buffers is what CUDA graphs can capture. The buffers are allocated lazily by the first
             # update() below, with that batch's row count: the first batch of a call is its largest.
             assert len(src) == rows, (len(src), rows)
-            self._cache = StaticCache(config=self.model.config, max_cache_len=-(-length // 64) * 64)
+            self._cache = StaticCache(config=self.model.config, max_cache_len=cache_length(length))
             if any(self._cache.is_sliding):  # the row/slot bookkeeping assumes full attention layers
                 raise ValueError("FastEngine needs a full-attention model (no sliding-window layers)")
             self._buffers = []

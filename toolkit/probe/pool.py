@@ -21,7 +21,7 @@ import socket
 import time
 from collections import Counter, deque
 from dataclasses import dataclass
-from typing import Any, Callable, Hashable, Iterable, Literal, Optional
+from typing import Any, Callable, Hashable, Iterable, Literal, Optional, Union
 
 from toolkit.config import knob, require
 
@@ -33,14 +33,25 @@ class ActorGroupError(RuntimeError):
     """The group cannot do its work: it cannot be placed, every actor died, or a task kept killing them."""
 
 
+AUTO = "auto"
+
+
 @dataclass(frozen=True)
 class Placement:
-    """Where the actors run: how many, what each one holds, how they are spread, which cluster."""
+    """Where the actors run: how many, what each one holds, how they are spread, which cluster. The
+    counts left unset (None, or "auto") are filled once, at the edge, by
+    toolkit.probe.placement.plan_placement from the GPUs and CPUs it sees; ActorGroup takes the result."""
 
-    num_actors: int = knob(1, "model replicas (Ray actors)")
-    cpus_per_actor: float = knob(1.0, "CPUs per actor (its torch threads on CPU)")
-    gpus_per_actor: float = knob(0.0, "GPUs per actor; fractions share a GPU, e.g. 0.5; with engine vllm, 2, 4 "
-                                      "or 8 run one engine tensor parallel over that many GPUs of a node")
+    num_actors: Optional[Union[int, Literal["auto"]]] = knob(
+        None, "model replicas (Ray actors); auto (the default): one per GPU (engine vllm: one per "
+              "tensor-parallel group of GPUs), or 2 one-thread actors where no GPU is visible")
+    cpus_per_actor: Optional[Union[float, Literal["auto"]]] = knob(
+        None, "CPUs per actor (its torch threads on CPU); auto (the default): 1 on CPU, on GPU nodes the "
+              "node's CPUs shared by its actors (1 to 8)")
+    gpus_per_actor: Optional[Union[float, Literal["auto"]]] = knob(
+        None, "GPUs per actor; fractions share a GPU, e.g. 0.5; with engine vllm, 2, 4 or 8 run one engine "
+              "tensor parallel over that many GPUs of a node; 0: CPU only; auto (the default): 1 where GPUs "
+              "are visible (engine vllm: the smallest tensor-parallel size the weights fit), else 0")
     resources_per_actor: dict = knob(factory=dict, help="custom Ray resources per actor, e.g. {node0: 1}")
     strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = knob(
         "PACK", "placement-group strategy (STRICT_SPREAD: one actor per node)")
@@ -50,17 +61,25 @@ class Placement:
     ready_timeout_s: float = knob(600.0, "seconds to wait for the actors' resources (an autoscaler may add nodes)")
 
     def __post_init__(self):
-        require(self.num_actors >= 1, "num_actors", self.num_actors, "must be >= 1")
-        require(self.cpus_per_actor > 0, "cpus_per_actor", self.cpus_per_actor, "must be > 0")
-        require(self.gpus_per_actor >= 0, "gpus_per_actor", self.gpus_per_actor, "must be >= 0")
-        require(self.gpus_per_actor <= 1 or self.gpus_per_actor == int(self.gpus_per_actor), "gpus_per_actor",
-                self.gpus_per_actor, "above 1 must be a whole number")
+        for name in ("num_actors", "cpus_per_actor", "gpus_per_actor"):
+            if getattr(self, name) == AUTO:  # "auto" is spelled None inside the package
+                object.__setattr__(self, name, None)
+        require(self.num_actors is None or self.num_actors >= 1, "num_actors", self.num_actors, "must be >= 1")
+        require(self.cpus_per_actor is None or self.cpus_per_actor > 0, "cpus_per_actor", self.cpus_per_actor,
+                "must be > 0")
+        gpus = self.gpus_per_actor
+        require(gpus is None or gpus >= 0, "gpus_per_actor", gpus, "must be >= 0")
+        require(gpus is None or gpus <= 1 or gpus == int(gpus), "gpus_per_actor", gpus,
+                "above 1 must be a whole number")
         require(self.strategy in STRATEGIES, "strategy", self.strategy, f"must be one of {', '.join(STRATEGIES)}")
         for name in ("max_restarts", "max_attempts"):
             require(getattr(self, name) >= 0, name, getattr(self, name), "must be >= 0")
 
     @property
     def bundle(self) -> dict[str, float]:
+        if self.cpus_per_actor is None or self.gpus_per_actor is None:
+            raise ValueError("the placement still has auto counts: resolve it with "
+                             "toolkit.probe.placement.plan_placement first")
         bundle = {"CPU": self.cpus_per_actor, "GPU": self.gpus_per_actor, **self.resources_per_actor}
         return {k: v for k, v in bundle.items() if v > 0}  # only resources actually asked for
 
@@ -318,8 +337,17 @@ class ProbeWorker:
 
             self.engine = start_in_actor(spec, config, self.device, cpu_threads)
         else:
+            from .memory import memory_share
+
+            share = memory_share(ray.get_runtime_context().get_assigned_resources().get("GPU", 0))
+            if self.device == "cuda" and share < 1:
+                import torch
+
+                # Actors sharing a GPU: this process's allocations stop at its share; one past it raises
+                # torch's out-of-memory error, which the fast engine retries with smaller batches.
+                torch.cuda.set_per_process_memory_fraction(share)
             model, tokenizer = load_model(dataclasses.replace(spec, device=self.device))
-            self.engine = make_engine(model, tokenizer, config)
+            self.engine = make_engine(model, tokenizer, config, memory_share=share)
         self.config = config
         self.pool = ExemplarPool(exemplars)
         self.load_s = time.perf_counter() - t0

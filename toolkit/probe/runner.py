@@ -5,7 +5,8 @@ Output directory layout:
   manifest.json          the arguments that fix the results (a re-run must match them)
   shards/shard-00007.jsonl  one row per item of that shard, written once, atomically
   categories.jsonl       every row, in id order
-  summary.json           category counts/fractions overall and per relation, throughput, workers
+  summary.json           category counts/fractions overall and per relation, throughput, workers, the
+                         placement resolved (toolkit.probe.placement)
 """
 from __future__ import annotations
 
@@ -28,11 +29,11 @@ from toolkit.data.schema import DataError
 from toolkit.io import read_jsonl, write_json, write_jsonl
 from toolkit.models import EMBEDDED_MODEL, ModelSpec, choose_probe_dtype, resolve_source
 
+from .placement import PlacementPlan, describe_probe_plan, gpu_shortage, model_shape, resolve_placement
 from .pool import ActorGroup, Placement, ProbeWorker
 from .shards import ShardPlan, data_hash, make_plan
-from .slick import CATEGORIES, ProbeConfig, ProbeConfigError
-from .vllm_engine import (head_split_error, node_gpu_counts, preflight_error, starts_serially, tensor_parallel_error,
-                          tensor_parallel_size, vllm_importable)
+from .slick import CATEGORIES, ProbeConfig, ProbeConfigError, build_requests
+from .vllm_engine import head_split_error, preflight_error, starts_serially, tensor_parallel_error, vllm_importable
 
 log = logging.getLogger("toolkit.probe")
 MANIFEST_VERSION = 1
@@ -78,7 +79,8 @@ def _manifest(run: RunConfig, probe: ProbeConfig, plan: ShardPlan, exemplars) ->
                 num_shards=len(plan.shards))
 
 
-def _check_or_write_manifest(out: Path, manifest: dict) -> None:
+def _check_manifest(out: Path, manifest: dict) -> None:
+    """Refuse an output directory that holds a probe run with other arguments (nothing is written)."""
     path = out / "manifest.json"
     if path.exists():
         old = json.loads(path.read_text(encoding="utf-8"))
@@ -86,11 +88,9 @@ def _check_or_write_manifest(out: Path, manifest: dict) -> None:
         if diffs:
             raise ProbeConfigError(f"{out} holds a probe run with different arguments: {'; '.join(diffs)} "
                                    f"(use another --out, or delete it to start over)")
-        return
-    if any((out / "shards").glob("shard-*.jsonl")):
+    elif any((out / "shards").glob("shard-*.jsonl")):
         raise ProbeConfigError(f"{out}/shards holds shard files but there is no manifest.json; "
                                f"use another --out")
-    write_json(path, manifest)
 
 
 # ---------------------------------------------------------------- ray
@@ -116,17 +116,95 @@ def _connect_ray(placement: Placement) -> bool:
     if placement.ray_address:
         ray.init(address=placement.ray_address, logging_level=logging.WARNING)
         return False
-    # logical CPUs may oversubscribe
+    # logical CPUs may oversubscribe; the GPUs were checked against this machine's (gpu_shortage)
     total_cpus = max(os.cpu_count() or 1, placement.num_actors * placement.cpus_per_actor)
     # address="local": a new cluster of our own, never one that happens to run on this machine
     ray.init(address="local", num_cpus=int(-(-total_cpus // 1)), include_dashboard=False,
              logging_level=logging.WARNING)
-    gpus = ray.cluster_resources().get("GPU", 0)
-    if placement.num_actors * placement.gpus_per_actor > gpus:  # a local Ray never grows: fail now
-        ray.shutdown()
-        raise ProbeConfigError(f"{placement.num_actors} actor(s) x {placement.gpus_per_actor} GPU need more "
-                               f"than the {gpus:g} GPU(s) of this machine")
     return True
+
+
+# ---------------------------------------------------------------- checked before anything is written
+
+
+@dataclass
+class ProbeJob:
+    """A probe checked against everything that needs no actor: what run_probe runs, what a dry run
+    describes."""
+
+    run: RunConfig
+    probe: ProbeConfig  # its dtype resolved
+    plan: PlacementPlan  # its placement's counts resolved
+    items: list
+    exemplars: list
+    source: str  # the model, resolved (toolkit.models.resolve_source)
+    shards: ShardPlan
+    manifest: dict
+    connected: bool  # to the cluster at ray_address, by prepare_probe
+
+
+def prepare_probe(run: RunConfig, probe: ProbeConfig, placement: Placement) -> ProbeJob:
+    """Every check of a probe before Ray starts or anything is written: settings, data, exemplars,
+    model, the placement on the nodes it will run on, the output directory. Raises one-line errors."""
+    if refusal := preflight_error(probe.engine, placement.gpus_per_actor or 0.0, run.model, vllm_importable()):
+        raise ProbeConfigError(refusal.line())
+    items, exemplars = _load_inputs(run, probe)
+    source = resolve_source(run.model)  # ModelError for a bad path; converts a GGUF once, before any actor starts
+    if placement.ray_address:
+        check_reachable(placement.ray_address)
+    # auto counts resolved once, here: the actors, the manifest's dtype and the summary all use the plan
+    plan, found = resolve_placement(placement, probe.engine, probe.dtype, source)
+    try:
+        if refusal := head_split_error(probe.engine, source, plan.placement.gpus_per_actor) or gpu_shortage(plan):
+            raise ProbeConfigError(refusal.line())
+        if probe.engine == "vllm":  # a bundle no node can hold would wait ready_timeout_s, then fail vaguely
+            if error := tensor_parallel_error(plan.tensor_parallel, [n.gpus for n in plan.nodes]):
+                raise ProbeConfigError(error)
+        # the manifest records the dtype the answers come from
+        probe = dataclasses.replace(probe, dtype=choose_probe_dtype(probe.dtype, on_gpu=plan.on_gpu))
+        shards = make_plan(items, run.shard_size, probe.seed, run.limit)
+        manifest = _manifest(run, probe, shards, exemplars)
+        _check_manifest(Path(run.out), manifest)
+    except BaseException:
+        if found == "connected":
+            import ray
+
+            ray.shutdown()
+        raise
+    return ProbeJob(run, probe, plan, items, exemplars, source, shards, manifest, found == "connected")
+
+
+def longest_prompt_tokens(items: list, exemplars: list, probe: ProbeConfig, model: str | None) -> int:
+    """Tokens of the longest few-shot prompt these items are probed with (the engines' encoding)."""
+    from toolkit.models import encode_prompts, load_tokenizer
+
+    pool = ExemplarPool(exemplars)
+    texts = [r.text for it in items for r in build_requests(it, pool, probe)]
+    return max(map(len, encode_prompts(load_tokenizer(model), texts)), default=0)
+
+
+def plan_lines(plan: PlacementPlan, probe: ProbeConfig, source: str, model: str | None, items: list,
+               exemplars: list, shards: ShardPlan) -> list[str]:
+    """describe_probe_plan for probing the shard plan's items (of `items`) with this placement plan;
+    `probe.dtype` resolved."""
+    by_id = {it.id: it for it in items}
+    longest = longest_prompt_tokens([by_id[i] for i in shards.item_ids], exemplars, probe, model)
+    return describe_probe_plan(plan, probe.dtype, model_shape(source), 1 + probe.samples, longest,
+                               probe.max_new_tokens, f"{shards.num_items} item(s) in {len(shards.shards)} "
+                               f"shard(s) of up to {shards.shard_size}")
+
+
+def dry_run(run: RunConfig, probe: ProbeConfig, placement: Placement) -> list[str]:
+    """`gradual probe --dry-run`: every check run_probe makes, then the plan in words; nothing is
+    written and no Ray starts (a cluster at ray_address is joined to see its nodes, then left)."""
+    job = prepare_probe(run, probe, placement)
+    try:
+        return plan_lines(job.plan, job.probe, job.source, run.model, job.items, job.exemplars, job.shards)
+    finally:
+        if job.connected:
+            import ray
+
+            ray.shutdown()
 
 
 # ---------------------------------------------------------------- the run
@@ -160,19 +238,14 @@ def run_probe(run: RunConfig, probe: ProbeConfig, placement: Placement = Placeme
     """Probe every item of `run.split`; return the summary. `on_shard(index, result)` runs on the driver
     after each shard is persisted; `pick_order` (shard indices) changes the hand-out order (for tests)."""
     t_start = time.perf_counter()
-    if refusal := preflight_error(probe.engine, placement.gpus_per_actor, run.model, vllm_importable()):
-        raise ProbeConfigError(refusal.line())
-    items, exemplars = _load_inputs(run, probe)
-    source = resolve_source(run.model)  # ModelError for a bad path; converts a GGUF once, before any actor starts
-    if refusal := head_split_error(probe.engine, source, placement.gpus_per_actor):
-        raise ProbeConfigError(refusal.line())
-    if placement.ray_address:
-        check_reachable(placement.ray_address)
-    # "auto" resolved once, here: the manifest records the dtype the answers come from
-    probe = dataclasses.replace(probe, dtype=choose_probe_dtype(probe.dtype, on_gpu=placement.gpus_per_actor > 0))
-    plan = make_plan(items, run.shard_size, probe.seed, run.limit)
+    job = prepare_probe(run, probe, placement)
+    probe, plan, items, exemplars, placement = job.probe, job.shards, job.items, job.exemplars, job.plan.placement
+    if job.plan.warning:
+        log.warning(job.plan.warning)
+    log.info("probe placement: %s", job.plan.line())
     out = Path(run.out)
-    _check_or_write_manifest(out, _manifest(run, probe, plan, exemplars))
+    if not (out / "manifest.json").exists():
+        write_json(out / "manifest.json", job.manifest)
 
     todo = [s for s in plan.shards if not s.path(out).exists()]
     if pick_order is not None:
@@ -185,7 +258,7 @@ def run_probe(run: RunConfig, probe: ProbeConfig, placement: Placement = Placeme
 
     rows = _collect_rows(out, plan)
     write_jsonl(out / "categories.jsonl", rows)
-    summary = _summary(rows, stats, probe, run, placement, plan, time.perf_counter() - t_start)
+    summary = _summary(rows, stats, probe, run, job.plan, plan, time.perf_counter() - t_start)
     write_json(out / "summary.json", summary)
     return summary
 
@@ -199,10 +272,6 @@ def _run_shards(run: RunConfig, probe: ProbeConfig, placement: Placement, plan: 
     owns_ray = _connect_ray(placement)
     bar = None
     try:
-        if probe.engine == "vllm":  # a bundle no node can hold would wait ready_timeout_s, then fail vaguely
-            error = tensor_parallel_error(tensor_parallel_size(placement.gpus_per_actor), node_gpu_counts())
-            if error:
-                raise ProbeConfigError(error)
         t_actors = time.perf_counter()
         # The original source, not the driver's resolved path: each node resolves (and caches) it.
         threads = None if placement.gpus_per_actor else max(1, int(placement.cpus_per_actor))
@@ -254,7 +323,7 @@ def _fractions(counts: Counter, total: int) -> dict:
     return {c: (counts[c] / total if total else 0.0) for c in CATEGORIES}
 
 
-def _summary(rows: list[dict], stats: _RunStats, probe: ProbeConfig, run: RunConfig, placement: Placement,
+def _summary(rows: list[dict], stats: _RunStats, probe: ProbeConfig, run: RunConfig, where: PlacementPlan,
              plan: ShardPlan, wall_s: float) -> dict:
     counts = Counter(r["category"] for r in rows)
     per_relation: dict[str, Counter] = defaultdict(Counter)
@@ -280,6 +349,9 @@ def _summary(rows: list[dict], stats: _RunStats, probe: ProbeConfig, run: RunCon
         actor_start_s=stats.actor_start_s, probe_wall_s=stats.probe_s,
         questions_per_s=rate(len(stats.rows)), answers_per_s=rate(new_answers),
         generated_tokens_per_s=rate(new_tokens),
-        num_actors=placement.num_actors, engine=probe.engine, dtype=probe.dtype, model=run.model or EMBEDDED_MODEL,
+        # the placement this invocation resolved (auto counts filled: toolkit.probe.placement)
+        num_actors=where.placement.num_actors, gpus_per_actor=where.placement.gpus_per_actor,
+        cpus_per_actor=where.placement.cpus_per_actor, tensor_parallel=where.tensor_parallel,
+        placement=where.line(), engine=probe.engine, dtype=probe.dtype, model=run.model or EMBEDDED_MODEL,
         num_shards=len(plan.shards), shards_skipped=len(plan.shards) - sum(w["shards"] for w in workers),
         actor_restarts=stats.restarts, workers=workers)

@@ -69,6 +69,16 @@ class SettleBook:
         self.decoded = {}
         self._newly_closed = {question for question, _, _ in self.row_keys} & self.closed  # in an earlier batch
 
+    def save(self) -> tuple[dict[str, list[FinishedAnswer]], set[str]]:
+        """What a batch changes for the batches after it: the answers finished per question and the
+        questions settled (a batch retried after an out-of-memory error starts from them again)."""
+        return {question: list(answers) for question, answers in self.finished.items()}, set(self.closed)
+
+    def restore(self, saved: tuple[dict[str, list[FinishedAnswer]], set[str]]) -> None:
+        finished, closed = saved
+        self.finished = defaultdict(list, {question: list(answers) for question, answers in finished.items()})
+        self.closed = set(closed)
+
     def record(self, rows: Sequence[int], decoded: Sequence[tuple[str, int]]) -> None:
         """Rows that just finished, with their (answer, tokens used)."""
         for row, (answer, used) in zip(rows, decoded):

@@ -22,12 +22,13 @@ class ProbeConfigError(ConfigError):
 # ---------------------------------------------------------------- engines
 
 
-def make_engine(model, tokenizer, config: ProbeConfig) -> Engine:
-    """The engine over an already loaded model (vLLM loads its own: toolkit.probe.vllm_engine)."""
+def make_engine(model, tokenizer, config: ProbeConfig, memory_share: float = 1.0) -> Engine:
+    """The engine over an already loaded model (vLLM loads its own: toolkit.probe.vllm_engine);
+    `memory_share`: the fraction of its GPU the fast engine sizes its batches for."""
     if config.engine == "fast":
         from .engine import FastEngine
 
-        return FastEngine(model, tokenizer, config)
+        return FastEngine(model, tokenizer, config, memory_share=memory_share)
     if config.engine == "reference":
         from .reference import ReferenceEngine
 
