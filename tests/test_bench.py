@@ -91,9 +91,15 @@ def test_memory_table_uses_the_trainers_estimate():
         assert r["zero0_gib"] > r["zero1_gib"] > r["zero2_gib"] > 0
     adam_1b = rows[0]
     assert adam_1b["params"] == pytest.approx(1.24e9, rel=0.01)
-    # ZeRO-0 with Adam: bf16 weights (2) + bf16 grads (2) + fp32 master and moments (12) bytes per parameter
-    assert adam_1b["zero0_gib"] * 2**30 == pytest.approx(16 * adam_1b["params"])
-    assert adam_1b["zero2_gib"] * 2**30 == pytest.approx((2 + 14 / 8) * adam_1b["params"])
+    n = adam_1b["params"]
+    # ZeRO-0 with Adam in bf16 (DeepSpeed's FP16 optimizer): bf16 weights (2) + bf16 grads (2) + fp32 master
+    # and moments (12) + fp32 copies of every gradient during the step (4) bytes per parameter
+    assert adam_1b["zero0_gib"] * 2**30 == pytest.approx(20 * n)
+    # ZeRO-1 (zero1.json: immediate_grad_update): bf16 weights + the full fp32 gradient buffer + the bf16
+    # all-reduce copy of it, master and moments partitioned over 8
+    assert adam_1b["zero1_gib"] * 2**30 == pytest.approx((2 + 4 + 2 + 12 / 8) * n)
+    # ZeRO-2: bf16 weights, fp32 gradient and optimizer partitions, one 500M-element bf16 reduce bucket
+    assert adam_1b["zero2_gib"] * 2**30 == pytest.approx((2 + 4 / 8 + 12 / 8) * n + 2 * 500_000_000)
 
 
 def test_readme_section_is_replaced_in_place(tmp_path):
