@@ -8,12 +8,18 @@ max_new_tokens so every step is full:
                         often their answers agree (gpu_check_rules.GPU_RULES: rates with counts)
   actors                Ray actors: two sharing one GPU (0.5 each) both on that GPU, one without a GPU
                         share on the CPU; their categories against each other
+  planning              the probe's auto placement on this node (one actor per visible GPU), and that
+                        reading the node (the probe's and the trainer's) leaves no CUDA context behind
+                        in the driver, whose GPU memory would count against the training ranks
 
 Each check is a function(ctx) -> JSON-able dict for gpu_check_rules' runner; `--smoke` runs them on
 CPU with a tiny model (checks this script, not the hardware).
 """
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -155,8 +161,41 @@ def check_actors(ctx) -> dict:
             "category_agreement": agreed,
             "expectations": [expect_rate("actor_rows", agreed, rule("actor_rows", ctx.on_gpu))]}
 
+# Run in a fresh interpreter: gpu_check's own process has touched CUDA long before this check.
+PLANNING_SCRIPT = """
+import json, os
+from toolkit.probe.placement import local_node, plan_placement
+from toolkit.probe.pool import Placement
+from toolkit.train.devices import query_nvidia_smi, this_node
+node, train_node = local_node(), this_node()
+plan = plan_placement(Placement(), [node], "fast")
+smi = query_nvidia_smi()
+own = None if smi is None else sum(mib for g in smi for pid, _, mib in g.processes if pid == os.getpid())
+print(json.dumps({"gpus": node.gpus, "gpu_memory_bytes": node.gpu_memory_bytes, "train_gpus": train_node.count,
+                  "plan": plan.line(), "num_actors": plan.placement.num_actors,
+                  "gpus_per_actor": plan.placement.gpus_per_actor, "driver_gpu_mib": own}))
+"""
 
-PROBE_CHECKS = [Check("engine_1b", engine_check("engine_1b"), estimate_s=100),
+
+def check_planning(ctx) -> dict:
+    """The auto plan on this node, read by a process that has done nothing else, and the GPU memory
+    that reading left to that process (nvidia-smi's compute apps; None where nvidia-smi is missing)."""
+    done = subprocess.run([sys.executable, "-c", PLANNING_SCRIPT], capture_output=True, text=True, timeout=300,
+                          cwd=common.REPO_ROOT, check=True)
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    expectations = []
+    if ctx.on_gpu:  # on CPU there is no context to leave and no GPU to plan for
+        expectations.append(expect_at_most("auto_actors_short_of_gpus", seen["gpus"] - seen["num_actors"], 0,
+                                           "auto placement runs one own-engine actor per visible GPU"))
+        if seen["driver_gpu_mib"] is not None:  # None: no nvidia-smi to ask
+            expectations.append(expect_at_most(
+                "planning_context_mib", seen["driver_gpu_mib"], 0, "planning reads the devices without a CUDA "
+                "context (it would hold GPU memory through every training stage)"))
+    return {**seen, "expectations": expectations}
+
+
+PROBE_CHECKS = [Check("planning", check_planning, estimate_s=20),
+                Check("engine_1b", engine_check("engine_1b"), estimate_s=100),
                 Check("engine_8b", engine_check("engine_8b"), estimate_s=200),
                 Check("actors", check_actors, estimate_s=60)]
 

@@ -103,7 +103,7 @@ def test_parts_are_named_lists_of_checks_that_fit_their_own_budget(gpu_check, ru
             "turn_taking"} <= set(names)
     for check in gpu_check.PARTS["train"]:  # a check only needs checks that run before it
         assert all(names.index(n) < names.index(check.name) for n in check.needs)
-    assert [c.name for c in gpu_check.PARTS["probe"]] == ["engine_1b", "engine_8b", "actors"]
+    assert [c.name for c in gpu_check.PARTS["probe"]] == ["planning", "engine_1b", "engine_8b", "actors"]
     for checks in gpu_check.PARTS.values():  # each part within 8 minutes on one H100, start-up included
         assert sum(c.estimate_s for c in checks) <= rules.BUDGET_S <= 8 * 60 - 30
 
@@ -291,7 +291,8 @@ def test_probe_checks_smoke_on_cpu(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads(next(tmp_path.glob("gpu-check-*.json")).read_text())
     probe = result["results"]["probe"]
-    assert result["summary"]["probe"]["ok"] == ["engine_1b", "engine_8b", "actors"]
+    assert result["summary"]["probe"]["ok"] == ["planning", "engine_1b", "engine_8b", "actors"]
+    assert probe["planning"]["plan"].startswith("2 actor(s) x (1 CPU)")  # no GPU: the CPU plan
     assert result["verdict"]["verdict"] == "passed" and result["verdict"]["expectations_met"] == 9
     assert set(probe["engine_1b"]["answers_per_s"]) == {"toolkit", "eager", "eager_batch8", "generate"}
     assert probe["engine_1b"]["agreement"]["graphs_vs_eager"]["answers"]["rate"] == 1.0  # CPU fp32: equal

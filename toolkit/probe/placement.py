@@ -29,7 +29,7 @@ from .vllm_engine import TENSOR_PARALLEL_SIZES, Refusal, head_split_reason, tens
 CPU_ACTORS = 2  # two one-thread actors beat one two-thread actor on 2 cores (no intra-op sync)
 MAX_AUTO_CPUS = 8  # a GPU actor's CPU work (tokenising, sampling bookkeeping) gains little past this
 # A vLLM engine's share of the weights may take this much of each GPU: the rest holds its KV cache,
-# activations and CUDA graphs (it starts with gpu_memory_utilization 0.85 of the GPU).
+# activations and CUDA graphs (its gpu_memory_utilization is 0.9 of its GPU share: vllm_engine.py).
 WEIGHTS_FRACTION = 0.6
 GPU_QUERY_TIMEOUT_S = 60
 
