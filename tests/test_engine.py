@@ -5,6 +5,7 @@ import collections
 import contextlib
 import logging
 import random
+import time
 import warnings
 
 import pytest
@@ -13,7 +14,7 @@ import torch
 from tests import tiny
 from toolkit.data.matching import extract_answer
 from toolkit.models import ModelSpec, load_model, load_tokenizer, newline_token_ids
-from toolkit.probe.engine import FastEngine, gumbel_noise, mix64, to_int64
+from toolkit.probe.engine import FastEngine, graph_rows, gumbel_noise, mix64, to_int64
 from toolkit.probe.reference import ReferenceEngine
 from toolkit.probe.types import PromptRequest, ProbeConfig
 
@@ -238,7 +239,7 @@ def test_samples_do_not_depend_on_batching_or_flags(stoppy_lm):
         (dict(max_batch_prompts=10, bucket_by_length=False), [target] + others),
         (dict(max_batch_prompts=3, fan_out_kv=False), others[::-1] + [target]),
         (dict(max_batch_prompts=10, compact_below=1.0), others + [target]),
-        (dict(max_batch_prompts=10, compact_below=0.0, compile_decode=True), others[3:] + [target]),
+        (dict(max_batch_prompts=10, compact_below=1.0, pad_rows=True), others[3:] + [target]),  # graphs' rows
     ]
     for flags, requests in variants:
         answers = FastEngine(model, tokenizer, cfg, **flags).generate(requests)
@@ -262,7 +263,71 @@ def test_all_flag_combinations_give_identical_answers(tiny_lm):
 
 def test_compile_flag_is_off_on_cpu(tiny_lm):
     model, tokenizer = tiny_lm
-    assert not FastEngine(model, tokenizer, ProbeConfig(), compile_decode=True).compile_decode
+    engine = FastEngine(model, tokenizer, ProbeConfig(), compile_decode=True)
+    assert not engine.compile_decode and not engine.pad_rows  # rows are padded for graphs only
+
+
+def test_rows_are_padded_to_powers_of_two_for_cuda_graphs():
+    """After compaction a graph-captured decode step runs the live rows padded to a power of two (at
+    most the rows it ran before): 5 live of 40 run as 8, 9 as 16, 33 of 40 as 40."""
+    assert [graph_rows(live, 40) for live in (1, 2, 3, 4, 5, 8, 9, 16, 17, 33, 40)] == [
+        1, 2, 4, 4, 8, 8, 16, 16, 32, 40, 40]
+    assert [graph_rows(live, 6) for live in (1, 3, 5, 6)] == [1, 4, 6, 6]
+
+
+def decode_row_counts(model) -> tuple[list[int], object]:
+    """The row count of every one-token forward (a decode step) of `model`, and the hook's handle."""
+    counts: list[int] = []
+
+    def record(module, args, kwargs):
+        if kwargs["input_ids"].shape[1] == 1:
+            counts.append(kwargs["input_ids"].shape[0])
+
+    return counts, model.register_forward_pre_hook(record, with_kwargs=True)
+
+
+def test_padded_rows_give_the_answers_of_unpadded_ones(stoppy_lm):
+    """The row padding CUDA graphs use, run on CPU without compiling: finished rows ride along in the
+    decode steps (their extra tokens land after their stop token), the answers are those of the
+    unpadded engine, and every compacted step has a power-of-two row count."""
+    model, tokenizer = stoppy_lm
+    cfg = ProbeConfig(samples=6, max_new_tokens=8)  # 7 rows per prompt: batch rows are no power of two
+    requests = tiny_requests(9)
+    runs = {}
+    for pad in (False, True):
+        counts, handle = decode_row_counts(model)
+        engine = FastEngine(model, tokenizer, cfg, max_batch_prompts=3, compact_below=1.0, pad_rows=pad)
+        try:
+            answers = engine.generate(requests)
+        finally:
+            handle.remove()
+        runs[pad] = answers, counts, engine.last_stats
+    (plain, plain_counts, plain_stats), (padded, padded_counts, padded_stats) = runs[False], runs[True]
+    assert padded == plain
+    batch_rows = 3 * 7
+    assert {c for c in padded_counts if c != batch_rows} <= {1, 2, 4, 8, 16}
+    assert any(c & (c - 1) for c in plain_counts if c != batch_rows)  # unpadded: counts such as 3, 5, 11
+    assert padded_stats["compactions"] > 0 and padded_stats["decode_rows"] > plain_stats["decode_rows"]
+
+
+@pytest.mark.gpu
+def test_cuda_graph_decode_gives_the_eager_answers(tiny_lm):
+    """compile_decode on a GPU: the captured decode steps (padded rows, static cache addresses) give
+    the eager engine's answers. fp32 on both; compiled kernels may round differently, so a tie in
+    the logits may go the other way: at least 99% of the answers agree (as benchmarks/gpu_check)."""
+    model, tokenizer = tiny_lm
+    model = model.to("cuda")
+    try:
+        cfg = ProbeConfig(samples=6, max_new_tokens=8)
+        requests = tiny_requests(24)
+        eager = FastEngine(model, tokenizer, cfg, max_batch_prompts=8, compile_decode=False).generate(requests)
+        engine = FastEngine(model, tokenizer, cfg, max_batch_prompts=8, compile_decode=True)
+        assert engine.compile_decode and engine.pad_rows
+        graphs = engine.generate(requests)
+        pairs = [(a, b) for x, y in zip(eager, graphs) for a, b in zip([x.greedy, *x.samples], [y.greedy, *y.samples])]
+        assert len(pairs) == 24 * 7 and sum(a == b for a, b in pairs) >= 0.99 * len(pairs)
+    finally:
+        model.to("cpu")
 
 
 # ------------------------------------------------------------------ settled questions (lazy probing in one pass)
@@ -361,14 +426,17 @@ def test_prefill_once_per_prompt_with_fan_out(tiny_lm):
     requests = tiny_requests(7)
     prompt_tokens = sum(len(tokenizer(r.text, add_special_tokens=False)["input_ids"]) for r in requests)
     fan_out = FastEngine(model, tokenizer, cfg, max_batch_prompts=3)
+    before = time.perf_counter()
     fan_out.generate(requests)
+    elapsed = time.perf_counter() - before
     per_stream = FastEngine(model, tokenizer, cfg, max_batch_prompts=3, fan_out_kv=False)
     per_stream.generate(requests)
     assert fan_out.last_stats["prefill_tokens"] == prompt_tokens
     assert per_stream.last_stats["prefill_tokens"] == (1 + cfg.samples) * prompt_tokens
     stats = fan_out.last_stats
     assert stats["prompts"] == 7 and stats["answers"] == 42 and stats["batches"] == 3
-    assert stats["decode_steps"] <= 3 * (cfg.max_new_tokens - 1) and stats["seconds"] > 0
+    assert stats["decode_steps"] <= 3 * (cfg.max_new_tokens - 1)
+    assert 0 < stats["seconds"] <= elapsed  # the call's own wall time, in seconds
 
 
 # ------------------------------------------------------------------ the transformers API it uses

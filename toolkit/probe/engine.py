@@ -64,6 +64,13 @@ def cache_argument(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+def graph_rows(live: int, batch_rows: int) -> int:
+    """The rows a decode step runs after compaction when CUDA graphs capture it: the `live` rows padded
+    with finished ones up to a power of two, at most the `batch_rows` the step ran with before. A graph
+    is captured per distinct row count, so a batch meets log2(rows) shapes, not one per count."""
+    return min(batch_rows, 1 << (live - 1).bit_length())
+
+
 def gumbel_noise(row_keys: torch.Tensor, step: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
     """Gumbel(0, 1) noise (float64) for each row's candidate tokens, a pure function of
     (row key, step, token id): the step-th output of the row's splitmix64 stream seeds a second
@@ -83,10 +90,12 @@ class FastEngine:
 
     def __init__(self, model, tokenizer, config: ProbeConfig, max_batch_prompts: int | None = None, *,
                  memory_share: float = 1.0, fan_out_kv: bool = True, bucket_by_length: bool = True,
-                 compile_decode: bool = True, compact_below: float = 0.5):
+                 compile_decode: bool = True, compact_below: float = 0.5, pad_rows: bool | None = None):
         """max_batch_prompts None: 16 on CPU; on a GPU as many as this engine's budget holds (per call;
         toolkit.probe.memory), on `memory_share` of the GPU (its Ray actor's fraction of it).
-        compile_decode: CUDA graphs for the decode step, on CUDA only (on CPU there is nothing to gain)."""
+        compile_decode: CUDA graphs for the decode step, on CUDA only (on CPU there is nothing to gain).
+        pad_rows: compacted batches padded to power-of-two rows (graph_rows), as the graphs need; None:
+        with compile_decode. True on CPU runs the graphs' row shapes without compiling (tests)."""
         if max_batch_prompts is not None and max_batch_prompts < 1:
             raise ValueError(f"max_batch_prompts must be >= 1, got {max_batch_prompts}")
         if not 0 < memory_share <= 1:
@@ -104,6 +113,7 @@ class FastEngine:
         self._stop_set = set(self.stop_ids)
         self._stop_tensor = torch.tensor(self.stop_ids, device=self.device)
         self.compile_decode = compile_decode and self.device.type == "cuda"
+        self.pad_rows = self.compile_decode if pad_rows is None else pad_rows
         self._step = (torch.compile(self._decode_step, mode="reduce-overhead")
                       if self.compile_decode else self._decode_step)
         self._cache: StaticCache | None = None  # preallocated, reused across batches and calls
@@ -353,8 +363,8 @@ class FastEngine:
 
     def _rows_to_keep(self, alive: torch.Tensor) -> torch.Tensor:
         keep = alive.nonzero().squeeze(1)
-        if self.compile_decode:  # pad with finished rows to a power of two: few shapes, few CUDA graphs
-            size = min(len(alive), 1 << (len(keep) - 1).bit_length())
+        if self.pad_rows:  # finished rows fill the step up to graph_rows: few shapes, few CUDA graphs
+            size = graph_rows(len(keep), len(alive))
             keep = torch.cat([keep, (~alive).nonzero().squeeze(1)[:size - len(keep)]])
         return keep
 
