@@ -410,6 +410,28 @@ def test_gpus_the_launcher_cannot_take_are_refused_in_one_line(visible, num_gpus
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("hostfile, launch, node, expected_world, expected_per_node", [
+    ("a slots=8\nb slots=4\n", dict(num_gpus=6), ("4,5,6,7", 4), 10, 6),  # a: 6 of its 8, b: its 4
+    ("a slots=2\nb slots=4\nc slots=8\n", dict(num_nodes=2), (None, 8), 6, 4),  # c is not used
+    (None, dict(num_gpus=2), ("4,5,6,7", 4), 2, 2),
+    (None, dict(), (None, 8), 8, 8),
+])
+def test_ranks_per_node_is_the_busiest_nodes_count(tmp_path, hostfile, launch, node, expected_world,
+                                                   expected_per_node):
+    """The memory plan holds one node's ranks: the busiest node's, whatever node 0 has."""
+    from toolkit.train.devices import NodeGpus
+    from toolkit.train.launch import LaunchConfig, build_command
+    from toolkit.train.plan import ranks_per_node
+
+    if hostfile:
+        (tmp_path / "hosts").write_text(hostfile)
+        launch["hostfile"] = str(tmp_path / "hosts")
+    target = build_command(LaunchConfig(**launch), Path("c.yaml"), True, NodeGpus(*node))
+    assert target.world == expected_world
+    assert ranks_per_node(target.devices, target.world) == expected_per_node
+    assert ranks_per_node(None, 3) == 3  # no device map: every rank on one node
+
+
 def test_with_a_hostfile_the_hostfile_decides_the_gpus(tmp_path, monkeypatch):
     """DeepSpeed reads no mask with a hostfile: each node's ranks get its first slots (or num_gpus)."""
     from toolkit.train.devices import NodeGpus

@@ -207,11 +207,11 @@ def gpu_memory(launch: LaunchConfig, node: NodeGpus, ranks_here: int) -> tuple[i
 def fit_check(cfg: TrainConfig, ds: dict, target: LaunchTarget, launch: LaunchConfig, node: NodeGpus, on_gpu: bool,
               model: str) -> list[str]:
     """Refuse (TrainConfigError, one line) model states that cannot fit the GPUs; the memory lines."""
-    from .plan import model_size
+    from .plan import model_size, ranks_per_node
 
     size = model_size(model)
     states = states_for(size.params, size.largest_param, ds, cfg.optimizer, target.world)
-    ranks_here = max(map(len, target.devices.values()))
+    ranks_here = ranks_per_node(target.devices, target.world)
     gpu_bytes, source = gpu_memory(launch, node, ranks_here) if on_gpu else (None, "")
     if on_gpu:
         check_fit(states, gpu_bytes, size.largest_layer)

@@ -171,8 +171,11 @@ def count_parameters(model_ref: str) -> int:
     return model_size(model_ref).params
 
 
-def ranks_per_node(plan: RunPlan) -> int:
-    return max(map(len, plan.devices.values())) if plan.devices else plan.world_size
+def ranks_per_node(devices: dict[str, list[int]] | None, world_size: int) -> int:
+    """The most ranks one node runs (its GPUs' memory and its host memory hold that many): the
+    largest node's share of `devices` (per node, the GPU indices or CPU slots its ranks get), else
+    every rank on one node."""
+    return max(map(len, devices.values())) if devices else world_size
 
 
 def describe(plan: RunPlan) -> str:
@@ -205,7 +208,7 @@ def describe(plan: RunPlan) -> str:
     lines += describe_devices(plan.devices, plan.on_gpu) if plan.devices else []
     lines += plan.memory_lines or describe_memory(
         states_for(size.params, size.largest_param, ds, cfg.optimizer, plan.world_size), None, "", plan.on_gpu,
-        ranks_per_node(plan))
+        ranks_per_node(plan.devices, plan.world_size))
     est = disk_estimate(size.params, ds["bf16"]["enabled"], cfg.optimizer, cfg.keep_last_n)
     lines += [f"== disk for checkpoints and the export under {cfg.out}", *describe_disk(est, cfg.keep_last_n)]
     lines += [f"note: {note}" for note in plan.notes]
