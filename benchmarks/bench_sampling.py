@@ -81,15 +81,12 @@ def parse_args(argv, prog=None):
 
 def never_stop(engine, model) -> None:
     """Force full-length generation: stop on a token id no model output can take (== vocab size)."""
-    import torch
+    from toolkit.probe.answers import AnswerDecoder
 
     if hasattr(engine, "ignore_eos"):  # vLLM: its own EOS check, and no ids out of the vocabulary
-        engine.ignore_eos, engine.stop_ids, engine._stop_set = True, [], set()
+        engine.ignore_eos, engine.answers = True, AnswerDecoder(engine.tokenizer, stop_ids=[])
         return
-    impossible = [model.config.vocab_size]
-    engine.stop_ids, engine._stop_set = impossible, set(impossible)
-    if hasattr(engine, "_stop_tensor"):
-        engine._stop_tensor = torch.tensor(impossible, device=engine._stop_tensor.device)
+    engine.answers = AnswerDecoder(engine.tokenizer, stop_ids=[model.config.vocab_size])
 
 
 def make_engine(name, model, tokenizer, sampling, args, force):
@@ -176,10 +173,9 @@ def bench_engine(name, model, tokenizer, requests, args, force, ceilings, prompt
                tokens_per_answer=tokens / n_answers,
                peak_memory=common.peak_memory(base, sum(p.numel() * p.element_size() for p in model.parameters())),
                start_s=getattr(engine, "start_s", None),  # vLLM's start-up, not in `seconds`
-               stats=dict(getattr(engine, "last_stats", {})), greedy=[a.greedy for a in answers],
+               stats=dict(engine.last_stats), greedy=[a.greedy for a in answers],
                all_answers=[(a.greedy, a.samples) for a in answers])
-    if hasattr(engine, "close"):  # vLLM: free its memory (GPU) and processes before the next engine
-        engine.close()
+    engine.close()  # its cache (vLLM: its GPU memory and processes) before the next engine
     if name in args.prefill_engines:  # prefill alone: the same engine settings with max_new_tokens=1
         one = make_engine(name, model, tokenizer, ProbeConfig(samples=args.samples, max_new_tokens=1), args, force)
         one.generate(requests[:args.batch_prompts])
@@ -196,6 +192,7 @@ def bench_engine(name, model, tokenizer, requests, args, force, ceilings, prompt
 
 
 def bench_model(source, requests, args, on_gpu, ceilings) -> dict:
+    from toolkit.adapters.transformers_internals import attention_implementation
     from toolkit.data.prompts import token_counts
 
     try:
@@ -233,7 +230,7 @@ def bench_model(source, requests, args, on_gpu, ceilings) -> dict:
              for r in rows if full and r["engine"] in FEATURE_OFF}
     result = dict(model=source, params=sum(p.numel() for p in model.parameters()),
                   dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
-                  attention=model.config._attn_implementation, forced_full_length=force,
+                  attention=attention_implementation(model), forced_full_length=force,
                   prompt_tokens_mean=statistics.mean(prompt_lens), prompt_tokens_max=max(prompt_lens),
                   engines=rows, failed=failed, feature_gain=gains)
     del model

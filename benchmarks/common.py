@@ -333,7 +333,7 @@ def start_vllm(model, tokenizer, sampling, gpu_share: float = 1.0):
 
     from toolkit.probe.vllm_engine import VLLMEngine
 
-    path = model.config._name_or_path
+    path = model.config.name_or_path
     if not path or not Path(path).is_dir():
         path = tempfile.mkdtemp(prefix="bench-vllm-")
         model.save_pretrained(path)

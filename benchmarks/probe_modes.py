@@ -62,7 +62,7 @@ def probe_row(engine, name: str, dtype: str, mode: str, items: list, pool, cfg) 
     result = probe_items(engine, items, pool, cfg)
     seconds = time.perf_counter() - start
     answers = sum(r["num_prompts"] + r["num_samples"] for r in result)
-    stats = getattr(engine, "last_stats", {})
+    stats = engine.last_stats
     # rows dropped as settled: answers lazy probing stopped part-way (the work it saved)
     return dict(engine=name, dtype=dtype, sampling=mode, items=len(items), answers=answers, seconds=seconds,
                 start_s=getattr(engine, "start_s", None), settled_rows=stats.get("settled_rows", 0),

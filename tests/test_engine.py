@@ -14,6 +14,7 @@ import torch
 from tests import tiny
 from toolkit.data.matching import extract_answer
 from toolkit.models import ModelSpec, load_model, load_tokenizer, newline_token_ids
+from toolkit.probe.answers import AnswerDecoder
 from toolkit.probe.engine import FastEngine, graph_rows, gumbel_noise, mix64, to_int64
 from toolkit.probe.reference import ReferenceEngine
 from toolkit.probe.types import PromptRequest, ProbeConfig
@@ -99,6 +100,24 @@ def test_gumbel_noise_is_keyed_by_token_id_and_has_gumbel_moments():
     assert not torch.equal(noise[0], noise[1])
     big = gumbel_noise(torch.arange(200), torch.tensor(0), torch.arange(1000).expand(200, 1000))
     assert abs(big.mean().item() - 0.5772) < 0.01 and abs(big.var().item() - 1.6449) < 0.05
+
+
+# ------------------------------------------------------------------ token ids -> answers (every engine's one path)
+
+
+def test_an_answer_ends_after_its_first_newline_or_eos_token_which_counts_as_used(tiny_lm):
+    _, tokenizer = tiny_lm
+    words = tokenizer(" Paris is", add_special_tokens=False)["input_ids"]
+    later = tokenizer(" far", add_special_tokens=False)["input_ids"]
+    newline, eos = newline_token_ids(tokenizer)[0], tokenizer.eos_token_id
+    rows = [words + [newline] + later, words + [eos] + later, words, [newline] + words]
+    used = len(words) + 1
+    assert AnswerDecoder(tokenizer)(rows) == [("Paris is", used), ("Paris is", used), ("Paris is", len(words)),
+                                              ("", 1)]
+    # no stop token (a benchmark's forced full length): every token counts; the text still ends at its newline
+    assert AnswerDecoder(tokenizer, stop_ids=[])(rows[:2]) == [("Paris is", len(rows[0])),
+                                                               ("Paris is far", len(rows[1]))]
+    assert AnswerDecoder(tokenizer)([]) == []
 
 
 # ------------------------------------------------------------------ greedy = the reference
@@ -495,6 +514,7 @@ def test_single_query_gqa_attention_equals_sdpa_over_repeated_heads():
 def test_fast_engine_probes_whatever_attention_was_asked_for(tiny_model_dir):
     """FlashAttention-2 takes no explicit mask: the fast engine loads with SDPA and switches any model
     to its own SDPA function, so a config asking for FA2 (or eager) probes, with the same answers."""
+    from toolkit.adapters.transformers_internals import attention_implementation
     from toolkit.probe.attention import ATTENTION
 
     requests = tiny_requests(6)
@@ -505,11 +525,11 @@ def test_fast_engine_probes_whatever_attention_was_asked_for(tiny_model_dir):
     for attention in ("eager", "sdpa"):
         model, tokenizer = load_model(ModelSpec(source=str(tiny_model_dir), attention=attention))
         engine = FastEngine(model, tokenizer, cfg)
-        assert model.config._attn_implementation == ATTENTION
+        assert attention_implementation(model) == ATTENTION
         answers.append([(a.greedy, a.samples) for a in engine.generate(requests)])
     assert answers[0] == answers[1]
     ReferenceEngine(model, tokenizer, cfg)  # the baseline on the same model: stock SDPA again
-    assert model.config._attn_implementation == "sdpa"
+    assert attention_implementation(model) == "sdpa"
 
 
 def test_actors_sharing_a_gpu_budget_their_share_of_its_total_memory():

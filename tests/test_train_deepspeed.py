@@ -467,12 +467,13 @@ strategy.save_hf_model(tokenizer, f"{sys.argv[2]}/cpu-export")  # the export now
 engine.module.save_pretrained(f"{sys.argv[2]}/module-export", safe_serialization=True)  # the export before
 tokenizer.save_pretrained(f"{sys.argv[2]}/module-export")
 cpu = torch.device("cpu")
-timeouts = {"default": dist.distributed_c10d._get_default_group()._get_backend(cpu).options._timeout.total_seconds()}
-from deepspeed.utils import groups
-world = groups._WORLD_GROUP
-timeouts["deepspeed_world"] = world._get_backend(cpu).options._timeout.total_seconds() if world else None
+from toolkit.adapters.torch_internals import group_timeout
+# the default group, and the group ZeRO reduces over: DeepSpeed's copy of the world, made without a timeout
+timeouts = {"default": group_timeout(dist.group.WORLD, cpu).total_seconds(),
+            "deepspeed_world": group_timeout(engine.optimizer.dp_process_group, cpu).total_seconds()}
+own_group = engine.optimizer.dp_process_group is not dist.group.WORLD
 print("RESULT " + json.dumps({"params_in_flat_buffer": all(in_flat), "copy_shares_memory": shares,
-                              "timeouts_s": timeouts}))
+                              "timeouts_s": timeouts, "zero_has_its_own_group": own_group}))
 strategy.destroy()
 """
 
@@ -489,6 +490,7 @@ def test_export_from_the_cpu_state_dict_equals_the_module_export(work, tmp_path)
     assert result["params_in_flat_buffer"]  # what made the old export clone on the device
     assert not result["copy_shares_memory"]
     assert result["timeouts_s"] == {"default": 7 * 60, "deepspeed_world": 7 * 60}  # collective_timeout_min=7
+    assert result["zero_has_its_own_group"]  # so its timeout is the one new groups get, not the default group's
     new, old = load_file(tmp_path / "cpu-export" / "model.safetensors"), load_file(
         tmp_path / "module-export" / "model.safetensors")
     assert new.keys() == old.keys() and all(torch.equal(new[k], old[k]) for k in old)

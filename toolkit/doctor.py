@@ -89,6 +89,7 @@ def environment_report(lock_path: Path | str | None = None) -> dict[str, str]:
     import torch
 
     from toolkit import models
+    from toolkit.adapters import adapters_report
 
     report = {"python": platform.python_version(), "platform": platform.platform()}
     report.update({pkg: _version(pkg) for pkg in PACKAGES})
@@ -107,6 +108,7 @@ def environment_report(lock_path: Path | str | None = None) -> dict[str, str]:
     except models.ModelError as err:
         report["embedded_model"] = f"MISSING ({err})"
     report["vllm"] = vllm_report()
+    report["adapters"] = adapters_report()  # the library internals the toolkit uses, tried on the installed versions
     report["cache_dir"] = str(models.cache_dir())
     report["torch_extensions_dir"] = os.environ.get("TORCH_EXTENSIONS_DIR", "(default)")
     report.update(lock_report(lock_path))

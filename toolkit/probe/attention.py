@@ -9,26 +9,29 @@ Why not the model's own choice:
   torch.compile): a copy of the whole static cache per layer per step. Here the query heads of a
   group stand in the query-length axis instead, so K and V are read in place, eager or compiled.
 
-Registered through transformers' public AttentionInterface / AttentionMaskInterface.
+Registered through transformers' public AttentionInterface / AttentionMaskInterface, whose
+instances also give the stock "sdpa" functions this one falls back to and reuses.
 """
 from __future__ import annotations
 
 import torch
+from transformers import AttentionInterface, AttentionMaskInterface
+
+from toolkit.adapters.transformers_internals import attention_implementation
 
 ATTENTION = "gradual_sdpa"
+STOCK_SDPA = AttentionInterface()["sdpa"]  # transformers' own SDPA attention and mask functions
+STOCK_SDPA_MASK = AttentionMaskInterface()["sdpa"]
 
 
 def sdpa_single_query_gqa(module, query, key, value, attention_mask, dropout: float = 0.0,
                           scaling: float | None = None, **kwargs):
     """transformers' attention-function contract: query (batch, heads, q_len, dim), key/value
     (batch, kv_heads, kv_len, dim); returns ((batch, q_len, heads, dim), None)."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     groups = getattr(module, "num_key_value_groups", 1)
     per_head_mask = attention_mask is not None and attention_mask.shape[1] != 1
     if query.shape[2] != 1 or groups == 1 or per_head_mask:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, **kwargs)
+        return STOCK_SDPA(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     batch, heads, _, dim = query.shape
     # query head j * groups + g uses KV head j (transformers' repeat_kv order): group g becomes a
     # "query position" of KV head j; the (batch, 1, 1, kv_len) mask broadcasts over both.
@@ -41,15 +44,12 @@ def sdpa_single_query_gqa(module, query, key, value, attention_mask, dropout: fl
 def use_stock_attention(model) -> None:
     """Undo `use_engine_attention` for a model the fast engine used before (the sampling benchmark
     runs every engine on one model): the reference engine is plain transformers, with plain SDPA."""
-    if model.config._attn_implementation == ATTENTION:
+    if attention_implementation(model) == ATTENTION:
         model.set_attn_implementation("sdpa")
 
 
 def use_engine_attention(model) -> None:
     """Switch `model` to the engine's attention (whatever it was loaded with: sdpa, eager, FA2)."""
-    from transformers import AttentionInterface, AttentionMaskInterface
-    from transformers.masking_utils import sdpa_mask
-
     AttentionInterface.register(ATTENTION, sdpa_single_query_gqa)
-    AttentionMaskInterface.register(ATTENTION, sdpa_mask)  # the prefill's masks are SDPA's
+    AttentionMaskInterface.register(ATTENTION, STOCK_SDPA_MASK)  # the prefill's masks are SDPA's
     model.set_attn_implementation(ATTENTION)

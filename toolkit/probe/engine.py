@@ -24,10 +24,12 @@ from typing import Sequence
 import torch
 from transformers import DynamicCache, StaticCache
 
-from toolkit.data.matching import extract_answer
+from toolkit.adapters.torch_internals import keep_address_static
+from toolkit.adapters.transformers_internals import cache_tensors, use_cache_rows
 from toolkit.data.prompts import stable_seed
-from toolkit.models import encode_prompts, newline_token_ids, tokens_until_stop
+from toolkit.models import encode_prompts
 
+from .answers import AnswerDecoder, answer_streams, requested_samples
 from .attention import use_engine_attention
 from .memory import (CPU_BATCH_PROMPTS, MAX_BATCH_PROMPTS, batch_memory_budget, cache_length, kv_bytes_per_row,
                      prompt_batch_size)
@@ -85,7 +87,6 @@ class FastEngine:
     """Engine protocol implementation; the feature flags exist so the benchmark can switch the
     optimisations off one at a time. Answers are identical under every flag combination."""
 
-    keyed_samples = True  # sample j of a prompt is the same whichever other samples a call asks for
     settles_questions = True  # generate() takes `settled`: lazy probing in one pass
 
     def __init__(self, model, tokenizer, config: ProbeConfig, max_batch_prompts: int | None = None, *,
@@ -109,9 +110,7 @@ class FastEngine:
         self.compact_below = compact_below  # compact when live rows <= this fraction of the batch
         self.device = next(model.parameters()).device
         self._cache_arg = cache_argument(model)
-        self.stop_ids = sorted({*newline_token_ids(tokenizer), tokenizer.eos_token_id})
-        self._stop_set = set(self.stop_ids)
-        self._stop_tensor = torch.tensor(self.stop_ids, device=self.device)
+        self.answers = AnswerDecoder(tokenizer)
         self.compile_decode = compile_decode and self.device.type == "cuda"
         self.pad_rows = self.compile_decode if pad_rows is None else pad_rows
         self._step = (torch.compile(self._decode_step, mode="reduce-overhead")
@@ -132,8 +131,7 @@ class FastEngine:
         question's FinishedAnswers so far; once True, its still-running rows are dropped and their
         answers are absent from the result (PromptAnswers.sample_indices says which samples remain)."""
         start = time.perf_counter()
-        indices = range(self.config.samples) if sample_indices is None else list(sample_indices)
-        stream_keys = ([GREEDY_STREAM] if greedy else []) + list(indices)
+        stream_keys = answer_streams(greedy, requested_samples(self.config, sample_indices))
         if not stream_keys:
             raise ValueError("generate() asked for no answer (greedy=False and no sample index)")
         streams = len(stream_keys)
@@ -142,6 +140,8 @@ class FastEngine:
                                compactions=0, settled_rows=0, oom_retries=0)
         if not requests:
             return []
+        # read per call: a benchmark replaces `answers` to force full-length answers
+        self._stop_tensor = torch.tensor(self.answers.stop_ids, dtype=torch.long, device=self.device)
         ids = encode_prompts(self.tokenizer, [r.text for r in requests])
         length = max(map(len, ids)) + self.config.max_new_tokens
         # The same batches with `settled` or without: lazy probing prefills exactly what full sampling does.
@@ -167,6 +167,10 @@ class FastEngine:
         self.last_stats["generated_tokens"] = sum(a.total_tokens for a in results)
         self.last_stats["seconds"] = time.perf_counter() - start
         return results
+
+    def close(self) -> None:
+        """Let go of the static cache (a later call allocates it again)."""
+        self._release_cache()
 
     def _batch_prompts(self, streams: int, length: int) -> int:
         if self.max_batch_prompts is not None:
@@ -283,9 +287,9 @@ class FastEngine:
             stats["decode_steps"] += 1
             stats["decode_rows"] += len(row_ids)
         if book is None:
-            return prompt_answers(dict(enumerate(self._decode(out.tolist()))), n_prompts, stream_keys)
+            return prompt_answers(dict(enumerate(self.answers(out.tolist()))), n_prompts, stream_keys)
         rest = sorted(book.running)  # rows that ran to max_new_tokens
-        book.record(rest, self._decode(out[rest].tolist()))
+        book.record(rest, self.answers(out[rest].tolist()))
         return prompt_answers(book.decoded, n_prompts, stream_keys)
 
     def _settle(self, book: SettleBook, out, row_ids, was_alive, alive) -> torch.Tensor:
@@ -294,7 +298,7 @@ class FastEngine:
         (compaction then frees them). Other rows are untouched: their answers stay the same."""
         done = row_ids[was_alive & ~alive].tolist()
         if done:
-            book.record(done, self._decode(out[done].tolist()))
+            book.record(done, self.answers(out[done].tolist()))
         drop = book.rows_to_drop(done)
         if drop:
             alive = alive & ~torch.isin(row_ids, torch.tensor(drop, device=row_ids.device))
@@ -356,10 +360,10 @@ class FastEngine:
         else:
             self._use_rows(len(src))
             self._cache.reset()  # write position back to 0 (and the rows in use zeroed)
-        for index, prompt in enumerate(prompt_cache.layers):
-            self._cache.update(prompt.keys.index_select(0, src), prompt.values.index_select(0, src), index)
+        for index, (keys, values) in enumerate(cache_tensors(prompt_cache)):
+            self._cache.update(keys.index_select(0, src), values.index_select(0, src), index)
         if not self._buffers:
-            self._buffers = [(layer.keys, layer.values) for layer in self._cache.layers]
+            self._buffers = cache_tensors(self._cache)
 
     def _rows_to_keep(self, alive: torch.Tensor) -> torch.Tensor:
         keep = alive.nonzero().squeeze(1)
@@ -370,31 +374,14 @@ class FastEngine:
 
     def _select_rows(self, keep: torch.Tensor) -> None:
         """Compaction: move the kept rows' KV to the front of the buffers, in place."""
-        for layer, (k, v) in zip(self._cache.layers, self._buffers):
-            k[:len(keep)] = layer.keys.index_select(0, keep)
-            v[:len(keep)] = layer.values.index_select(0, keep)
+        for (keys, values), (k, v) in zip(cache_tensors(self._cache), self._buffers):
+            k[:len(keep)] = keys.index_select(0, keep)
+            v[:len(keep)] = values.index_select(0, keep)
         self._use_rows(len(keep))
 
     def _use_rows(self, n: int) -> None:
-        """Point the cache layers at the first n rows of the buffers (views: same memory).
-
-        This sets the layers' `keys`/`values` attributes directly: transformers has no public API
-        to run a static cache on fewer rows than it was allocated with. Its public row selection
-        (`Cache.reorder_cache`, for beam search) allocates new tensors, i.e. new addresses, which
-        would defeat the preallocation and the CUDA graphs of compile_decode."""
-        for layer, (k, v) in zip(self._cache.layers, self._buffers):
-            layer.keys, layer.values = k[:n], v[:n]
+        """Run the cache on the first n rows of its buffers, in place (no public transformers API
+        does: toolkit.adapters.transformers_internals)."""
+        for view in use_cache_rows(self._cache, self._buffers, n):
             if self.compile_decode:
-                torch._dynamo.mark_static_address(layer.keys)
-                torch._dynamo.mark_static_address(layer.values)
-
-    # ------------------------------------------------------------------ answers
-
-    def _decode(self, rows: list[list[int]]) -> list[tuple[str, int]]:
-        """(answer, tokens used) per row: text up to the first newline; the count includes the stop
-        token (as ReferenceEngine)."""
-        if not rows:
-            return []
-        used = [tokens_until_stop(ids, self._stop_set) for ids in rows]
-        texts = self.tokenizer.batch_decode([ids[:u] for ids, u in zip(rows, used)], skip_special_tokens=True)
-        return [(extract_answer(text), u) for text, u in zip(texts, used)]
+                keep_address_static(view)

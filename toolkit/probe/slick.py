@@ -103,7 +103,7 @@ def probe_items(engine: Engine, items: Sequence[QAItem], pool: ExemplarPool, con
     `is_settled` holds. The categories equal full sampling's; fewer answers are generated."""
     n = config.num_exemplar_sets
     requests = [req for item in items for req in build_requests(item, pool, config)]
-    lazy = not config.full_sampling and config.samples > 0 and getattr(engine, "settles_questions", False)
+    lazy = not config.full_sampling and config.samples > 0 and engine.settles_questions
     if lazy:
         gold = {item.id: item.gold_answers for item in items}
         answers = engine.generate(requests, settled=lambda qid, finished: is_settled(finished, gold[qid], n))

@@ -86,7 +86,7 @@ class PromptAnswers:
     greedy_tokens: int = 0  # generated tokens, stop token included when one was produced
     sample_tokens: list[int] = field(default_factory=list)
     # the sample index of each of `samples` (they are fewer than asked when rows were dropped as
-    # settled); None: the engine does not record them (the reference engine: every sample asked for)
+    # settled); every engine records them; None (answers built by hand): samples 0, 1, ... in order
     sample_indices: list[int] | None = None
 
     @property
@@ -95,13 +95,22 @@ class PromptAnswers:
 
 
 class Engine(Protocol):
+    """What the probe's driver (slick.probe_items, the Ray workers, the benchmarks) uses of an engine."""
+
     config: ProbeConfig
-    keyed_samples: bool  # sample j depends only on its key, so samples can be asked for a few at a time
-    settles_questions: bool  # generate() takes `settled` (lazy probing in one pass)
+    # generate() takes `settled` (lazy probing): sample j depends only on its key, never on which
+    # other answers a call produces, so a question's remaining answers can be dropped exactly
+    settles_questions: bool
+    last_stats: dict  # the work of the last generate() call (counts; engines report what they measure)
 
     def generate(self, requests: Sequence[PromptRequest], sample_indices: Sequence[int] | None = None,
-                 greedy: bool = True) -> list[PromptAnswers]:
+                 greedy: bool = True, settled: Settled | None = None) -> list[PromptAnswers]:
         """Answers for each request, in request order: the greedy one (if `greedy`) and the samples
-        of `sample_indices` (default: all of `config.samples`). An engine with `settles_questions`
-        also takes `settled` (a Settled): answers of rows dropped as settled are absent."""
+        of `sample_indices` (default: all of `config.samples`). `settled` (only where
+        `settles_questions`): answers of questions it declares settled stop; those not produced are
+        absent (PromptAnswers.sample_indices says which samples remain)."""
+        ...
+
+    def close(self) -> None:
+        """Let go of what the engine holds beyond the model (caches; vLLM: its processes)."""
         ...

@@ -16,16 +16,17 @@ from __future__ import annotations
 import importlib.util
 import os
 import time
-from collections import defaultdict
 from dataclasses import dataclass
 from typing import Sequence
 
-from toolkit.data.matching import extract_answer
+from toolkit.adapters import vllm_internals
 from toolkit.data.prompts import stable_seed
-from toolkit.models import encode_prompts, newline_token_ids, tokens_until_stop
+from toolkit.models import encode_prompts
 
+from .answers import AnswerDecoder, answer_streams, requested_samples
+from .settling import SettleBook, prompt_answers
 from .slick import ProbeConfigError
-from .types import GREEDY_STREAM, FinishedAnswer, PromptAnswers, PromptRequest, ProbeConfig, Settled
+from .types import GREEDY_STREAM, PromptAnswers, PromptRequest, ProbeConfig, Settled
 
 # vLLM's CPU default (128) is longer than a probe prompt (~95 tokens of SmolLM2), so no block would
 # ever fill and be shared: 32 lets the 1 + n requests of a prompt share all but its last block.
@@ -202,16 +203,16 @@ def sample_seed(seed: int, request: PromptRequest, sample_index: int) -> int:
 class VLLMEngine:
     """Engine protocol over a vLLM `LLM`. Build it with `start` (or pass an LLM of your own)."""
 
-    keyed_samples = True  # every sample is its own request with its own seed
-    settles_questions = True  # generate() takes `settled`: greedy answers first, then unsettled samples
+    # every sample is its own request with its own seed: generate() takes `settled` (greedy answers
+    # first, then the samples of the questions they did not settle)
+    settles_questions = True
     ignore_eos = False  # True: run to max_new_tokens (the benchmark's forced full length)
 
     def __init__(self, llm, tokenizer, config: ProbeConfig, start_s: float = 0.0):
         self.llm, self.tokenizer, self.config = llm, tokenizer, config
         self.start_s = start_s  # seconds the engine took to start (model load, KV cache, warm-up)
         self.max_model_len = llm.model_config.max_model_len
-        self.stop_ids = sorted({*newline_token_ids(tokenizer), tokenizer.eos_token_id})
-        self._stop_set = set(self.stop_ids)
+        self.answers = AnswerDecoder(tokenizer)
         self.last_stats: dict = {}
 
     @classmethod
@@ -229,7 +230,7 @@ class VLLMEngine:
 
     def close(self) -> None:
         """Stop the engine now (with TP, its worker processes), not whenever it is garbage-collected."""
-        self.llm.llm_engine.engine_core.shutdown()
+        vllm_internals.shutdown(self.llm)  # LLM has no public close in vLLM 0.32
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached prompt block (a benchmark row must not reuse the previous row's)."""
@@ -238,13 +239,8 @@ class VLLMEngine:
     def _params(self, **kwargs):
         from vllm import SamplingParams
 
-        return SamplingParams(max_tokens=self.config.max_new_tokens, stop_token_ids=self.stop_ids,
+        return SamplingParams(max_tokens=self.config.max_new_tokens, stop_token_ids=self.answers.stop_ids,
                               ignore_eos=self.ignore_eos, detokenize=False, **kwargs)
-
-    def _answer(self, token_ids) -> tuple[str, int]:
-        ids = list(token_ids)
-        used = tokens_until_stop(ids, self._stop_set)
-        return extract_answer(self.tokenizer.decode(ids[:used], skip_special_tokens=True)), used
 
     def generate(self, requests: Sequence[PromptRequest], sample_indices: Sequence[int] | None = None,
                  greedy: bool = True, settled: Settled | None = None) -> list[PromptAnswers]:
@@ -252,48 +248,40 @@ class VLLMEngine:
         the samples of only the questions their greedy answers did not settle. A sample's seed is its
         key, so the samples produced are those full sampling produces; the prompts' blocks are still
         in the prefix cache for the second phase."""
-        indices = list(range(self.config.samples)) if sample_indices is None else list(sample_indices)
+        indices = requested_samples(self.config, sample_indices)
+        self.last_stats = dict(settled_rows=0)
         if settled is None or not greedy or not indices:
             return self._generate(requests, indices, greedy)
         answers = self._generate(requests, [], greedy=True)
-        finished = defaultdict(list)
-        for request, answer in zip(requests, answers):
-            finished[request.question_id].append(FinishedAnswer(request.prompt_index, GREEDY_STREAM, answer.greedy))
-        done = {question: settled(question, answers_so_far) for question, answers_so_far in finished.items()}
-        pending = [i for i, request in enumerate(requests) if not done[request.question_id]]
+        # the greedy answers, one finished row each, through the own engine's books (settling.py)
+        book = SettleBook(settled)
+        book.start_batch(requests, [GREEDY_STREAM])
+        book.record(range(len(requests)), [(a.greedy, a.greedy_tokens) for a in answers])
+        book.rows_to_drop(range(len(requests)))
+        pending = [i for i, request in enumerate(requests) if request.question_id not in book.closed]
         for i, more in zip(pending, self._generate([requests[i] for i in pending], indices, greedy=False)):
-            answers[i].samples, answers[i].sample_tokens = more.samples, more.sample_tokens
-        for answer in answers:
-            answer.sample_indices = list(indices) if answer.samples else []
+            answers[i].samples, answers[i].sample_tokens, answers[i].sample_indices = (
+                more.samples, more.sample_tokens, more.sample_indices)
         self.last_stats = dict(settled_rows=(len(requests) - len(pending)) * len(indices))  # samples never asked
         return answers
 
     def _generate(self, requests: Sequence[PromptRequest], indices: list[int], greedy: bool) -> list[PromptAnswers]:
+        """Every answer asked for, one vLLM request each, laid out prompt-major as the own engine's rows."""
         cfg = self.config
+        streams = answer_streams(greedy, indices)
         greedy_params = self._params(temperature=0.0)
-        prompts, params, slots = [], [], []  # slots: (request index, sample index or None for greedy)
-        for r, (req, ids) in enumerate(zip(requests, encode_prompts(self.tokenizer, [q.text for q in requests]))):
+        prompts, params = [], []
+        for req, ids in zip(requests, encode_prompts(self.tokenizer, [q.text for q in requests])):
             if error := prompt_length_error(len(ids), req.question_id, cfg.max_new_tokens, self.max_model_len):
                 raise ProbeConfigError(error)
-            if greedy:
+            for j in streams:
                 prompts.append({"prompt_token_ids": ids})
-                params.append(greedy_params)
-                slots.append((r, None))
-            for j in indices:
-                prompts.append({"prompt_token_ids": ids})
-                params.append(self._params(temperature=cfg.temperature, top_k=cfg.top_k or -1,
-                                           seed=sample_seed(cfg.seed, req, j)))
-                slots.append((r, j))  # samples in index order, as the own engine returns them
-        answers = [PromptAnswers(greedy=None) for _ in requests]
+                params.append(greedy_params if j == GREEDY_STREAM else self._params(
+                    temperature=cfg.temperature, top_k=cfg.top_k or -1, seed=sample_seed(cfg.seed, req, j)))
         outputs = self.llm.generate(prompts, params, use_tqdm=False) if prompts else []
-        for (r, j), out in zip(slots, outputs):  # vLLM returns outputs in prompt order
-            text, used = self._answer(out.outputs[0].token_ids)
-            if j is None:
-                answers[r].greedy, answers[r].greedy_tokens = text, used
-            else:
-                answers[r].samples.append(text)
-                answers[r].sample_tokens.append(used)
-        return answers
+        # vLLM returns outputs in prompt order: output r is row r
+        decoded = self.answers(out.outputs[0].token_ids for out in outputs)
+        return prompt_answers(dict(enumerate(decoded)), len(requests), streams)
 
 
 def node_gpu_counts() -> list[float]:

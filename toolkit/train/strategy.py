@@ -49,17 +49,16 @@ def lr_lambda(total_steps: int, warmup_steps: int, kind: str):
 
 
 def set_collective_timeout(minutes: int):
-    """The timeout of every process group of this process: the default one (passed to
-    init_distributed) and those created later without a timeout of their own, which torch would give
-    its backend default (NCCL: 10 min), as DeepSpeed's copy of the world group, used by ZeRO, is."""
+    """The timeout of every process group of this process: the default one (returned, for
+    init_distributed's public timeout argument) and those created later without a timeout of their
+    own, which torch would give its backend default (NCCL: 10 min), as DeepSpeed's copy of the world
+    group, used by ZeRO, is (DeepSpeed 0.19 passes no timeout to new_group; the adapter says why)."""
     from datetime import timedelta
 
-    import torch.distributed.distributed_c10d as c10d
+    from toolkit.adapters.torch_internals import set_default_group_timeout
 
     timeout = timedelta(minutes=minutes)
-    for name in ("default_pg_timeout", "default_pg_nccl_timeout"):
-        if hasattr(c10d, name):  # read by c10d._get_default_timeout whenever a group gets no timeout
-            setattr(c10d, name, timeout)
+    set_default_group_timeout(timeout)
     return timeout
 
 
