@@ -317,7 +317,7 @@ def check_turn_taking(ctx: Context) -> dict:
     run = ctx.work / "turn-taking"
     items = [json.loads(line) for line in (ctx.work / "data" / "dev.jsonl").read_text().splitlines()][:16]
     write_jsonl(run / "data" / "subset" / "test.jsonl", [dict(it, split="test") for it in items])
-    pipeline = Pipeline(load_pipeline_config(None, ["train.eval_batch_size=16", "probe.max_new_tokens=4"]), run,
+    pipeline = Pipeline(load_pipeline_config(None, ["train.options.eval_batch_size=16", "probe.max_new_tokens=4"]), run,
                         echo=lambda line: None)
     before = torch.cuda.memory_reserved() if ctx.on_gpu else None
     pipeline.evaluate(run, "M", ctx.shared["small_dir"])

@@ -78,3 +78,9 @@ def test_a_moved_internal_is_named_in_the_doctor_line():
     assert not moved.matched
     assert moved.line() == "transformers 9.0 MOVED: the attention getter; StaticCache layers"
     assert AdapterCheck("vllm", None).line() == "vllm not installed" and not AdapterCheck("vllm", None).matched
+
+
+def test_the_ray_internals_match_the_installed_ray():
+    from toolkit.adapters import ray_internals
+
+    assert ray_internals.check() == AdapterCheck("ray", installed_version("ray"), ())

@@ -68,7 +68,7 @@ def test_doctor_reports_versions_backend_and_embedded_model(capsys):
     gpu = torch.cuda.is_available()
     flash = importlib.util.find_spec("flash_attn") is not None
     assert report["attention_backend"] == ("flash_attention_2" if gpu and flash else "sdpa")
-    assert report["default_dtype"] == ("bfloat16" if gpu else "float32")
+    assert report["train_dtype"] == ("bfloat16" if gpu else "float32")  # (tests/test_doctor.py: the probe's)
     assert (report["cuda_devices"] == "none") == (not gpu)
     assert report["embedded_model"].endswith(".gguf") and Path(report["embedded_model"]).is_file()
 

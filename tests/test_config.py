@@ -1,11 +1,12 @@
 """Typed configs: nested YAML, --set overrides, and one clear error per bad key or value."""
+import dataclasses
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal, Optional, Union
 
 import pytest
 
 from toolkit.config import (ConfigError, add_arguments, apply_overrides, from_dict, given_arguments, given_keys, knob,
-                            load, require, to_dict, with_values)
+                            knob_of, load, require, to_dict, with_values)
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,7 @@ class Knobbed:
     given_keys: frozenset = given_keys()
 
     MOVED_KEYS: ClassVar[dict] = {"old_size": "size"}
+    REMOVED_KEYS: ClassVar[dict] = {"speed": "`fast` decides it"}
 
     def __post_init__(self):
         require(self.size >= 1, "size", self.size, "must be >= 1")
@@ -101,6 +103,19 @@ def test_checks_name_the_full_key_and_the_file(tmp_path):
         load(Top, path)
     with pytest.raises(ConfigError, match="key 'sub.old_size' has moved: use 'sub.size'"):
         load(Top, None, ["sub.old_size=3"])
+    with pytest.raises(ConfigError, match=r"^config: key 'sub.speed' was removed: `fast` decides it$"):
+        load(Top, None, ["sub.speed=3"])
+
+
+def test_a_knob_reused_in_another_config_keeps_its_default_and_help():
+    @dataclass(frozen=True)
+    class Other:
+        size: int = knob_of(Knobbed, "size")
+        inner: Inner = knob_of(Knobbed, "inner")
+
+    fields = {f.name: f for f in dataclasses.fields(Other)}
+    assert (fields["size"].default, fields["size"].metadata["help"]) == (4, "how many")
+    assert fields["inner"].metadata["help"] == "a nested section" and Other().inner == Inner()
 
 
 def test_given_keys_record_what_the_user_set():

@@ -126,3 +126,19 @@ def test_doctor_command_prints_the_warning(tmp_path, monkeypatch, capsys):
     assert main(["doctor", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["lock"].startswith("WARNING: 1 of 1 locked packages differ")
+
+
+def test_doctor_says_what_dtype_auto_becomes_here():
+    """The probe's and the trainer's dtype=auto on this machine, as each actor and rank would resolve it
+    (toolkit.models.resolve_dtype): bf16 on a GPU with bf16; on a CPU bf16 for the probe only where the
+    CPU has bf16 instructions (read here from /proc/cpuinfo), fp32 for training."""
+    import torch
+
+    report = environment_report()
+    if torch.cuda.is_available():
+        gpu = "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+        assert (report["probe_dtype"], report["train_dtype"]) == (gpu, gpu)
+        return
+    flags = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").exists() else set()
+    native = bool(flags & {"avx512_bf16", "amx_bf16"})
+    assert (report["probe_dtype"], report["train_dtype"]) == ("bfloat16" if native else "float32", "float32")

@@ -51,14 +51,45 @@ def test_overrides_and_all_baselines():
     (["baselines=natural", "first_seed_baselines=natural"], "first_seed_baselines: natural already in baselines"),
     (["probe.shot=3"], "unknown key 'probe.shot'"),
     (["probe.placement.num_actors=0"], "probe.placement.num_actors=0 must be >= 1"),
-    # keys that moved name their new place
+    # keys that moved name their new place; a removed one says where its job went
     (["probe.num_actors=2"], "key 'probe.num_actors' has moved: use 'probe.placement.num_actors'"),
     (["probe.ray_address=auto"], "use 'probe.placement.ray_address'"),
+    (["train.eval_batch_size=8"], "key 'train.eval_batch_size' has moved: use 'train.options.eval_batch_size'"),
+    (["selection.seed=3"], "key 'selection.seed' was removed: the selection's random draws follow each entry "
+                           "of the top-level `seeds`"),
+    # one answer length: the probe's
+    (["train.options.max_new_tokens=4"], "train.options.max_new_tokens=4 is set by the pipeline from "
+                                         "probe.max_new_tokens"),
+    (["probe.shard_size=0"], "probe.shard_size=0 must be >= 1"),
 ])
 def test_bad_pipeline_config(overrides, message):
     with pytest.raises(ConfigError) as err:
         load_pipeline_config(None, overrides)
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_each_knob_is_read_once():
+    """The evaluations answer as long as the probe does; the shard size is the probe runner's knob."""
+    import dataclasses
+
+    from toolkit.probe.runner import RunConfig
+
+    cfg = load_pipeline_config(None, ["probe.max_new_tokens=5", "train.options.eval_batch_size=7"])
+    assert cfg.train.options.max_new_tokens == 5  # the trainer's dev evaluation
+    assert "max_new_tokens" not in cfg.train.options.given_keys  # still the pipeline's to set
+    assert cfg.train.options.eval_batch_size == 7
+    shard_size = {f.name: f for f in dataclasses.fields(type(cfg.probe))}["shard_size"]
+    assert shard_size.metadata["help"] == "items per shard (fixes the shard plan)" and shard_size.default == 32
+    assert {f.name: f for f in dataclasses.fields(RunConfig)}["shard_size"].default == 32
+
+
+def test_every_pipeline_knob_has_help_text():
+    from toolkit.config import config_fields
+    from toolkit.gradual.config import DataSettings, PipelineConfig, ProbeSettings, TrainSettings
+    from toolkit.gradual.selection import SelectionConfig
+
+    for cls in (PipelineConfig, DataSettings, ProbeSettings, SelectionConfig, TrainSettings):
+        assert [f.name for f in config_fields(cls) if not f.metadata.get("help")] == [], cls.__name__
 
 
 def test_unknown_preset():
@@ -76,6 +107,9 @@ def test_run_locked_by_an_older_toolkit_resumes_if_only_new_keys_are_missing(tmp
     placement = written["probe"].pop("placement")  # locked before `probe.placement`: flat actor keys
     written["probe"].update(num_actors=placement["num_actors"], cpus_per_actor=placement["cpus_per_actor"])
     written["probe"]["sample_round"] = 4  # a knob this toolkit has removed since
+    written["selection"]["seed"] = 0  # removed since: the pipeline's seeds set it
+    written["train"]["eval_batch_size"] = 16  # moved since to train.options (how the evaluation batches)
+    written["train"]["options"]["max_new_tokens"] = 16  # its own then; probe.max_new_tokens (8) decides now
     written["notes"] = "the preset's description as it was worded then"
     (tmp_path / "config.json").write_text(json.dumps(written))
     Pipeline(cfg, tmp_path)._lock_config()  # the same run: accepted

@@ -105,7 +105,6 @@ def test_real_shapes_have_the_published_parameter_counts():
 
 def test_attention_backend_and_dtype_choice(monkeypatch):
     assert models.choose_attention("cpu") == "sdpa"
-    assert models.choose_dtype("cpu") == "float32" and models.choose_dtype("cuda") == "bfloat16"
     monkeypatch.setattr(models, "flash_attn_available", lambda: False)
     assert models.choose_attention("cuda") == "sdpa"
     monkeypatch.setattr(models, "flash_attn_available", lambda: True)
@@ -185,12 +184,27 @@ def test_prompts_start_as_training_texts_in_probe_evaluation_and_training(bos_mo
     assert [a.greedy for a in fast] == [a.greedy for a in ReferenceEngine(model, tok, cfg).generate(requests)]
 
 
-def test_probe_dtype_is_bf16_where_the_hardware_has_it():
+def test_auto_dtype_is_decided_by_the_device_the_model_runs_on():
     amx = "processor: 0\nflags\t\t: fpu sse avx512f amx_bf16 amx_tile\n"
     avx = "flags : fpu avx512f avx512_bf16\n"
     old = "flags : fpu sse avx2 avx512f\n"
     assert models.cpu_has_native_bf16(amx) and models.cpu_has_native_bf16(avx) and not models.cpu_has_native_bf16(old)
-    assert models.choose_probe_dtype("auto", on_gpu=False, cpuinfo=avx) == "bfloat16"
-    assert models.choose_probe_dtype("auto", on_gpu=False, cpuinfo=old) == "float32"
-    assert models.choose_probe_dtype("auto", on_gpu=True, cpuinfo=old) == "bfloat16"
-    assert models.choose_probe_dtype("float32", on_gpu=True, cpuinfo=avx) == "float32"  # asked for: kept
+    resolve = models.resolve_dtype
+    # the probe (inference): bf16 on CPUs with bf16 instructions, fp32 on the others
+    assert resolve("auto", "cpu", cpuinfo=avx) == "bfloat16" and resolve("auto", "cpu", cpuinfo=amx) == "bfloat16"
+    assert resolve("auto", "cpu", cpuinfo=old) == "float32"
+    # training (and the evaluation beside it) stays fp32 on every CPU
+    assert resolve("auto", "cpu", cpuinfo=avx, training=True) == "float32"
+    # GPUs: bf16 where the GPU has it (Ampere on), fp32 on older ones, whatever the host CPU
+    for training in (False, True):
+        assert resolve("auto", "cuda", cpuinfo=old, gpu_bf16=True, training=training) == "bfloat16"
+        assert resolve("auto", "cuda:1", cpuinfo=avx, gpu_bf16=False, training=training) == "float32"
+    # asked for: kept, on any device
+    assert resolve("float32", "cuda", gpu_bf16=True) == "float32" and resolve("bfloat16", "cpu", cpuinfo=old) == "bfloat16"
+
+
+def test_load_model_resolves_auto_as_training_does(tiny_model_dir):
+    """A model loaded with dtype auto (or none: the pipeline's test evaluation) is in the trainer's
+    precision, also on a CPU with bf16 instructions."""
+    model, _ = load_model(ModelSpec(source=str(tiny_model_dir), device="cpu", dtype="auto"))
+    assert next(model.parameters()).dtype == torch.float32

@@ -149,3 +149,22 @@ def test_the_dry_run_budget_is_the_engines_budget(llama8b):
     assert lines[0] == "probe plan: 16 actor(s) x (0.5 GPU + 4 CPU) each, engine fast, on 1 node(s) with 8 GPU(s)"
     assert "  actors: 16, each 0.5 GPU and 4 CPU(s); engine fast, tensor parallel size 1, dtype bfloat16" in lines
     assert "  shards: 64 item(s) in 1 shard(s) of up to 64" in lines
+
+
+def test_the_plan_says_which_dtype_the_actors_will_resolve_without_deciding_it():
+    """The driver describes dtype=auto for the plan; each actor resolves it on its own device."""
+    import dataclasses
+
+    from toolkit.models import cpu_has_native_bf16
+    from toolkit.probe.placement import planned_dtype
+
+    gpus = plan_placement(AUTO, [gpu_node()], "fast")
+    assert planned_dtype("auto", gpus) == (
+        "bfloat16", "auto: bfloat16 on GPUs that have it (float32 on older ones), decided by each actor")
+    assert planned_dtype("float32", gpus) == ("float32", "float32")  # asked for: what every actor uses
+    cpus = plan_placement(AUTO, [NodeResources(gpus=0, gpu_memory_bytes=None, cpus=4)], "fast")
+    here = "bfloat16" if cpu_has_native_bf16() else "float32"
+    assert planned_dtype("auto", cpus) == (here, f"auto: {here} on this machine's CPU, decided by each actor")
+    cluster = dataclasses.replace(cpus, local=False)  # other machines' CPUs: not read from here
+    assert planned_dtype("auto", cluster)[1] == ("auto: bfloat16 on CPUs with bf16 instructions, else float32, "
+                                                 "decided by each actor on its node")

@@ -85,13 +85,19 @@ def test_baseline_outputs(baseline, workload):
     assert sum(summary["counts"].values()) == 18 and summary["fractions"]["HighlyKnown"] >= 0.5
     for rel in summary["relations"].values():
         assert rel["items"] == 6 and sum(rel["fractions"].values()) == pytest.approx(1.0)
-    assert summary["total_answers"] == 18 * 3 * 5 and summary["answers_per_s"] > 0
+    assert summary["total_answers"] == summary["probed_answers"] == 18 * 3 * 5  # a fresh run: every answer new
+    assert 0 < summary["probe_wall_s"] <= summary["wall_s"]
+    assert summary["answers_per_s"] == pytest.approx(summary["probed_answers"] / summary["probe_wall_s"])
     assert summary["num_shards"] == 9 and summary["engine"] == "reference"
     # the placement's counts left auto: on two 2-CPU nodes without GPUs, 2 one-thread actors
     assert (summary["num_actors"], summary["gpus_per_actor"], summary["cpus_per_actor"]) == (2, 0, 1)
     assert summary["placement"] == "2 actor(s) x (1 CPU) each, engine reference, on 2 node(s) without GPUs"
     manifest = json.loads((Path(run.out) / "manifest.json").read_text())
     assert manifest["shots"] == 2 and manifest["samples"] == 4 and len(manifest["data_hash"]) == 64
+    # the dtype each actor resolved, on every row and in the summary (float32 asked for: float32)
+    assert {r["dtype"] for r in rows} == {"float32"} and {w["dtype"] for w in summary["workers"]} == {"float32"}
+    assert (summary["dtype"], summary["dtype_requested"], manifest["dtype"]) == ("float32", "float32", "float32")
+    assert summary["answers_saved"] == 0.0  # the fraction of full sampling's answers not generated (full here)
     assert sorted(p.name for p in (Path(run.out) / "shards").iterdir()) == [f"shard-{i:05d}.jsonl" for i in range(9)]
 
 
@@ -201,6 +207,58 @@ def test_rerun_skips_everything_and_other_arguments_are_refused(baseline, worklo
         run_probe(dataclasses.replace(run, shard_size=3), PROBE)
     with pytest.raises(ProbeConfigError, match=r"dtype was 'float32', now 'bfloat16'"):  # never mix dtypes
         run_probe(run, dataclasses.replace(PROBE, dtype="bfloat16"))
+    # auto: the shards' dtype stands (nothing left to probe, so no actor resolves anything)
+    summary = run_probe(run, dataclasses.replace(PROBE, dtype="auto"))
+    assert (summary["dtype"], summary["dtype_requested"]) == ("float32", "auto")
+
+
+def test_actors_resolving_different_dtypes_are_named_in_one_line():
+    """dtype=auto on a cluster whose nodes differ (bf16 instructions on one CPU, not on the other)."""
+    from toolkit.probe.manifest import dtype_mix_error
+
+    a, b = {"dtype": "bfloat16", "hostname": "node-a"}, {"dtype": "float32", "hostname": "node-b"}
+    assert dtype_mix_error("auto", [a, dict(a, hostname="node-c")], None) is None
+    assert dtype_mix_error("auto", [a, b], None) == (
+        "dtype=auto resolved to 2 dtypes (bfloat16 on node-a; float32 on node-b); one probe's answers come from "
+        "one dtype: set dtype to one of them")
+    assert dtype_mix_error("auto", [b], "bfloat16") == (
+        "dtype=auto resolved to 2 dtypes (bfloat16 on the shards already written; float32 on node-b); one probe's "
+        "answers come from one dtype: set dtype to one of them")
+
+
+@pytest.mark.slow
+def test_a_resumed_probe_whose_actors_resolve_another_dtype_is_refused(baseline, workload, tmp_path):
+    """Shards probed with dtype=auto on a node that resolved it otherwise: the actors started here find
+    out, and the run stops before it writes a shard in their dtype."""
+    import shutil
+    import socket
+
+    from toolkit.models import resolve_dtype
+
+    root, run, _ = workload
+    out = tmp_path / "resumed"
+    shutil.copytree(run.out, out)
+    here = resolve_dtype("auto", "cpu")  # what an actor on this machine resolves
+    other = {"bfloat16": "float32", "float32": "bfloat16"}[here]
+    manifest = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps(dict(manifest, dtype="auto")))
+    for shard in (out / "shards").iterdir():
+        write_jsonl(shard, [dict(r, dtype=other) for r in read_jsonl(shard)])
+    (out / "shards" / "shard-00004.jsonl").unlink()
+    auto = dataclasses.replace(PROBE, dtype="auto")
+    said = "; ".join(f"{d} on {w}" for d, w in sorted([(here, socket.gethostname()),
+                                                          (other, "the shards already written")]))
+    with pytest.raises(ProbeConfigError) as refused:
+        run_probe(dataclasses.replace(run, out=str(out)), auto, Placement(num_actors=1))
+    assert str(refused.value) == (f"dtype=auto resolved to 2 dtypes ({said}); one probe's answers come from "
+                                  f"one dtype: set dtype to one of them")
+    assert not (out / "shards" / "shard-00004.jsonl").exists()
+    # rows of an older toolkit carry no dtype: its manifest held the one it resolved
+    for shard in (out / "shards").iterdir():
+        write_jsonl(shard, [{k: v for k, v in r.items() if k != "dtype"} for r in read_jsonl(shard)])
+    (out / "manifest.json").write_text(json.dumps(dict(manifest, dtype=other)))
+    with pytest.raises(ProbeConfigError, match=rf"dtype was '{other}', now 'float16'"):
+        run_probe(dataclasses.replace(run, out=str(out)), dataclasses.replace(PROBE, dtype="float16"))
 
 
 def _counts(num_actors: int = 1, **kwargs) -> Placement:
@@ -398,6 +456,8 @@ def cli_inputs(tmp_path_factory):
     (["--model", "{model}", "--data", "{root}/small.jsonl", "--samples", "-1"], "samples=-1 must be >= 0"),
     (["--model", "{model}", "--data", "{root}/small.jsonl", "--shots", "2", "--ray-address", "127.0.0.1:1"],
      "cannot reach the Ray cluster at 127.0.0.1:1"),
+    (["--model", "{model}", "--data", "{root}/small.jsonl", "--shots", "2", "--vllm-cpu-kv-gib", "0"],
+     "vllm_cpu_kv_gib=0 must be >= 1"),
 ])
 def test_cli_bad_input_exit_2(cli_inputs, capsys, args, message, dry_run):
     root, model = cli_inputs
@@ -423,3 +483,14 @@ def test_dry_run_prints_the_plan_and_writes_nothing(cli_inputs, capsys):
     assert "  batches: 16 prompts x 17 answers (fast engine on CPU)" in out
     assert out[-1] == f"probe ok (data, exemplars, model and placement checked); it would write to {root / 'out'}"
     assert not (root / "out").exists() and ray.is_initialized() == had_ray  # nothing written, no Ray started
+
+
+def test_the_vllm_cpu_kv_cache_is_the_placement_knob(monkeypatch):
+    """vLLM's CPU KV cache size comes from probe.placement.vllm_cpu_kv_gib (ProbeWorker passes it to the
+    engine it starts), not from an environment variable read at import."""
+    from toolkit.probe.vllm_engine import set_cpu_environment
+
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "40")  # a value left in the environment
+    set_cpu_environment(None, Placement(vllm_cpu_kv_gib=3).vllm_cpu_kv_gib)
+    assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "3"
+    assert Placement().vllm_cpu_kv_gib == 1

@@ -211,7 +211,8 @@ def test_cli_probe_two_actors_with_a_killed_one_equal_one_actor(cluster, ray_run
 def test_tensor_parallel_beyond_a_node_is_refused_before_any_engine(cluster, ray_run, tmp_path,  # noqa: F811
                                                                     tiny_model_dir):
     run = dataclasses.replace(ray_run, out=str(tmp_path / "out"), model=str(tiny_model_dir))  # 4 heads: TP 2 fits
-    with pytest.raises(ProbeConfigError, match=r"^tensor parallel size 2 \(gpus_per_actor\) exceeds the 0 GPU"):
+    with pytest.raises(ProbeConfigError, match=r"^gpus_per_actor=2: tensor parallel size 2 \(gpus_per_actor\) "
+                                               r"exceeds the 0 GPU"):
         run_probe(run, PROBE, Placement(gpus_per_actor=2))
 
 

@@ -133,7 +133,8 @@ def build_run_dir(run_dir: Path, real: dict) -> None:
         counts = {c: sum(r["relation"] == rel and r["category"] == c for r in base) for c in CATEGORIES}
         n = sum(counts.values())
         per_relation[rel] = {"items": n, "counts": counts, "fractions": {c: k / n for c, k in counts.items()}}
-    write_json(sd / "probe" / "m0-train" / "summary.json", {"items": len(base), "relations": per_relation})
+    write_json(sd / "probe" / "m0-train" / "summary.json", {"items": len(base), "relations": per_relation,
+                                                            "dtype": "bfloat16", "dtype_requested": "auto"})
     for k, model in enumerate(("M0", "M1", "M2")):
         write_jsonl(sd / "eval" / f"{model}.jsonl",
                     [{"id": i, "answer": "x", "correct": n % 3 < k} for n, i in enumerate(test)])
@@ -175,6 +176,7 @@ def test_collect_writes_the_keys_of_the_real_run(tmp_path, real_metrics):
     m = got["seeds"]["0"]  # and from these files, the right numbers
     n_train = 2 * len(real_metrics["seeds"]["0"]["per_relation"])
     assert got["run"]["items (train/dev/test)"] == f"{n_train}/0/12"
+    assert got["run"]["probe dtype"] == "bfloat16 (requested auto)"  # what the actors resolved, never "auto"
     assert sum(m["categories"]["M0 train"].values()) == n_train and m["categories"]["M0 test"]["HighlyKnown"] == 3
     assert m["test_accuracy"]["M2"]["overall"]["accuracy"] == pytest.approx(8 / 12)
     assert m["costs"]["train"]["stage1"] == {"tokens_per_s": 125.0, "steps": 4, "wall_s": 12.5, "best_dev_accuracy": 0.5}
@@ -184,6 +186,7 @@ def test_collect_writes_the_keys_of_the_real_run(tmp_path, real_metrics):
     got_headings = headings(render_report(tmp_path)["markdown"].read_text())
     assert is_subsequence(headings((DEMO / "report.md").read_text()), got_headings)
     assert "### HighlyKnown training items per model (gain vs the one-stage model M1)" in got_headings
+    assert ("probe dtype", "`bfloat16 (requested auto)`") in table_rows((tmp_path / "report" / "report.md").read_text())
 
 
 # ---------------------------------------------------------------- render.py reports the demo's numbers
@@ -261,7 +264,8 @@ def known(*ids, dropped=()) -> dict[str, str]:
     return {i: "HighlyKnown" if i in ids else "MaybeKnown" if i in dropped else "Unknown" for i in TRAIN}
 
 
-def write_seed(run_dir: Path, seed: int, train_tables: dict[str, dict], test_correct: dict[str, int]) -> None:
+def write_seed(run_dir: Path, seed: int, train_tables: dict[str, dict], test_correct: dict[str, int],
+               dtype: dict | None = None) -> None:
     """The files collect.py reads for one seed: probe/<name>-train tables (m0, m1, m2, baselines),
     probe/m0-test, the base probe's summary.json and eval/<MODEL>.jsonl (the first k test items right)."""
     sd = run_dir / f"seed-{seed}"
@@ -272,7 +276,8 @@ def write_seed(run_dir: Path, seed: int, train_tables: dict[str, dict], test_cor
                 [{"id": q, "relation": "r", "category": CATEGORIES[n % 3]} for n, q in enumerate(TEST)])  # no Unknown
     counts = {c: sum(v == c for v in train_tables["m0"].values()) for c in CATEGORIES}
     write_json(sd / "probe" / "m0-train" / "summary.json", {"items": len(TRAIN), "relations": {
-        "r": {"items": len(TRAIN), "counts": counts, "fractions": {c: k / len(TRAIN) for c, k in counts.items()}}}})
+        "r": {"items": len(TRAIN), "counts": counts, "fractions": {c: k / len(TRAIN) for c, k in counts.items()}}},
+        **(dtype or {"dtype": "float32"})})  # a probe of an older toolkit: only the dtype it resolved
     for model, k in test_correct.items():
         write_jsonl(sd / "eval" / f"{model}.jsonl", [{"id": q, "answer": "x", "correct": n < k} for n, q in enumerate(TEST)])
 
@@ -288,7 +293,8 @@ def two_seed_run(tmp_path) -> Path:
                {"M0": 0, "M1": 1, "M2": 3, "one_stage_longer": 2, "natural": 1})
     write_seed(tmp_path, 1, {"m0": c0, "m1": known("t0", "t1", "t2"), "m2": known(*TRAIN[:7]),
                              "one_stage_longer": known(*TRAIN[:4])},
-               {"M0": 0, "M1": 1, "M2": 2, "one_stage_longer": 2, "no_replay": 4})
+               {"M0": 0, "M1": 1, "M2": 2, "one_stage_longer": 2, "no_replay": 4},
+               dtype={"dtype": "bfloat16", "dtype_requested": "bfloat16"})
     # natural trained on every category: its fit speed per category and epoch
     write_jsonl(tmp_path / "seed-0" / "baseline-natural" / "train" / "evals.jsonl", [
         {"step": e, "epoch": float(e), "dev": {"accuracy": 0.1, "count": 4, "by_category": {}},
@@ -320,6 +326,8 @@ def test_collect_two_seeds_with_baselines_that_differ_per_seed(two_seed_run):
     assert "M2 vs no_replay" not in s1["item_comparisons"]
     assert s1["comparisons"]["M2 vs no_replay"]["difference"] == pytest.approx(-0.5)
     assert s1["test_accuracy"]["no_replay"]["overall"]["accuracy"] == 1.0
+    # seed 0 probed in float32 (an older probe's summary), seed 1 in bf16, asked for: both named
+    assert metrics["run"]["probe dtype"] == "bfloat16, float32"
 
     # across seeds: averaged over the seeds that have the metric, t interval clipped
     agg = metrics["aggregate"]
@@ -376,3 +384,21 @@ def test_metrics_json_is_strict_json_and_its_report_answers_the_question(two_see
     assert "### Fit speed: baseline natural (train exact match per epoch and category)" in headings(md)
     assert ("category", "epoch 1", "epoch 2") in rows
     assert ("HighlyKnown", "75.0%", "100.0%") in rows and ("Unknown", "10.0%", "20.0%") in rows
+
+
+def test_the_report_and_the_run_headline_write_numbers_and_verdicts_alike():
+    """One percentage format and one verdict (toolkit/report/format.py) for the report and `gradual run`."""
+    from toolkit.gradual.cli import _difference
+    from toolkit.report.format import pct, significant
+    from toolkit.report.render import _significant
+
+    assert (pct(0.125), pct(-0.1, signed=True), pct(0.0, signed=True)) == ("12.5%", "-10.0%", "+0.0%")
+    assert pct(None) == pct(float("nan")) == pct(float("inf")) == "n/a"
+    clear_loss = {"difference": -0.1, "low": -0.2, "high": -0.05}
+    overlap = {"difference": 0.05, "low": -0.01, "high": 0.2}
+    older = {"difference": 0.05, "low": float("nan"), "high": float("nan")}  # NaN in an older metrics.json
+    assert (significant(clear_loss), significant(overlap), significant(older), significant(None)) == (True, False, None, None)
+    assert [_significant(d) for d in (clear_loss, overlap, older)] == ["yes", "no", "n/a"]
+    assert _difference(clear_loss) == "-10.0% [-20.0%, -5.0%] (significant)"
+    assert _difference(overlap) == "+5.0% [-1.0%, +20.0%] (not significant)"
+    assert _difference(older) == "+5.0% (no interval)"

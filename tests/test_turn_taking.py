@@ -97,7 +97,7 @@ def test_release_waits_until_killed_probe_actors_have_exited(monkeypatch):
     import ray
     from ray.cluster_utils import Cluster
 
-    from toolkit.gradual.pipeline import _release_ray
+    from toolkit.gradual.processes import release_ray
 
     monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback only
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
@@ -116,10 +116,10 @@ def test_release_waits_until_killed_probe_actors_have_exited(monkeypatch):
         ray.kill(actors[0], no_restart=True)  # asynchronous, as the probe's pool does it
         with pytest.raises(DeviceBusyError, match=r"^1 Ray actor\(s\) of the probe still alive 2 s after it finished "
                                                   r"\(Holder\); training would compete with them for the GPUs$"):
-            _release_ray(timeout_s=2)  # one left alive: a bounded wait, then one line
+            release_ray(timeout_s=2)  # one left alive: a bounded wait, then one line
         assert ray.is_initialized()
         ray.kill(actors[1], no_restart=True)
-        _release_ray(timeout_s=60)
+        release_ray(timeout_s=60)
         assert not ray.is_initialized()
         assert not [pid for pid in pids if process_alive(pid)]
     finally:

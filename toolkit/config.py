@@ -4,7 +4,9 @@ wrong type fail here, naming the key and the file; code inside the package recei
 dataclasses and never looks a key up with a default.
 
 A config dataclass declares each knob once, with `knob(default, "help text")`; its `__post_init__`
-checks values with `require(...)`, and the loader adds the file and the section to the message.
+checks values with `require(...)`, and the loader adds the file and the section to the message. A
+knob that moved is named in the class's MOVED_KEYS (old name -> new name in the section); one that
+was removed, in REMOVED_KEYS (old name -> where its job went): either way the user is told.
 """
 from __future__ import annotations
 
@@ -49,6 +51,13 @@ def knob(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = d
     return dataclasses.field(default=default, default_factory=factory,
                              metadata={"help": help, "internal": internal},
                              **({"repr": False, "compare": False} if internal else {}))
+
+
+def knob_of(cls, name: str) -> Any:
+    """A field that is `cls`'s knob `name` again (its default and help): one declaration serving
+    two configs (a pipeline section that passes the value on to `cls`)."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return knob(f.default, f.metadata["help"], factory=f.default_factory)
 
 
 def given_keys() -> Any:
@@ -132,9 +141,10 @@ def from_dict(cls: type[T], values: dict, source: str = "config", prefix: str = 
     fields = {f.name for f in config_fields(cls)}
     unknown = sorted(set(values) - fields)
     if unknown:
-        moved = getattr(cls, "MOVED_KEYS", {}).get(unknown[0])
-        if moved:
+        if moved := getattr(cls, "MOVED_KEYS", {}).get(unknown[0]):
             raise ConfigError(f"{source}: key '{prefix}{unknown[0]}' has moved: use '{prefix}{moved}'")
+        if why := getattr(cls, "REMOVED_KEYS", {}).get(unknown[0]):
+            raise ConfigError(f"{source}: key '{prefix}{unknown[0]}' was removed: {why}")
         raise ConfigError(f"{source}: unknown key '{prefix}{unknown[0]}' "
                           f"(known in {prefix or 'the top level'}: {', '.join(sorted(fields))})")
     kwargs = {name: coerce(prefix + name, value, hints[name], source) for name, value in values.items()}

@@ -102,7 +102,9 @@ def environment_report(lock_path: Path | str | None = None) -> dict[str, str]:
         report["cuda_devices"] = "none"
     device = models.default_device()
     report["attention_backend"] = models.choose_attention(device)
-    report["default_dtype"] = models.choose_dtype(device)
+    # what dtype=auto becomes on this machine (models.resolve_dtype: each probe actor and rank decides on its own)
+    report["probe_dtype"] = models.resolve_dtype("auto", device)
+    report["train_dtype"] = models.resolve_dtype("auto", device, training=True)
     try:
         report["embedded_model"] = str(models.embedded_gguf_path())
     except models.ModelError as err:

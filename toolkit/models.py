@@ -82,10 +82,6 @@ def choose_attention(device: str) -> str:
     return "sdpa"
 
 
-def choose_dtype(device: str) -> str:
-    return "bfloat16" if device.startswith("cuda") else "float32"
-
-
 def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
     """True on x86 CPUs with bf16 instructions (AVX512-BF16 or AMX-BF16), where bf16 matmuls run at
     about twice the fp32 speed; elsewhere bf16 on CPU is emulated and slower."""
@@ -98,12 +94,29 @@ def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
     return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
-def choose_probe_dtype(requested: str, on_gpu: bool, cpuinfo: str | None = None) -> str:
-    """The probe's dtype: as requested, or for 'auto' bf16 on GPUs and on CPUs with native bf16,
-    else fp32 (greedy answers agree with fp32 on most prompts, not all: record which was used)."""
+def gpu_has_bf16() -> bool:
+    """Whether this process's current GPU computes in bf16 (Ampere and later)."""
+    import torch
+
+    return torch.cuda.is_bf16_supported()
+
+
+def resolve_dtype(requested: str, device: str, cpuinfo: str | None = None, gpu_bf16: bool | None = None,
+                  training: bool = False) -> str:
+    """The one decision of a model's precision: `requested` as is, or for 'auto' what the device the
+    model runs on does best. Call it where the model runs (a probe actor, a training rank): the node
+    deciding for another may have other hardware. `cpuinfo` / `gpu_bf16`: that device described
+    (default: read from this machine).
+
+    GPUs: bf16 where supported, else fp32 (pre-Ampere: no fp16 loss scaling). CPUs: bf16 with native
+    bf16 instructions for inference (the probe: greedy answers agree with fp32 on most prompts, not all,
+    so the dtype used is recorded), fp32 for `training` (and evaluation beside it: exact match against
+    the trainer's own dev evaluation; DeepSpeed's bf16 paths run on GPUs)."""
     if requested != "auto":
         return requested
-    return "bfloat16" if on_gpu or cpu_has_native_bf16(cpuinfo) else "float32"
+    if device.startswith("cuda"):
+        return "bfloat16" if (gpu_has_bf16() if gpu_bf16 is None else gpu_bf16) else "float32"
+    return "bfloat16" if not training and cpu_has_native_bf16(cpuinfo) else "float32"
 
 
 def cache_dir() -> Path:
@@ -258,7 +271,7 @@ def load_model(spec: ModelSpec):
 
     requested = spec.device or default_device()
     attention = spec.attention or choose_attention(requested)
-    plan = plan_load(requested, spec.dtype or choose_dtype(requested),
+    plan = plan_load(requested, resolve_dtype(spec.dtype or "auto", requested, training=True),
                      torch.cuda.current_device() if requested == "cuda" else 0)
     dtype = getattr(torch, plan.dtype)
     ref = resolve_source(spec.source)

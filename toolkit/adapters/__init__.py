@@ -11,7 +11,7 @@ import importlib
 import importlib.metadata
 from typing import NamedTuple
 
-MODULES = ("torch_internals", "transformers_internals", "vllm_internals")
+MODULES = ("ray_internals", "torch_internals", "transformers_internals", "vllm_internals")
 
 
 class AdapterCheck(NamedTuple):

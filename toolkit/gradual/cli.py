@@ -43,27 +43,27 @@ def _resolve(args):
     return load_pipeline_config(args.config, overrides, preset=args.preset)
 
 
-def _pct(x, signed: bool = False) -> str:
-    """A fraction as a percentage; None (a rate over no items, see metrics.json) as n/a."""
-    return "n/a" if x is None else f"{x:+.1%}" if signed else f"{x:.1%}"
-
-
 def _difference(d: dict) -> str:
-    if d["low"] is None:
-        return f"{_pct(d['difference'], True)} (no interval)"
-    verdict = "significant" if d["low"] > 0 or d["high"] < 0 else "not significant"
-    return f"{_pct(d['difference'], True)} [{_pct(d['low'], True)}, {_pct(d['high'], True)}] ({verdict})"
+    from toolkit.report.format import pct, significant
+
+    verdict = significant(d)
+    if verdict is None:
+        return f"{pct(d['difference'], True)} (no interval)"
+    return (f"{pct(d['difference'], True)} [{pct(d['low'], True)}, {pct(d['high'], True)}] "
+            f"({'significant' if verdict else 'not significant'})")
 
 
 def headline(metrics: dict) -> list[str]:
+    from toolkit.report.format import pct
+
     lines = []
     for seed, m in metrics["seeds"].items():
         acc = m["test_accuracy"]
         k, f = m["knowledge_acquired"], m["forgetting"]["M2"]
         lines.append(f"seed {seed}: test accuracy " + ", ".join(
-            f"{name} {_pct(a['overall']['accuracy'])}" for name, a in acc.items()))
+            f"{name} {pct(a['overall']['accuracy'])}" for name, a in acc.items()))
         lines.append(f"  HighlyKnown train items: {k['highly_known_one_stage']} after stage 1 -> "
-                     f"{k['highly_known_two_stage']} after stage 2 (relative gain {_pct(k['relative_gain'], True)})")
+                     f"{k['highly_known_two_stage']} after stage 2 (relative gain {pct(k['relative_gain'], True)})")
         lines.append(f"  forgetting: {f['dropped']} of {f['base_highly_known']} base HighlyKnown items dropped")
         lines.append(f"  two stages vs one on test: {_difference(m['comparisons']['M2 vs M1 (two stages vs one)'])}")
         for name, d in m.get("item_comparisons", {}).items():
@@ -75,7 +75,8 @@ def headline(metrics: dict) -> list[str]:
 def cmd_run(args) -> int:
     from toolkit import config as cfglib
 
-    from .pipeline import Pipeline, preflight
+    from .pipeline import Pipeline
+    from .preflight import preflight
 
     cfg = _resolve(args)
     out = args.out or Path("runs") / cfg.preset

@@ -1,15 +1,17 @@
 """The pipeline's typed config (`gradual run CONFIG.yaml --set section.key=value`), its presets, and
-the validation that happens once, before any step runs."""
+the validation that happens once, before any step runs. Every knob is declared once: a section that
+passes a value on to the probe or the trainer inherits or reuses that config's own declaration."""
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Optional
 
 from toolkit import config as cfglib
-from toolkit.config import ConfigError, FieldError, config_fields, knob, require
+from toolkit.config import ConfigError, FieldError, config_fields, knob, knob_of, require
 from toolkit.probe.pool import Placement
+from toolkit.probe.runner import RunConfig, check_shard_size
 from toolkit.probe.types import ProbeConfig
 from toolkit.train.config import TrainConfig
 from toolkit.train.launch import LaunchConfig
@@ -23,18 +25,20 @@ ALL_BASELINES = tuple(b for b in BASELINES if b != "one_stage") + tuple(CONTROLS
 
 @dataclass(frozen=True)
 class DataSettings:
-    path: Optional[str] = None  # None: build the built-in real-facts benchmark into RUN_DIR/data
-    train_items: Optional[int] = None  # caps per split: a seeded subset, balanced across relations
-    dev_items: Optional[int] = None
-    test_items: Optional[int] = None
-    subset_seed: int = 0
-    relations: Optional[tuple[str, ...]] = None  # keep only these relations (None: all)
+    """The QA data and the seeded subset the run uses."""
+
+    path: Optional[str] = knob(None, "QA file or directory with train/dev/test splits (see `gradual data "
+                                     "validate`); null: the built-in real-facts benchmark, built into RUN_DIR/data")
+    train_items: Optional[int] = knob(None, "train items used: a seeded subset balanced across relations (null: all)")
+    dev_items: Optional[int] = knob(None, "dev items used (early stopping): a seeded balanced subset (null: all)")
+    test_items: Optional[int] = knob(None, "test items used (evaluation): a seeded balanced subset (null: all)")
+    subset_seed: int = knob(0, "fixes the subsets")
+    relations: Optional[tuple[str, ...]] = knob(None, "keep only these relations (null: all)")
 
     def __post_init__(self):
         for name in ("train_items", "dev_items", "test_items"):
             value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ConfigError(f"data.{name}={value} must be >= 1 (or null for all)")
+            require(value is None or value >= 1, name, value, "must be >= 1 (or null for all)")
         if self.relations is not None and not self.relations:
             raise ConfigError("data.relations is empty (leave it out, or null, for all relations)")
 
@@ -45,7 +49,7 @@ class ProbeSettings(ProbeConfig):
     base model, and where the actors run."""
 
     splits: tuple[str, ...] = knob(("train", "dev", "test"), "splits probed with the base model")
-    shard_size: int = knob(32, "items per shard (fixes the shard plan)")
+    shard_size: int = knob_of(RunConfig, "shard_size")  # each probe step's RunConfig gets it
     placement: Placement = knob(factory=Placement, help="the Ray actors: how many, CPUs/GPUs each, cluster address")
 
     MOVED_KEYS: ClassVar[dict[str, str]] = {name: f"placement.{name}" for name in (
@@ -59,7 +63,7 @@ class ProbeSettings(ProbeConfig):
         for split in ("train", "test"):
             require(split in self.splits, "splits", list(self.splits),
                     f"must include '{split}' (the schedule and the report need it)")
-        require(self.shard_size >= 1, "shard_size", self.shard_size, "must be >= 1")
+        check_shard_size(self.shard_size)
 
     def probe_config(self, seed: int) -> ProbeConfig:
         own = {f.name: getattr(self, f.name) for f in config_fields(ProbeConfig)}
@@ -67,43 +71,50 @@ class ProbeSettings(ProbeConfig):
 
 
 PIPELINE_PROBE_KEYS = ("seed", "keep_samples")
-PIPELINE_TRAIN_KEYS = ("model", "data", "output_dir", "seed", "categories_file", "resume")
+PIPELINE_TRAIN_KEYS = {"model": "for each stage", "data": "for each stage", "output_dir": "for each stage",
+                       "seed": "for each stage", "categories_file": "for each stage", "resume": "for each stage",
+                       # the answer length of the probe is the evaluation's (design: the same format)
+                       "max_new_tokens": "from probe.max_new_tokens"}
 
 
 @dataclass(frozen=True)
 class TrainSettings(LaunchConfig):
     """How each stage is launched (the launcher's keys: inherited), what changes in stage 2, and the
-    trainer's own config (`options`: the keys of `gradual train --help`)."""
+    trainer's own config (`options`: the keys of `gradual train --help`; its eval_batch_size serves the
+    test-set evaluation too)."""
 
     stage2_lr_factor: float = knob(0.5, "stage 2 continues from M1 with lr x this factor")
-    eval_batch_size: int = knob(32, "test-set evaluation of M0, M1, M2 and the baselines")
     keep_checkpoints: bool = knob(False, "keep a finished stage's DeepSpeed checkpoints (~14 bytes per parameter "
                                          "each); by default they are deleted once its model is exported")
     options: TrainConfig = knob(factory=TrainConfig, help="the trainer's config: lr, epochs, ds_config, ...")
 
+    MOVED_KEYS: ClassVar[dict[str, str]] = {"eval_batch_size": "options.eval_batch_size"}
+
     def __post_init__(self):
         super().__post_init__()
         require(0 < self.stage2_lr_factor <= 10, "stage2_lr_factor", self.stage2_lr_factor, "must be in (0, 10]")
-        require(self.eval_batch_size >= 1, "eval_batch_size", self.eval_batch_size, "must be >= 1")
         require(self.node_rank is None, "node_rank", self.node_rank,
                 "launches one node by hand; the pipeline starts every node itself (hostfile)")
-        for name in PIPELINE_TRAIN_KEYS:
+        for name, how in PIPELINE_TRAIN_KEYS.items():
             if name in self.options.given_keys:
-                raise FieldError(f"options.{name}", getattr(self.options, name), "is set by the pipeline for each stage")
+                raise FieldError(f"options.{name}", getattr(self.options, name), f"is set by the pipeline {how}")
 
 
 @dataclass(frozen=True)
 class PipelineConfig:
-    preset: str = "custom"
-    model: Optional[str] = None  # None: the embedded SmolLM2-135M
-    seeds: tuple[int, ...] = (0,)
-    baselines: tuple[str, ...] = ()  # natural, known_only, the controls, the stage-2 ablations; or "all"
-    first_seed_baselines: tuple[str, ...] = ()  # trained in the first seed only (a costly one: natural's fit speed)
-    data: DataSettings = field(default_factory=DataSettings)
-    probe: ProbeSettings = field(default_factory=ProbeSettings)
-    selection: SelectionConfig = field(default_factory=SelectionConfig)
-    train: TrainSettings = field(default_factory=TrainSettings)
-    notes: str = ""  # printed at the start: what a preset chose and why
+    preset: str = knob("custom", "the preset this config started from (a name in the report)")
+    model: Optional[str] = knob(None, "the base model: HF directory, .gguf file, hub id or random:<shape> "
+                                      "(null: the embedded SmolLM2-135M)")
+    seeds: tuple[int, ...] = knob((0,), "each seed repeats the schedule: its probes' sampling, the selection's "
+                                        "random draws and the training's data order and initialisation")
+    baselines: tuple[str, ...] = knob((), "trained in every seed beside M1 and M2: natural, known_only, the "
+                                          "controls, the stage-2 ablations; or all")
+    first_seed_baselines: tuple[str, ...] = knob((), "trained in the first seed only (a costly one: natural's fit speed)")
+    data: DataSettings = knob(factory=DataSettings, help="the QA data and its subset")
+    probe: ProbeSettings = knob(factory=ProbeSettings, help="the SliCK probe and its Ray actors")
+    selection: SelectionConfig = knob(factory=SelectionConfig, help="which items each stage trains on")
+    train: TrainSettings = knob(factory=TrainSettings, help="the training launch and the trainer's config")
+    notes: str = knob("", "printed at the start: what a preset chose and why")
 
     def __post_init__(self):
         if not self.seeds:
@@ -119,11 +130,15 @@ class PipelineConfig:
                                       f"{'all or ' if key == 'baselines' else ''}{', '.join(ALL_BASELINES)})")
         if both := sorted(set(self.baselines) & set(self.first_seed_baselines)):
             raise ConfigError(f"first_seed_baselines: {', '.join(both)} already in baselines (every seed)")
+        # one answer length: the trainer's dev evaluation answers as the probe and the test evaluation do
+        options = dataclasses.replace(self.train.options, max_new_tokens=self.probe.max_new_tokens)
+        object.__setattr__(self, "train", dataclasses.replace(self.train, options=options))
 
     def seed_baselines(self, seed: int) -> tuple[str, ...]:
         return self.baselines + (self.first_seed_baselines if seed == self.seeds[0] else ())
 
     def for_seed(self, seed: int) -> "PipelineConfig":
+        """The config of one entry of `seeds`: the selection's random draws follow it."""
         return dataclasses.replace(self, selection=dataclasses.replace(self.selection, seed=seed))
 
 

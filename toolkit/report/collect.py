@@ -176,6 +176,17 @@ def aggregate_metrics(per_seed: dict[str, dict], models: Sequence[str]) -> tuple
     return aggregate, table
 
 
+def probe_dtype(run_dir: Path) -> str | None:
+    """The dtype the run's probes answered in, as their actors resolved it (each probe's summary.json;
+    "auto" is never shown: the request is named beside what it resolved to). None: no probe yet."""
+    summaries = [json.loads(p.read_text(encoding="utf-8")) for p in sorted(run_dir.glob("seed-*/probe/*/summary.json"))]
+    if not summaries:
+        return None
+    resolved = sorted({s["dtype"] for s in summaries})
+    requested = sorted({s.get("dtype_requested", s["dtype"]) for s in summaries})  # older probes: as resolved
+    return ", ".join(resolved) + ("" if requested == resolved else f" (requested {', '.join(requested)})")
+
+
 def collect_metrics(run_dir: str | Path, seeds: Sequence[int],
                     baselines: Sequence[str] | Mapping[int, Sequence[str]] = (),
                     run_info: dict | None = None) -> dict:
@@ -189,4 +200,6 @@ def collect_metrics(run_dir: str | Path, seeds: Sequence[int],
     info = dict(run_info or {})
     if data_state:
         info["items (train/dev/test)"] = "/".join(str(data_state["summary"]["items"][s]) for s in ("train", "dev", "test"))
+    if dtype := probe_dtype(run_dir):
+        info["probe dtype"] = dtype
     return json_safe({"run": info, "seeds": per_seed, "aggregate": aggregate, "aggregate_table": table})

@@ -51,49 +51,40 @@ from toolkit.io import read_jsonl, write_text
 from toolkit.probe.slick import CATEGORIES
 
 from . import plots
+from .format import missing, pct, significant
 
 
 class ReportError(ValueError):
     """A run directory without the metrics a report needs."""
 
 
-def _missing(x) -> bool:
-    return x is None or x != x or x in (float("inf"), float("-inf"))
-
-
-def _pct(x) -> str:
-    return "n/a" if _missing(x) else f"{100 * x:.1f}%"
-
-
 def _fixed(x) -> str:
-    return "n/a" if _missing(x) else f"{x:.4f}"
+    return "n/a" if missing(x) else f"{x:.4f}"
 
 
-def _interval(stat: dict, fmt=_pct) -> str:
+def _interval(stat: dict, fmt=pct) -> str:
     """The interval of a mean over seeds or of a bootstrap; one seed has none."""
-    if _missing(stat.get("low")) or _missing(stat.get("high")):
+    if missing(stat.get("low")) or missing(stat.get("high")):
         return "n/a (1 seed)" if stat.get("seeds") == 1 else "n/a"
     return f"[{fmt(stat['low'])}, {fmt(stat['high'])}]"
 
 
 def _significant(stat: dict | None) -> str:
-    """An interval that excludes 0: the difference holds at 95%."""
-    if not stat or _missing(stat.get("low")) or _missing(stat.get("high")):
-        return "n/a"
-    return "yes" if stat["low"] > 0 or stat["high"] < 0 else "no"
+    verdict = significant(stat)
+    return "n/a" if verdict is None else "yes" if verdict else "no"
 
 
 def _mean_cell(stat: dict | None) -> str:
     if stat is None:
         return "n/a"
     interval = _interval(stat)
-    return f"{_pct(stat['mean'])} {interval if interval.startswith('[') else f'[{interval}]'}"
+    return f"{pct(stat['mean'])} {interval if interval.startswith('[') else f'[{interval}]'}"
 
 
 def _acc_cell(acc: dict) -> str:
     if not acc.get("n"):
         return "–"
-    return f"{_pct(acc['accuracy'])} [{_pct(acc['low'])}, {_pct(acc['high'])}] (n={acc['n']})"
+    return f"{pct(acc['accuracy'])} [{pct(acc['low'])}, {pct(acc['high'])}] (n={acc['n']})"
 
 
 def _table(header: list[str], rows: list[list]) -> list[str]:
@@ -131,29 +122,29 @@ def _seed_sections(seed: str, m: dict, fig_dir: Path) -> tuple[list[str], list[P
     if m.get("comparisons"):
         lines += ["### Paired comparisons on test (accuracy difference, 95% paired bootstrap)", ""]
         lines += _table(["comparison", "difference", "interval", "significant"],
-                        [[name, _pct(d["difference"]), _interval(d), _significant(d)]
+                        [[name, pct(d["difference"]), _interval(d), _significant(d)]
                          for name, d in m["comparisons"].items()])
     if m.get("knowledge_acquired"):
         k = m["knowledge_acquired"]
         lines += ["### Knowledge acquired", "",
                   f"HighlyKnown training items: {k['highly_known_one_stage']} after one stage, "
                   f"{k['highly_known_two_stage']} after two stages ({k['gain']:+d}, "
-                  f"relative gain {_pct(k['relative_gain'])}; the paper reports +24%).", ""]
+                  f"relative gain {pct(k['relative_gain'])}; the paper reports +24%).", ""]
         figure(plots.knowledge_acquired(k, fig_dir / f"knowledge-seed{seed}.png"), "knowledge acquired")
     if m.get("knowledge"):
         lines += ["### HighlyKnown training items per model (gain vs the one-stage model M1)", ""]
         lines += _table(["model", "HighlyKnown", "items", "fraction", "gain vs M1", "gain (fraction of items)"],
-                        [[model, k["highly_known"], k["items"], _pct(k["fraction"]), f"{k['gain_vs_M1']:+d}",
-                          _pct(k["gain_fraction_vs_M1"])] for model, k in m["knowledge"].items()])
+                        [[model, k["highly_known"], k["items"], pct(k["fraction"]), f"{k['gain_vs_M1']:+d}",
+                          pct(k["gain_fraction_vs_M1"])] for model, k in m["knowledge"].items()])
     if m.get("item_comparisons"):
         lines += ["### Paired comparisons on train (HighlyKnown fraction difference, 95% paired bootstrap)", ""]
         lines += _table(["comparison", "difference", "interval", "significant", "items"],
-                        [[name, _pct(d["difference"]), _interval(d), _significant(d), d["n"]]
+                        [[name, pct(d["difference"]), _interval(d), _significant(d), d["n"]]
                          for name, d in m["item_comparisons"].items()])
     if m.get("forgetting"):
         lines += ["### Forgetting (base-model HighlyKnown items that dropped a category)", ""]
         lines += _table(["model", "base HighlyKnown", "dropped", "fraction"],
-                        [[model, f["base_highly_known"], f["dropped"], _pct(f["fraction"])]
+                        [[model, f["base_highly_known"], f["dropped"], pct(f["fraction"])]
                          for model, f in m["forgetting"].items()])
     figure(plots.fit_speed(m.get("fit_speed", {}), fig_dir / f"fit-speed-seed{seed}.png"), "fit speed")
     for stage, points in m.get("fit_speed", {}).items():
@@ -184,7 +175,7 @@ def _fit_speed_table(stage: str, points: list[dict]) -> list[str]:
         return []
     lines = [f"### Fit speed: {stage} (train exact match per epoch and category)", ""]
     return lines + _table(["category", *(f"epoch {p['epoch']:g}" for p in points)],
-                          [[c, *(_pct(p["accuracy_by_category"].get(c)) for p in points)] for c in present])
+                          [[c, *(pct(p["accuracy_by_category"].get(c)) for p in points)] for c in present])
 
 
 _MODEL_LABELS = {"M1": "M1 (one stage)", "M2": "M2 (gradual, two stages)"}

@@ -62,9 +62,9 @@ class TrainConfig:
     seed: int = knob(0, "data order and initialisation")
     # evaluation, early stopping, checkpoints
     eval_every_steps: int = knob(0, "dev evaluation every N optimizer steps (0: at the end of every epoch)")
-    eval_batch_size: int = knob(32, "prompts per generation batch in evaluation")
+    eval_batch_size: int = knob(32, "prompts per generation batch in evaluation (gradual run: the test set's too)")
     eval_train: bool = knob(True, "training accuracy per category at each evaluation (fit speed)")
-    max_new_tokens: int = knob(16, "answer length limit in evaluation")
+    max_new_tokens: int = knob(16, "answer length limit in evaluation (gradual run: probe.max_new_tokens)")
     patience: int = knob(3, "evaluations without a dev improvement before stopping; 0 = never stop early")
     keep_last_n: int = knob(1, "newest DeepSpeed checkpoints kept whole (a resume needs only the newest); the best "
                                "one is also kept, reduced to its weights")

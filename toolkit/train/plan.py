@@ -64,15 +64,15 @@ class RunPlan:
 
 def prepare(cfg: TrainConfig, world_size: int, on_gpu: bool | None = None, hosts: dict | None = None) -> RunPlan:
     """Validate everything and build the plan; raises TrainConfigError / DataError / ModelError."""
-    from toolkit.models import load_tokenizer
+    from toolkit.models import load_tokenizer, resolve_dtype
 
     cfg.require_paths()
-    if on_gpu is None:
+    if on_gpu is None:  # on a rank: bf16 "auto" decided by its own GPU (pre-Ampere: fp32, not fp16 loss scaling)
         import torch
 
         on_gpu = torch.cuda.is_available()
-        if on_gpu and cfg.bf16 == "auto" and not torch.cuda.is_bf16_supported():
-            cfg = replace(cfg, bf16=False)  # pre-Ampere GPUs: fp32 rather than fp16 loss scaling
+        if on_gpu and cfg.bf16 == "auto":
+            cfg = replace(cfg, bf16=resolve_dtype("auto", "cuda", training=True) == "bfloat16")
     # cheap checks first; the ones that import deepspeed / transformers (seconds) last
     ds_path = cfg.ds_config_path()
     raw_ds = load_ds_config(ds_path)
