@@ -3,6 +3,8 @@ write a result JSON with the figures and a PNG, and `gradual bench` forwards to 
 mean nothing; the figures are produced by the full presets (benchmarks/README.md)."""
 import json
 import os
+import resource
+import time
 from pathlib import Path
 
 import pytest
@@ -24,7 +26,9 @@ def only_result(out: Path, name: str) -> dict:
 
 def test_sampling_smoke_through_the_cli(tmp_path, capsys):
     # random 'tiny' shape, 2 questions x 1 prompt x (1 + 2) answers, 2 new tokens, no Ray
+    peak_before, started = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, time.perf_counter()
     assert main(["bench", "sampling", "--preset", "smoke", "--actors", "--out", str(tmp_path)]) == 0
+    elapsed, peak_after = time.perf_counter() - started, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     result = only_result(tmp_path, "sampling")
     assert result["env"]["versions"]["torch"] and result["env"]["device"] and result["env"]["date"]
     assert result["config"]["questions"] == 2 and result["config"]["samples"] == 2
@@ -33,9 +37,14 @@ def test_sampling_smoke_through_the_cli(tmp_path, capsys):
     rows = {r["engine"]: r for r in model["engines"]}
     assert set(rows) == {"toolkit", "generate", "no-fanout", "no-bucketing"}  # no CUDA graphs on CPU
     for r in rows.values():
-        assert r["answers"] == 2 * 3 and r["answers_per_s"] > 0 and r["peak_memory"]["bytes"] > 0
+        assert r["answers"] == 2 * 3 and 0 < r["seconds"] < elapsed
+        assert r["answers_per_s"] == pytest.approx(r["answers"] / r["seconds"])
+        # on CPU: this process's peak RSS so far, in bytes (it only grows)
+        assert r["peak_memory"]["kind"] == "process_peak_rss" and peak_before <= r["peak_memory"]["bytes"] <= peak_after
         assert r["tokens_per_answer"] == 2  # forced full length
-    assert rows["generate"]["x_generate"] == 1 and rows["toolkit"]["prefill_tokens_per_s"] > 0
+    toolkit = rows["toolkit"]
+    assert rows["generate"]["x_generate"] == 1 and 0 < toolkit["prefill_s"] < elapsed
+    assert toolkit["prefill_tokens_per_s"] == pytest.approx(toolkit["prefill_tokens"] / toolkit["prefill_s"])
     assert set(model["feature_gain"]) == {"fan_out_kv", "bucket_by_length"}
     assert rows["no-fanout"]["same_answers_as_toolkit"] and rows["no-bucketing"]["same_answers_as_toolkit"]
     assert result["extrapolation"][0]["hours_8"] == pytest.approx(result["extrapolation"][0]["hours_1"] / 8)
@@ -116,28 +125,40 @@ def test_readme_section_is_replaced_in_place(tmp_path):
 @pytest.mark.slow
 def test_sampling_ray_section(tmp_path):
     bench = load_benchmark("sampling")
+    started = time.perf_counter()
     assert bench.main(["--preset", "smoke", "--engines", "toolkit", "--actors", "1", "--out", str(tmp_path)]) == 0
+    elapsed = time.perf_counter() - started
     ray = only_result(tmp_path, "sampling")["ray"]
     run = ray["runs"][0]
-    assert run["actors"] == 1 and run["answers"] == 2 * 3 and run["answers_per_s"] > 0
+    assert run["actors"] == 1 and run["answers"] == 2 * 3 and 0 < run["probe_wall_s"] < elapsed
+    assert run["answers_per_s"] == pytest.approx(run["answers"] / run["probe_wall_s"])
     assert run["shards"] == 2 and run["driver_overhead_per_shard_s"] is not None
 
 
 @pytest.mark.slow
 def test_train_smoke_zero0_and_zero1_on_one_rank(tmp_path):
+    from toolkit.train.memory import memory_estimate
+
     # the real trainer under the deepspeed launcher: 1 CPU rank, 1 step of 2 items per variant
     bench = load_benchmark("train")
     assert bench.main(["--preset", "smoke", "--out", str(tmp_path)]) == 0
     result = only_result(tmp_path, "train")
-    assert result["env"]["versions"]["deepspeed"] and result["params"] > 0
+    # random:tiny: 49152 x 64 tied embeddings, 2 layers of q/o 64x64, k/v 64x32, MLP 3 x 64x128 and 2 norms, a final norm
+    assert result["env"]["versions"]["deepspeed"] and result["params"] == 49152 * 64 + 2 * (
+        2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128 + 2 * 64) + 64 == 3_219_776
     variants = {v["variant"]: v for v in result["variants"]}
     assert set(variants) == {"zero0", "zero1"}
     for v in variants.values():
         assert v["status"] == "ok", v
-        assert v["tokens_per_s"] > 0 and v["step_s"] > 0 and v["steps_timed"] == 1
-        assert len(v["peak_memory_per_rank"]) == 1 and v["peak_memory_per_rank"][0] > 0
-        assert v["model_states_per_rank_bytes"] > 0 and v["mfu"] is None  # no MFU on CPU
-        parts = v["breakdown_ms"]  # DeepSpeed's own timers, read back from the launch log
-        assert set(parts) == {"forward", "backward", "gradient_comm", "optimizer_step"} and parts["forward"] > 0
+        assert v["steps_timed"] == 1 and 0 < v["step_s"] < v["launch_wall_s"]
+        assert v["tokens_per_s"] == pytest.approx(v["tokens_per_step"] / v["step_s"])
+        # the rank's peak RSS in bytes: a process with torch and DeepSpeed loaded holds well over 100 MiB
+        assert len(v["peak_memory_per_rank"]) == 1 and v["peak_memory_per_rank"][0] > 100 * 2**20
+        assert v["model_states_per_rank_bytes"] == memory_estimate(
+            result["params"], v["zero_stage"], 1, False, "adamw", False)["total"]  # CPU: fp32, one rank
+        assert v["mfu"] is None  # no MFU on CPU
+        parts = v["breakdown_ms"]  # DeepSpeed's own timers (ms in the step), read back from the launch log
+        assert set(parts) == {"forward", "backward", "gradient_comm", "optimizer_step"}
+        assert 0 < parts["forward"] < 1000 * v["step_s"]
     assert variants["zero0"]["x_zero0"] == 1
     assert len(result["memory_table"]) == 6
