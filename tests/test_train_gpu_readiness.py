@@ -79,3 +79,69 @@ def test_the_default_optimizer_is_torch_adamw_and_the_presets_use_it():
     assert TrainConfig().optimizer == "adamw"
     for preset in ("default", "paper"):
         assert load_pipeline_config(preset=preset).train.options.optimizer == "adamw"
+
+
+# ---------------------------------------------------------------- training precision
+
+
+def test_bf16_is_native_from_ampere_on():
+    from toolkit.models import bf16_native
+
+    # P100 6.0, V100 7.0, T4 7.5 (major 7), A100 8.0, H100 9.0, B200 10.0
+    assert [bf16_native(major) for major in (6, 7, 8, 9, 10)] == [False, False, True, True, True]
+
+
+@pytest.mark.parametrize("requested, on_gpu, gpu_bf16, expected", [
+    ("auto", True, True, True),  # Ampere or later
+    ("auto", True, False, False),  # a V100 or T4: fp32 rather than fp16 loss scaling
+    ("auto", True, None, True),  # GPUs not on the planning machine (a login node): assumed, the ranks decide
+    ("auto", False, None, False),  # CPU ranks train in fp32
+    (True, True, False, True), (False, True, True, False),  # set: kept
+])
+def test_training_precision(requested, on_gpu, gpu_bf16, expected):
+    from toolkit.train.plan import training_bf16
+
+    assert training_bf16(requested, on_gpu, gpu_bf16) is expected
+
+
+def test_the_dry_run_plans_the_precision_the_ranks_train_in(tmp_path, tiny_model_dir, synthetic_items):
+    """Nodes of two GPUs with and without bf16: `gradual train --dry-run` (plan_launch), `gradual run`'s
+    preflight (check_training) and a rank on such a node (prepare) decide alike. The dry run used to
+    plan bf16 on any GPU while the ranks of a pre-Ampere node trained in fp32."""
+    import json
+
+    from toolkit.train.config import TrainConfig
+    from toolkit.train.devices import NodeGpus
+    from toolkit.train.launch import LaunchConfig, check_training, plan_launch
+    from toolkit.train.plan import prepare
+
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(it.to_dict()) + "\n" for it in synthetic_items if it.split in ("train", "dev")))
+    cfg = TrainConfig(model=str(tiny_model_dir), data=str(data), output_dir=str(tmp_path / "out"), micro_batch_size=2)
+    launch = LaunchConfig(num_gpus=2)
+    for bf16 in (False, True):
+        node = NodeGpus(None, 2, (80 * 2**30,) * 2, None, bf16)
+        _, planned = plan_launch(cfg, launch, dry_run=True, node=node)
+        checked = check_training(cfg, launch, launching=False, node=node)
+        rank = prepare(cfg, 2, on_gpu=True, gpu_bf16=bf16)
+        assert planned.ds_config["bf16"]["enabled"] is checked["bf16"] is rank.ds_config["bf16"]["enabled"] is bf16
+        assert not any(note.startswith("bf16 assumed") for note in planned.notes)
+    _, login = plan_launch(cfg, launch, dry_run=True, node=NodeGpus())  # no GPU where it is planned
+    assert login.ds_config["bf16"]["enabled"] is True
+    assert "bf16 assumed: the GPUs are not on this machine; ranks on GPUs without bf16 (before Ampere) train in fp32" \
+        in login.notes
+
+
+@pytest.mark.gpu
+def test_asking_the_gpus_for_bf16_reserves_no_gpu_memory():
+    """The launcher's dry run asks this node's GPUs (this_node) and must leave no allocation behind
+    (torch.cuda.is_bf16_supported would allocate a tensor on a pre-Ampere GPU); the answer follows
+    each GPU's compute capability."""
+    import subprocess
+    import sys
+
+    code = ("import torch; from toolkit.train.devices import visible_gpus_have_bf16; bf16 = visible_gpus_have_bf16(); "
+            "majors = [torch.cuda.get_device_capability(i)[0] for i in range(torch.cuda.device_count())]; "
+            "print(bf16, all(m >= 8 for m in majors), torch.cuda.memory_reserved())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out[0] == out[1] and out[2] == "0", out

@@ -94,11 +94,20 @@ def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
     return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
-def gpu_has_bf16() -> bool:
-    """Whether this process's current GPU computes in bf16 (Ampere and later)."""
+def bf16_native(capability_major: int) -> bool:
+    """Whether a CUDA GPU computes in bf16 in hardware: compute capability 8 (Ampere) and later. A V100
+    (7.0) or a T4 (7.5) only emulates it, slower than fp32."""
+    return capability_major >= 8
+
+
+def gpu_has_bf16(device: int | None = None) -> bool:
+    """Whether a GPU of this process (default: the current one) computes in bf16 (bf16_native; ROCm
+    GPUs do). Not torch.cuda.is_bf16_supported(): in torch 2.13 it answers True for emulated bf16 too
+    (including_emulation=True by default), and finds that out by allocating a tensor, a CUDA context
+    in a process (the launcher's dry run) that must hold none."""
     import torch
 
-    return torch.cuda.is_bf16_supported()
+    return bool(torch.version.hip) or bf16_native(torch.cuda.get_device_capability(device)[0])
 
 
 def resolve_dtype(requested: str, device: str, cpuinfo: str | None = None, gpu_bf16: bool | None = None,

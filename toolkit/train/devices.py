@@ -155,13 +155,15 @@ def physical_gpu(local_rank: int, visible: str | None, torch_uuid=None) -> tuple
 @dataclass(frozen=True)
 class NodeGpus:
     """This node's GPUs as a single-node launch sees them: the CUDA_VISIBLE_DEVICES mask, how many
-    GPUs torch sees through it, each one's total memory (torch's order), and nvidia-smi's list
-    (read only when the mask names UUIDs). Built by `this_node`; tests describe a node instead."""
+    GPUs torch sees through it, each one's total memory (torch's order), nvidia-smi's list (read only
+    when the mask names UUIDs), and whether they compute in bf16 (None: no GPU here to ask).
+    Built by `this_node`; tests describe a node instead."""
 
     visible: str | None = None
     count: int = 0
     memory_bytes: tuple[int, ...] = ()
     smi: tuple[GpuState, ...] | None = None
+    bf16: bool | None = None
 
 
 def mask_entries(visible: str | None) -> list[str]:
@@ -183,7 +185,20 @@ def this_node() -> NodeGpus:
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     memory = tuple(torch.cuda.get_device_properties(i).total_memory for i in range(count))
     smi = query_nvidia_smi() if mask_names_uuids(visible) else None
-    return NodeGpus(visible, count, memory, tuple(smi) if smi is not None else None)
+    return NodeGpus(visible, count, memory, tuple(smi) if smi is not None else None, visible_gpus_have_bf16())
+
+
+def visible_gpus_have_bf16() -> bool | None:
+    """Whether every GPU this process sees computes in bf16 (toolkit.models.gpu_has_bf16); None without
+    a GPU. Asked by the launch's plan (this_node) and by each rank (plan.prepare), which sees its node's
+    GPUs of the launch (DeepSpeed's launcher gives every rank the same CUDA_VISIBLE_DEVICES), so a node
+    plans and trains in one precision."""
+    import torch
+
+    from toolkit.models import gpu_has_bf16
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return all(gpu_has_bf16(i) for i in range(count)) if count else None
 
 
 def launch_gpu_ids(node: NodeGpus, num_gpus: int | None) -> list[int] | None:

@@ -22,7 +22,7 @@ from toolkit.config import add_arguments, from_dict, given_arguments, knob, requ
 from toolkit.io import write_text
 
 from .__main__ import add_run_arguments, config_from_args
-from .config import REPO_ROOT, TrainConfig, TrainConfigError
+from .config import REPO_ROOT, TrainConfig, TrainConfigError, replace
 from .devices import NodeGpus, describe_devices, launch_gpu_ids, mask_names_uuids, this_node
 from .memory import GIB, check_fit, describe_memory, states_for
 
@@ -218,38 +218,45 @@ def fit_check(cfg: TrainConfig, ds: dict, target: LaunchTarget, launch: LaunchCo
     return describe_memory(states, gpu_bytes, source, on_gpu, ranks_here)
 
 
-def plan_launch(cfg: TrainConfig, launch: LaunchConfig, dry_run: bool = False):
+def plan_launch(cfg: TrainConfig, launch: LaunchConfig, dry_run: bool = False, node: NodeGpus | None = None):
     """Every check of a launch, nothing written: (deepspeed command, RunPlan). A dry run plans the
-    stated GPUs on a machine without them."""
+    stated GPUs on a machine without them. `node`: this machine's GPUs (default: read them)."""
     from .plan import prepare
 
     if not dry_run:
         check_launchable(launch)
     on_gpu = launch.on_gpu()
-    node = this_node() if on_gpu else NodeGpus()
+    node = node or (this_node() if on_gpu else NodeGpus())
     target = build_command(launch, cfg.out / RESOLVED_CONFIG, on_gpu, node)
-    plan = prepare(cfg, target.world, on_gpu=on_gpu, hosts=target.hosts)  # raises before any launch
+    # raises before any launch; bf16 decided as the ranks decide it (plan.training_bf16)
+    plan = prepare(cfg, target.world, on_gpu=on_gpu, hosts=target.hosts, gpu_bf16=node.bf16)
+    if on_gpu and node.bf16 is None and cfg.bf16 == "auto":
+        plan.notes.append("bf16 assumed: the GPUs are not on this machine; ranks on GPUs without bf16 (before "
+                          "Ampere) train in fp32")
     plan.devices = target.devices
     plan.memory_lines = fit_check(plan.cfg, plan.ds_config, target, launch, node, on_gpu, plan.cfg.model)
     return target.cmd, plan
 
 
-def check_training(cfg: TrainConfig, launch: LaunchConfig, launching: bool = True, model: str | None = None) -> dict:
+def check_training(cfg: TrainConfig, launch: LaunchConfig, launching: bool = True, model: str | None = None,
+                   node: NodeGpus | None = None) -> dict:
     """The checks of a launch that need no data (hostfile, world size, ds_config, batch arithmetic,
     DeepSpeed's own parser, the fit of the model states when the model is known: `model` or
     cfg.model, and for a real launch the GPUs), for a caller that checks before its first step.
     Returns what was planned: world size, batch arithmetic, precision, the lines of the devices and of
-    the memory plan."""
+    the memory plan. `node`: this machine's GPUs (default: read them)."""
     from .dsconfig import derived_batch_note, load_ds_config, resolve
+    from .plan import training_bf16
 
     if launching:
         check_launchable(launch)
     on_gpu = launch.on_gpu()
-    node = this_node() if on_gpu else NodeGpus()
+    node = node or (this_node() if on_gpu else NodeGpus())
     target = build_command(launch, Path(RESOLVED_CONFIG), on_gpu, node)
     world = target.world
     ds_path = cfg.ds_config_path()
     raw = load_ds_config(ds_path)
+    cfg = replace(cfg, bf16=training_bf16(cfg.bf16, on_gpu, node.bf16))  # as the ranks decide it
     resolved, ds = resolve(cfg, raw, world, on_gpu, str(ds_path))
     note = derived_batch_note(cfg, world, raw)
     memory = fit_check(resolved, ds, target, launch, node, on_gpu, model or cfg.model) if (model or cfg.model) else []

@@ -22,7 +22,7 @@ from .data import BatchPlan, SFTExample, encode_sft, load_categories
 from .devices import describe_devices
 from .memory import describe_memory, states_for
 from .ops import check_optimizer_build
-from .dsconfig import (derived_batch_note, describe_disk, disk_estimate, load_ds_config, resolve,
+from .dsconfig import (AUTO, derived_batch_note, describe_disk, disk_estimate, load_ds_config, resolve,
                        validate_with_deepspeed)
 
 log = logging.getLogger("toolkit.train")
@@ -62,17 +62,35 @@ class RunPlan:
         return math.ceil(self.cfg.warmup_ratio * self.total_steps)
 
 
-def prepare(cfg: TrainConfig, world_size: int, on_gpu: bool | None = None, hosts: dict | None = None) -> RunPlan:
-    """Validate everything and build the plan; raises TrainConfigError / DataError / ModelError."""
-    from toolkit.models import load_tokenizer, resolve_dtype
+def training_bf16(requested: bool | str, on_gpu: bool, gpu_bf16: bool | None) -> bool:
+    """Whether the ranks train in bf16: as set, or for "auto" toolkit.models.resolve_dtype's training
+    rule on the ranks' device (GPUs: bf16 where they compute in it, fp32 before Ampere rather than fp16
+    loss scaling; CPUs: fp32). `gpu_bf16`: whether the GPUs do; None where they are not on the machine
+    that plans (a login node's dry run): bf16 assumed, each rank decides on its own GPU. Every rank
+    (prepare) and the launch's checks (plan_launch, check_training: `gradual train --dry-run`, `gradual
+    run`'s preflight) decide with this function, so the plan shows the precision the ranks use."""
+    from toolkit.models import resolve_dtype
+
+    if requested != AUTO:
+        return bool(requested)
+    known = True if gpu_bf16 is None else gpu_bf16
+    return resolve_dtype("auto", "cuda" if on_gpu else "cpu", gpu_bf16=known, training=True) == "bfloat16"
+
+
+def prepare(cfg: TrainConfig, world_size: int, on_gpu: bool | None = None, hosts: dict | None = None,
+            gpu_bf16: bool | None = None) -> RunPlan:
+    """Validate everything and build the plan; raises TrainConfigError / DataError / ModelError.
+    on_gpu None: on a rank, which reads its node (its GPUs, and whether they compute in bf16);
+    otherwise the launch's plan of the ranks' GPUs (`gpu_bf16`: see training_bf16)."""
+    from toolkit.models import load_tokenizer
+
+    from .devices import visible_gpus_have_bf16
 
     cfg.require_paths()
-    if on_gpu is None:  # on a rank: bf16 "auto" decided by its own GPU (pre-Ampere: fp32, not fp16 loss scaling)
-        import torch
-
-        on_gpu = torch.cuda.is_available()
-        if on_gpu and cfg.bf16 == "auto":
-            cfg = replace(cfg, bf16=resolve_dtype("auto", "cuda", training=True) == "bfloat16")
+    if on_gpu is None:
+        gpu_bf16 = visible_gpus_have_bf16()
+        on_gpu = gpu_bf16 is not None
+    cfg = replace(cfg, bf16=training_bf16(cfg.bf16, on_gpu, gpu_bf16))
     # cheap checks first; the ones that import deepspeed / transformers (seconds) last
     ds_path = cfg.ds_config_path()
     raw_ds = load_ds_config(ds_path)
