@@ -149,7 +149,9 @@ def test_memorised_facts_highly_known_unseen_unknown(memorised, engine):
     assert Counter(r["category"] for r in new) == {"Unknown": len(unseen)}
     assert all(r["greedy_answers"] == [f.answer] * 3 for r, f in zip(known, facts))
     assert [r["id"] for r in rows] == [it.id for it in facts + unseen]
-    assert all(r["generated_tokens"] > 0 for r in rows)
+    # every answer produced took 1 to max_new_tokens tokens (its stop token counted)
+    assert all(r["num_prompts"] + r["num_samples"] <= r["generated_tokens"]
+               <= (r["num_prompts"] + r["num_samples"]) * config.max_new_tokens for r in rows)
     # lazy sampling (the fast engine's default) cuts the samples of items a greedy answer settles;
     # an Unknown item runs every sample
     assert all(r["sampling"] == ("lazy" if engine == "fast" else "full") for r in rows)
