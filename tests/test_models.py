@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from toolkit import models
+from toolkit.adapters.transformers_internals import attention_implementation
 from toolkit.models import ModelError, ModelSpec, load_model, load_tokenizer
 
 
@@ -29,7 +30,7 @@ def test_embedded_smollm2_answers_easy_questions(smollm2, country, capital):
 def test_embedded_smollm2_is_the_real_135m_model_with_sdpa():
     model, tokenizer = load_model(ModelSpec())  # its own: the shared fixture's attention is switched by FastEngine
     assert sum(p.numel() for p in model.parameters()) == 134_515_008
-    assert model.config._attn_implementation == "sdpa"
+    assert attention_implementation(model) == "sdpa"
     assert next(model.parameters()).dtype == torch.float32
     assert tokenizer.padding_side == "left" and tokenizer.pad_token is not None
     assert "\n" in tokenizer.decode([models.newline_token_ids(tokenizer)[0]])

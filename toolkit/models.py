@@ -336,3 +336,9 @@ def newline_token_ids(tokenizer) -> list[int]:
     vocab = tokenizer.get_vocab()
     ids = [i for i in vocab.values() if "\n" in tokenizer.decode([i])]
     return sorted(ids)
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """Where every answer ends (probe engines and evaluation alike): the first token containing a
+    newline, or EOS."""
+    return sorted({*newline_token_ids(tokenizer), tokenizer.eos_token_id})

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Iterable, Sequence
 
 from toolkit.data.matching import extract_answer
-from toolkit.models import newline_token_ids, tokens_until_stop
+from toolkit.models import stop_token_ids, tokens_until_stop
 
 from .types import GREEDY_STREAM, ProbeConfig
 
@@ -19,11 +19,6 @@ def answer_streams(greedy: bool, samples: Sequence[int]) -> list[int]:
     """A prompt's answers in the order every engine lays them out: the greedy one first (if asked),
     then the samples in the order asked."""
     return ([GREEDY_STREAM] if greedy else []) + list(samples)
-
-
-def stop_token_ids(tokenizer) -> list[int]:
-    """Where an answer ends: the first token containing a newline, or EOS."""
-    return sorted({*newline_token_ids(tokenizer), tokenizer.eos_token_id})
 
 
 class AnswerDecoder:

@@ -12,7 +12,7 @@ from typing import Sequence
 
 from toolkit.data.matching import extract_answer, is_correct
 from toolkit.data.schema import QAItem
-from toolkit.models import newline_token_ids, tokens_until_stop
+from toolkit.models import stop_token_ids, tokens_until_stop
 
 from .data import encode_prompt
 
@@ -36,8 +36,7 @@ def greedy_answers(model, tokenizer, questions: Sequence[str], batch_size: int, 
 
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id  # load_tokenizer falls back to EOS
-    stops = sorted(set(stop_ids if stop_ids is not None else newline_token_ids(tokenizer))
-                   | {tokenizer.eos_token_id})
+    stops = sorted(stop_ids if stop_ids is not None else stop_token_ids(tokenizer))
     prompts = [encode_prompt(tokenizer, q) for q in questions]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     answers: list[str] = [""] * len(prompts)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from toolkit.config import to_dict
 from toolkit.io import atomic_path, read_jsonl, write_json, write_jsonl
-from toolkit.models import ModelSpec, load_model, newline_token_ids
+from toolkit.models import ModelSpec, load_model, stop_token_ids
 
 from .data import collate
 from .evaluate import evaluate
@@ -129,7 +129,7 @@ def _train(plan: RunPlan, strategy: DeepSpeedStrategy) -> dict:
         write_json(cfg.out / "train_config.resolved.json", to_dict(cfg))
         write_json(cfg.out / "ds_config.resolved.json", plan.ds_config)
     records = Records(plan, rank0, state.global_step if plan.resume_tag else None)
-    stop_ids = newline_token_ids(tokenizer)
+    stop_ids = stop_token_ids(tokenizer)
     pad_id = tokenizer.pad_token_id  # load_tokenizer falls back to EOS
     scale = b.world * b.accum  # DeepSpeed divides the gradient by this much (accumulation, averaging)
     interrupted = False
