@@ -142,18 +142,26 @@ def test_a_failed_training_stage_reaches_the_user_as_its_message_and_exit_1(tmp_
 
 
 def test_run_headline_prints_missing_numbers_as_n_a():
-    """A rate over no items is null in metrics.json (no M1 HighlyKnown item: no relative gain); the
-    summary `gradual run` prints must say n/a, not fail on it."""
+    """A rate over no items is null in metrics.json (M1 acquired nothing: no acquired gain or
+    retained ratio); the summary `gradual run` prints must say n/a, not fail on it."""
     from toolkit.gradual.cli import headline
 
     no_interval = {"difference": 0.0, "low": None, "high": None, "n": 0}
     seed = {"test_accuracy": {"M1": {"overall": {"accuracy": None}}, "M2": {"overall": {"accuracy": 0.25}}},
-            "knowledge_acquired": {"highly_known_one_stage": 0, "highly_known_two_stage": 2, "relative_gain": None},
+            "knowledge_acquired": {"M2": {"highly_known_M0": 0, "highly_known_M1": 0, "highly_known": 2,
+                                          "acquired_M1": 0, "acquired": 2, "acquired_gain": None,
+                                          "retained_ratio": None}},
             "forgetting": {"M2": {"dropped": 0, "base_highly_known": 0}},
             "comparisons": {"M2 vs M1 (two stages vs one)": no_interval},
             "item_comparisons": {"M2 vs M1": no_interval,
                                  "M2 vs random_stage2": {"difference": -0.1, "low": -0.2, "high": -0.05, "n": 10}}}
     lines = headline({"seeds": {"0": seed}})
     assert lines[0] == "seed 0: test accuracy M1 n/a, M2 25.0%"
-    assert "(relative gain n/a)" in lines[1] and lines[3].endswith("+0.0% (no interval)")
+    assert lines[1] == ("  HighlyKnown train items: 0 base -> 0 after stage 1 -> 2 after stage 2 "
+                        "(acquired gain n/a, retained ratio n/a)")
+    assert lines[3].endswith("+0.0% (no interval)")
+    seed["knowledge_acquired"]["M2"].update(highly_known_M0=1, highly_known_M1=5, highly_known=6, acquired_gain=0.25,
+                                            retained_ratio=0.2)
+    assert headline({"seeds": {"0": seed}})[1].endswith("1 base -> 5 after stage 1 -> 6 after stage 2 "
+                                                        "(acquired gain +25.0%, retained ratio +20.0%)")
     assert lines[4] == "  HighlyKnown train items, M2 vs random_stage2: -10.0% [-20.0%, -5.0%] (significant)"

@@ -9,7 +9,8 @@ from toolkit.io import write_json
 from toolkit.report.collect import json_safe
 from toolkit.report.metrics import (DIFFERENCE, PROPORTION, accuracy, accuracy_by_category, bootstrap_ci,
                                     category_counts, forgetting, knowledge, knowledge_acquired,
-                                    knowledge_difference, mean_over_seeds, paired_difference, transition_matrix)
+                                    knowledge_difference, mean_over_seeds, paired_difference, transition_matrix,
+                                    wilson_interval)
 
 H, M, W, U = "HighlyKnown", "MaybeKnown", "WeaklyKnown", "Unknown"
 C0 = {"a": H, "b": H, "c": M, "d": W, "e": U, "f": U}
@@ -25,11 +26,30 @@ def test_counts_and_transitions():
     assert sum(sum(row.values()) for row in t.values()) == 6
 
 
-def test_knowledge_acquired_is_the_relative_gain_in_highly_known():
-    k = knowledge_acquired(C1, C2)
-    assert (k["highly_known_one_stage"], k["highly_known_two_stage"], k["gain"]) == (2, 5, 3)
-    assert k["relative_gain"] == 1.5
-    assert knowledge_acquired({"x": U}, {"x": H})["relative_gain"] is None  # no base: null, not NaN
+def test_acquired_gain_and_retained_ratio_by_hand():
+    base = {"a": H, "b": H, "c": U, "d": U, "e": U, "f": W, "g": M}  # 2 of 7 HighlyKnown
+    one = {"a": H, "b": H, "c": H, "d": H, "e": U, "f": W, "g": M}  # 4: M1 acquired 2
+    two = {"a": H, "b": H, "c": H, "d": H, "e": H, "f": H, "g": H}  # 7: acquired 5
+    k = knowledge_acquired(base, one, two)
+    assert k == {"highly_known_M0": 2, "highly_known_M1": 4, "highly_known": 7, "acquired_M1": 2, "acquired": 5,
+                 "acquired_gain": 1.5, "retained_ratio": 0.75}  # 5 / 2 - 1 and 7 / 4 - 1
+    # the reading: 180 known before, 220 after one stage, 228 after two: +20% acquired, +3.6% retained
+    base = {f"i{n}": H if n < 180 else U for n in range(500)}
+    one = {f"i{n}": H if n < 220 else U for n in range(500)}
+    two = {f"i{n}": H if n < 228 else U for n in range(500)}
+    k = knowledge_acquired(base, one, two)
+    assert math.isclose(k["acquired_gain"], 48 / 40 - 1) and math.isclose(k["retained_ratio"], 228 / 220 - 1)
+    lost = knowledge_acquired(one, base, two)  # M1 below M0: a negative denominator, the ratio as defined
+    assert (lost["acquired_M1"], lost["acquired"], lost["acquired_gain"]) == (-40, 8, 8 / -40 - 1)
+
+
+def test_acquired_gain_and_retained_ratio_are_null_without_a_denominator():
+    k = knowledge_acquired({"x": H, "y": U}, {"x": H, "y": U}, {"x": H, "y": H})  # M1 acquired nothing
+    assert k["acquired_gain"] is None and k["retained_ratio"] == 1.0
+    k = knowledge_acquired({"x": U}, {"x": U}, {"x": H})  # M1 knows nothing: neither exists
+    assert k["acquired_gain"] is None and k["retained_ratio"] is None
+    k = knowledge_acquired({"x": H}, {"x": U}, {"x": H})  # M1 forgot the one item M0 knew
+    assert k["acquired_gain"] == 0 / -1 - 1 and k["retained_ratio"] is None
 
 
 def test_forgetting_counts_base_highly_known_that_dropped():
@@ -40,12 +60,31 @@ def test_forgetting_counts_base_highly_known_that_dropped():
     assert forgetting({"x": U}, {"x": U})["fraction"] is None  # nothing HighlyKnown to forget
 
 
-def test_accuracy_and_bootstrap_interval():
+def test_wilson_interval_by_hand():
+    # z = 1.96, n = 10: scale 1 + 3.8416 / 10 = 1.38416; 0/10: centre = half = 0.19208 / 1.38416 = 0.13877
+    low, high = wilson_interval(0, 10)
+    assert low == 0.0 and math.isclose(high, 0.2775, abs_tol=5e-5)
+    low, high = wilson_interval(10, 10)
+    assert high == 1.0 and math.isclose(low, 0.7225, abs_tol=5e-5)
+    # 5/10: centre 0.5, half 1.96 / 1.38416 * sqrt(0.025 + 0.009604) = 0.26341
+    low, high = wilson_interval(5, 10)
+    assert math.isclose(low, 0.2366, abs_tol=5e-5) and math.isclose(high, 0.7634, abs_tol=5e-5)
+    # 1/4 at z = 1: scale 1.25, centre (0.25 + 0.125) / 1.25 = 0.3, half 0.8 * sqrt(0.046875 + 0.015625) = 0.2
+    low, high = wilson_interval(1, 4, z=1.0)
+    assert math.isclose(low, 0.1) and math.isclose(high, 0.5)
+    assert wilson_interval(0, 0) == (None, None)
+
+
+def test_accuracy_has_a_wilson_interval_that_stays_wide_at_0_of_n_and_n_of_n():
     acc = accuracy([True, True, False, True])
     assert acc["accuracy"] == 0.75 and acc["n"] == 4
-    assert 0 <= acc["low"] <= 0.75 <= acc["high"] <= 1
-    low, high = bootstrap_ci([1.0] * 10)
-    assert low == high == 1.0
+    assert (acc["low"], acc["high"]) == wilson_interval(3, 4)
+    none_right = accuracy([False] * 10)  # a bootstrap of ten zeros is [0, 0]
+    assert none_right["accuracy"] == 0.0 and none_right["low"] == 0.0
+    assert math.isclose(none_right["high"], 0.2775, abs_tol=5e-5)
+    all_right = accuracy([True] * 10)
+    assert all_right["high"] == 1.0 and math.isclose(all_right["low"], 0.7225, abs_tol=5e-5)
+    assert bootstrap_ci([1.0] * 10) == (1.0, 1.0)  # why: the bootstrap collapses there
     wide = accuracy([True, False] * 5)
     narrow = accuracy([True, False] * 500)
     assert (wide["high"] - wide["low"]) > 3 * (narrow["high"] - narrow["low"])
@@ -101,8 +140,10 @@ def test_one_seed_has_no_interval_and_missing_seeds_are_left_out():
 
 def test_knowledge_counts_highly_known_train_items_beyond_m1():
     # C1 knows a, c (2 of 6); C2 knows a, b, c, d, f (5 of 6)
-    assert knowledge(C2, C1) == {"highly_known": 5, "items": 6, "fraction": 5 / 6, "gain_vs_M1": 3,
-                                 "gain_fraction_vs_M1": 0.5}
+    low, high = wilson_interval(5, 6)
+    assert knowledge(C2, C1) == {"highly_known": 5, "items": 6, "fraction": 5 / 6, "low": low, "high": high,
+                                 "gain_vs_M1": 3, "gain_fraction_vs_M1": 0.5}
+    assert knowledge({"a": H, "b": H}, C1)["low"] > 0.3  # 2/2 HighlyKnown: still an interval, not [1, 1]
     assert knowledge(C1, C1)["gain_vs_M1"] == 0
     assert knowledge(C0, C1)["gain_fraction_vs_M1"] == 0.0  # 2 HighlyKnown each
     assert knowledge({}, C1)["fraction"] is None

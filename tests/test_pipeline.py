@@ -158,8 +158,9 @@ def test_every_step_wrote_real_content(finished_run, setup):
     # the metrics agree with the files they come from
     m = metrics["seeds"]["0"]
     highly = lambda cats: sum(c == "HighlyKnown" for c in cats.values())  # noqa: E731
-    assert m["knowledge_acquired"]["highly_known_one_stage"] == highly(c1)
-    assert m["knowledge_acquired"]["highly_known_two_stage"] == highly(c2)
+    assert m["knowledge_acquired"]["M2"]["highly_known_M0"] == len(base_known)
+    assert m["knowledge_acquired"]["M2"]["highly_known_M1"] == highly(c1)
+    assert m["knowledge_acquired"]["M2"]["highly_known"] == highly(c2)
     assert m["forgetting"]["M1"]["base_highly_known"] == len(base_known)
     assert m["forgetting"]["M1"]["dropped"] == sum(c1[i] != "HighlyKnown" for i in base_known)
     assert m["categories"]["M0 train"] == {c: sum(v == c for v in c0.values()) for c in CATEGORIES}

@@ -59,11 +59,12 @@ def headline(metrics: dict) -> list[str]:
     lines = []
     for seed, m in metrics["seeds"].items():
         acc = m["test_accuracy"]
-        k, f = m["knowledge_acquired"], m["forgetting"]["M2"]
+        k, f = m["knowledge_acquired"]["M2"], m["forgetting"]["M2"]
         lines.append(f"seed {seed}: test accuracy " + ", ".join(
             f"{name} {pct(a['overall']['accuracy'])}" for name, a in acc.items()))
-        lines.append(f"  HighlyKnown train items: {k['highly_known_one_stage']} after stage 1 -> "
-                     f"{k['highly_known_two_stage']} after stage 2 (relative gain {pct(k['relative_gain'], True)})")
+        lines.append(f"  HighlyKnown train items: {k['highly_known_M0']} base -> {k['highly_known_M1']} after stage 1 "
+                     f"-> {k['highly_known']} after stage 2 (acquired gain {pct(k['acquired_gain'], True)}, "
+                     f"retained ratio {pct(k['retained_ratio'], True)})")
         lines.append(f"  forgetting: {f['dropped']} of {f['base_highly_known']} base HighlyKnown items dropped")
         lines.append(f"  two stages vs one on test: {_difference(m['comparisons']['M2 vs M1 (two stages vs one)'])}")
         for name, d in m.get("item_comparisons", {}).items():

@@ -22,7 +22,13 @@ HEADLINE = {
     "forgetting": (M.PROPORTION, "forgetting {m} (fraction of base HighlyKnown)"),
     "vs_M2_knowledge": (M.DIFFERENCE, "M2 minus {m}: HighlyKnown train fraction"),
     "vs_M2_test": (M.DIFFERENCE, "M2 minus {m}: test accuracy"),
+    # ratios of counts minus 1: no bound
+    "acquired_gain": (None, "acquired gain {m}: (HK - HK(M0)) / (HK(M1) - HK(M0)) - 1 on train items"),
+    "retained_ratio": (None, "retained ratio {m}: HK / HK(M1) - 1 on train items"),
 }
+# Which interval each kind of number carries (metrics.py: wilson_interval, paired_difference,
+# mean_over_seeds); the report names them. Files without this key gave proportions a bootstrap.
+INTERVALS = {"proportion": "Wilson", "paired difference": "paired bootstrap", "across seeds": "Student t"}
 # the test comparison of M2 with M1 has kept its longer name (the demo's metrics.json)
 M2_VS_M1_TEST = "M2 vs M1 (two stages vs one)"
 
@@ -88,6 +94,8 @@ def seed_metrics(run_dir: Path, seed: int, baselines: Sequence[str]) -> dict:
     probed = {b: _categories(sd / "probe" / f"{b}-train") for b in baselines
               if (sd / "probe" / f"{b}-train" / "categories.jsonl").exists()}
     train_tables = {"M1": c1, "M2": c2, **probed}
+    # M1 against itself is 0 by definition: M2 and the baselines only
+    acquired = {name: M.knowledge_acquired(c0, c1, table) for name, table in train_tables.items() if name != "M1"}
 
     comparisons = {M2_VS_M1_TEST: M.paired_difference(correct["M2"], correct["M1"]),
                    "M1 vs M0": M.paired_difference(correct["M1"], correct["M0"])}
@@ -122,10 +130,10 @@ def seed_metrics(run_dir: Path, seed: int, baselines: Sequence[str]) -> dict:
         "per_relation": {rel: r["fractions"] for rel, r in relations.items()},
         "transitions": {"C0 -> C1": M.transition_matrix(c0, c1), "C1 -> C2": M.transition_matrix(c1, c2),
                         "C0 -> C2": M.transition_matrix(c0, c2)},
-        "knowledge_acquired": M.knowledge_acquired(c1, c2),
+        "knowledge_acquired": acquired,
         "forgetting": {name: M.forgetting(c0, table) for name, table in train_tables.items()},
         "knowledge": {name: M.knowledge(table, c1) for name, table in train_tables.items()},
-        "test_accuracy": {name: M.accuracy_by_category(c, test_c0, seed=seed) for name, c in correct.items()},
+        "test_accuracy": {name: M.accuracy_by_category(c, test_c0) for name, c in correct.items()},
         "comparisons": comparisons,
         "item_comparisons": item_comparisons,
         "fit_speed": {stage: _fit_speed(d / "train") for stage, d in stage_dirs.items()},
@@ -149,7 +157,9 @@ def headline_value(seed: dict, key: str, model: str):
              "test_accuracy": ("test_accuracy", model, "overall", "accuracy"),
              "forgetting": ("forgetting", model, "fraction"),
              "vs_M2_knowledge": ("item_comparisons", f"M2 vs {model}", "difference"),
-             "vs_M2_test": ("comparisons", test_comparison, "difference")}
+             "vs_M2_test": ("comparisons", test_comparison, "difference"),
+             "acquired_gain": ("knowledge_acquired", model, "acquired_gain"),
+             "retained_ratio": ("knowledge_acquired", model, "retained_ratio")}
     return _lookup(seed, paths[key])
 
 
@@ -170,8 +180,6 @@ def aggregate_metrics(per_seed: dict[str, dict], models: Sequence[str]) -> tuple
         for key, (_, name) in HEADLINE.items():
             if stats[model][key] is not None:
                 aggregate[name.format(m=model)] = stats[model][key]
-    aggregate["knowledge acquired (relative gain, M2 vs M1)"] = M.mean_over_seeds(
-        [m["knowledge_acquired"]["relative_gain"] for m in per_seed.values()])
     table = [{"model": model, **stats[model]} for model in models if model != "M0"]
     return aggregate, table
 
@@ -202,4 +210,5 @@ def collect_metrics(run_dir: str | Path, seeds: Sequence[int],
         info["items (train/dev/test)"] = "/".join(str(data_state["summary"]["items"][s]) for s in ("train", "dev", "test"))
     if dtype := probe_dtype(run_dir):
         info["probe dtype"] = dtype
-    return json_safe({"run": info, "seeds": per_seed, "aggregate": aggregate, "aggregate_table": table})
+    return json_safe({"run": info, "intervals": INTERVALS, "seeds": per_seed, "aggregate": aggregate,
+                      "aggregate_table": table})

@@ -107,16 +107,24 @@ def fit_speed(curves: dict[str, list[dict]], path: Path) -> Path | None:
 
 
 def knowledge_acquired(acquired: dict, path: Path) -> Path | None:
+    """HighlyKnown training items per model; the title names M2's acquired gain (older metrics.json
+    files: M1 and M2 only, and the relative gain, today's retained ratio)."""
     if not acquired:
         return None
     fig, ax = plt.subplots(figsize=(4.5, 3.6))
-    values = [acquired["highly_known_one_stage"], acquired["highly_known_two_stage"]]
-    bars = ax.bar(["one stage (M1)", "two stages (M2)"], values, color=["#868e96", "#1c7ed6"])
+    if "relative_gain" in acquired:
+        labels = ["one stage (M1)", "two stages (M2)"]
+        values = [acquired["highly_known_one_stage"], acquired["highly_known_two_stage"]]
+        gain, what = acquired["relative_gain"], "vs one stage"
+    else:
+        labels = ["base (M0)", "one stage (M1)", "two stages (M2)"]
+        values = [acquired["highly_known_M0"], acquired["highly_known_M1"], acquired["highly_known"]]
+        gain, what = acquired["acquired_gain"], "acquired gain"
+    bars = ax.bar(labels, values, color=["#ced4da", "#868e96", "#1c7ed6"][-len(values):])
     for bar, v in zip(bars, values):
         ax.text(bar.get_x() + bar.get_width() / 2, v, str(v), ha="center", va="bottom")
-    gain = acquired["relative_gain"]
-    # no relative gain (None; NaN in older metrics.json) when M1 knows no training item
-    ax.set_title(f"HighlyKnown training items ({gain:+.0%} vs one stage)" if gain is not None and gain == gain
+    # no gain (None; NaN in older metrics.json) when M1 knows (acquired) no training item
+    ax.set_title(f"HighlyKnown training items ({gain:+.0%} {what})" if gain is not None and gain == gain
                  else "HighlyKnown training items")
     return _save(fig, path)
 

@@ -3,6 +3,8 @@ report.html (figures embedded), both written atomically.
 
 metrics.json (toolkit/report/collect.py; strict JSON: a number that does not exist is null) holds
   run               {setting: value}
+  intervals         {"proportion": "Wilson", ...}   the interval each kind of number carries (absent in
+                    older files, whose proportions carry a bootstrap interval)
   seeds             {seed: per-seed metrics, below}
   aggregate         {readable name: {mean, low, high, seeds}}   means over seeds, 95% Student t
   aggregate_table   [{model, knowledge_gain, test_accuracy, forgetting, vs_M2_knowledge, vs_M2_test}]
@@ -12,12 +14,15 @@ Per seed:
                                                     "<baseline> train" for each probed baseline
   per_relation      {relation: {category: fraction}}      base model on train
   transitions       {"C0 -> C1": matrix, ...}             matrix[before][after] = count
-  knowledge_acquired  {highly_known_one_stage, highly_known_two_stage, gain, relative_gain}  (M2 vs M1)
-  knowledge         {model: {highly_known, items, fraction, gain_vs_M1, gain_fraction_vs_M1}}
+  knowledge_acquired  {model: {highly_known_M0, highly_known_M1, highly_known, acquired_M1, acquired,
+                     acquired_gain, retained_ratio}}   M2 and each baseline with a train probe, vs M1
+                    (metrics.knowledge_acquired); older files: one flat {highly_known_one_stage,
+                    highly_known_two_stage, gain, relative_gain} for M2, relative_gain = retained_ratio
+  knowledge         {model: {highly_known, items, fraction, low, high, gain_vs_M1, gain_fraction_vs_M1}}
                     for M1, M2 and each baseline with a train probe: its HighlyKnown train items, and
                     how many more than the one-stage model M1 (the knowledge the schedule acquired)
   forgetting        {model: {base_highly_known, dropped, fraction, dropped_to}}   vs the base model
-  test_accuracy     {model: {"overall" | category: {accuracy, low, high, n}}}  95% bootstrap interval
+  test_accuracy     {model: {"overall" | category: {accuracy, low, high, n}}}  95% Wilson interval
   comparisons       {"M2 vs M1 (two stages vs one)" | "M1 vs M0" | "M2 vs <baseline>":
                      {difference, low, high, n}}   test accuracy, paired bootstrap over test items
   item_comparisons  {"M2 vs M1" | "M2 vs <baseline>": {difference, low, high, n}}   the HighlyKnown
@@ -27,7 +32,7 @@ Per seed:
   costs             {"steps": {step: seconds}, "probe": {name: {...}}, "train": {name: {...}}}
 
 aggregate_table has one row per model (M1, M2, then the baselines in the order they first ran);
-each of its five numbers is {mean, low, high, seeds} over the seeds that have it, or null where no
+each of its numbers is {mean, low, high, seeds} over the seeds that have it, or null where no
 seed has it (M2's own vs_M2_* columns; a baseline without a train probe has no knowledge_gain or
 forgetting):
   knowledge_gain    gain_fraction_vs_M1 (difference of proportions: interval clipped to [-1, 1])
@@ -35,9 +40,12 @@ forgetting):
   forgetting        fraction of base-model HighlyKnown items dropped (clipped to [0, 1])
   vs_M2_knowledge   M2 minus this model: HighlyKnown train fraction (item_comparisons)
   vs_M2_test        M2 minus this model: test accuracy (comparisons)
+  acquired_gain     (HK - HK(M0)) / (HK(M1) - HK(M0)) - 1 (knowledge_acquired; absent in older files)
+  retained_ratio    HK / HK(M1) - 1 (knowledge_acquired; absent in older files)
 With one seed low and high are null (no t interval): the report prints "n/a (1 seed)". `aggregate`
 holds the same numbers under readable names ("test accuracy M2", "M2 minus natural: test accuracy")
-plus the mean relative gain of M2 over M1. Older metrics.json files may hold NaN: read as missing.
+(older files: plus the mean relative gain of M2 over M1, today's retained ratio). Older metrics.json
+files may hold NaN: read as missing.
 """
 from __future__ import annotations
 
@@ -52,6 +60,13 @@ from toolkit.probe.slick import CATEGORIES
 
 from . import plots
 from .format import missing, pct, significant
+
+
+# Which of the two readings of "knowledge acquired" the paper's number is set against, and why.
+PAPER_COMPARISON = ("The paper's +24% (\"increases the amount of knowledge acquired by the model in this "
+                    "stage\") is compared with the acquired gain, (HK − HK(M0)) / (HK(M1) − HK(M0)) − 1: the "
+                    "paper speaks of knowledge acquired in the stage, while the retained ratio's denominator "
+                    "HK(M1) also holds what the base model M0 already knew, which shrinks it.")
 
 
 class ReportError(ValueError):
@@ -81,10 +96,26 @@ def _mean_cell(stat: dict | None) -> str:
     return f"{pct(stat['mean'])} {interval if interval.startswith('[') else f'[{interval}]'}"
 
 
+def _signed_mean_cell(stat: dict | None) -> str:
+    """A mean over seeds of a signed ratio (acquired gain, retained ratio), with its interval."""
+    if stat is None:
+        return "n/a"
+    if missing(stat.get("low")) or missing(stat.get("high")):
+        return f"{pct(stat['mean'], True)} [{_interval(stat)}]"
+    return f"{pct(stat['mean'], True)} [{pct(stat['low'], True)}, {pct(stat['high'], True)}]"
+
+
 def _acc_cell(acc: dict) -> str:
     if not acc.get("n"):
         return "–"
     return f"{pct(acc['accuracy'])} [{pct(acc['low'])}, {pct(acc['high'])}] (n={acc['n']})"
+
+
+def _fraction_cell(k: dict) -> str:
+    """A HighlyKnown fraction with its Wilson interval (older metrics.json files have none)."""
+    if missing(k.get("low")) or missing(k.get("high")):
+        return pct(k["fraction"])
+    return f"{pct(k['fraction'])} [{pct(k['low'])}, {pct(k['high'])}]"
 
 
 def _table(header: list[str], rows: list[list]) -> list[str]:
@@ -93,7 +124,24 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
     return out + [""]
 
 
-def _seed_sections(seed: str, m: dict, fig_dir: Path) -> tuple[list[str], list[Path]]:
+def _knowledge_acquired(acquired: dict) -> tuple[list[str], dict]:
+    """The section's lines and the dict the figure draws (M2's numbers)."""
+    if "relative_gain" in acquired:  # a metrics.json from before acquired_gain: M2 vs M1 only
+        k = acquired
+        return [f"HighlyKnown training items: {k['highly_known_one_stage']} after one stage, "
+                f"{k['highly_known_two_stage']} after two stages ({k['gain']:+d}, "
+                f"relative gain {pct(k['relative_gain'])}; the paper reports +24%).", ""], k
+    lines = ["HighlyKnown (HK) training items under the base model M0, the one-stage model M1 and each model; "
+             "acquired: HK − HK(M0).", "", PAPER_COMPARISON, ""]
+    lines += _table(["model", "HK(M0)", "HK(M1)", "HK", "acquired (M1)", "acquired", "acquired gain",
+                     "retained ratio"],
+                    [[model, k["highly_known_M0"], k["highly_known_M1"], k["highly_known"], f"{k['acquired_M1']:+d}",
+                      f"{k['acquired']:+d}", pct(k["acquired_gain"], True), pct(k["retained_ratio"], True)]
+                     for model, k in acquired.items()])
+    return lines, acquired.get("M2", {})
+
+
+def _seed_sections(seed: str, m: dict, fig_dir: Path, proportion_interval: str) -> tuple[list[str], list[Path]]:
     lines, figures = [f"## Seed {seed}", ""], []
 
     def figure(path: Path | None, caption: str):
@@ -113,7 +161,7 @@ def _seed_sections(seed: str, m: dict, fig_dir: Path) -> tuple[list[str], list[P
         figure(plots.transition_heatmap(matrix, f"Category transitions {name}",
                                         fig_dir / f"transitions-{slug}-seed{seed}.png"), f"transitions {name}")
     if m.get("test_accuracy"):
-        lines += ["### Test accuracy (exact match, per base-model category, 95% bootstrap interval)", ""]
+        lines += [f"### Test accuracy (exact match, per base-model category, 95% {proportion_interval} interval)", ""]
         lines += _table(["model", "overall", *CATEGORIES],
                         [[model, *(_acc_cell(acc[g]) for g in ["overall", *CATEGORIES])]
                          for model, acc in m["test_accuracy"].items()])
@@ -125,16 +173,13 @@ def _seed_sections(seed: str, m: dict, fig_dir: Path) -> tuple[list[str], list[P
                         [[name, pct(d["difference"]), _interval(d), _significant(d)]
                          for name, d in m["comparisons"].items()])
     if m.get("knowledge_acquired"):
-        k = m["knowledge_acquired"]
-        lines += ["### Knowledge acquired", "",
-                  f"HighlyKnown training items: {k['highly_known_one_stage']} after one stage, "
-                  f"{k['highly_known_two_stage']} after two stages ({k['gain']:+d}, "
-                  f"relative gain {pct(k['relative_gain'])}; the paper reports +24%).", ""]
+        section, k = _knowledge_acquired(m["knowledge_acquired"])
+        lines += ["### Knowledge acquired", "", *section]
         figure(plots.knowledge_acquired(k, fig_dir / f"knowledge-seed{seed}.png"), "knowledge acquired")
     if m.get("knowledge"):
         lines += ["### HighlyKnown training items per model (gain vs the one-stage model M1)", ""]
         lines += _table(["model", "HighlyKnown", "items", "fraction", "gain vs M1", "gain (fraction of items)"],
-                        [[model, k["highly_known"], k["items"], pct(k["fraction"]), f"{k['gain_vs_M1']:+d}",
+                        [[model, k["highly_known"], k["items"], _fraction_cell(k), f"{k['gain_vs_M1']:+d}",
                           pct(k["gain_fraction_vs_M1"])] for model, k in m["knowledge"].items()])
     if m.get("item_comparisons"):
         lines += ["### Paired comparisons on train (HighlyKnown fraction difference, 95% paired bootstrap)", ""]
@@ -187,8 +232,12 @@ def _headline(table: list[dict]) -> list[str]:
         return []
     lines = ["## Does the two-stage schedule acquire more knowledge?", "",
              "Knowledge gain: HighlyKnown training items beyond the one-stage model M1, as a fraction of "
-             "the training items. M2 − model: the paired difference per seed. Each cell: mean over seeds "
-             "[95% t interval]; significant: the interval excludes 0.", ""]
+             "the training items. M2 − model: the paired difference per seed. Acquired gain and retained "
+             "ratio: see Knowledge acquired per seed. Each cell: mean over seeds [95% t interval]; "
+             "significant: the interval excludes 0.", ""]
+    has_acquired = any(row.get("acquired_gain") for row in table)  # older metrics.json files: absent
+    if has_acquired:
+        lines += [PAPER_COMPARISON, ""]
     rows = []
     for row in table:
         stats = [row[k] for k in ("knowledge_gain", "test_accuracy", "forgetting", "vs_M2_knowledge", "vs_M2_test")]
@@ -196,9 +245,11 @@ def _headline(table: list[dict]) -> list[str]:
                                                          _significant(row["vs_M2_knowledge"]),
                                                          _mean_cell(row["vs_M2_test"]), _significant(row["vs_M2_test"])]
         seeds = max((s["seeds"] for s in stats if s), default=0)
+        acquired = [_signed_mean_cell(row.get(k)) for k in ("acquired_gain", "retained_ratio")] if has_acquired else []
         rows.append([_MODEL_LABELS.get(row["model"], row["model"]), *(_mean_cell(s) for s in stats[:3]),
-                     *versus, seeds])
+                     *acquired, *versus, seeds])
     return lines + _table(["model", "knowledge gain vs M1", "test accuracy", "forgetting",
+                           *(["acquired gain", "retained ratio"] if has_acquired else []),
                            "M2 − model: knowledge", "significant", "M2 − model: test", "significant", "seeds"], rows)
 
 
@@ -222,8 +273,9 @@ def render_report(run_dir: str | Path) -> dict[str, Path]:
                         [[name, _fixed(a["mean"]), _interval(a, _fixed), a["seeds"]]
                          for name, a in metrics["aggregate"].items()])
     figures: list[Path] = []
+    proportion_interval = metrics.get("intervals", {}).get("proportion", "bootstrap")
     for seed, seed_metrics in metrics["seeds"].items():
-        section, figs = _seed_sections(seed, seed_metrics, fig_dir)
+        section, figs = _seed_sections(seed, seed_metrics, fig_dir, proportion_interval)
         lines += section
         figures += figs
     markdown = "\n".join(lines)
