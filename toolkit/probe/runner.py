@@ -127,16 +127,22 @@ class ProbeJob:
     written_dtype: str | None = None  # of the shards a previous run finished
 
 
+def check_engine_settings(placement: Placement, engine: str, model: str | None, key=lambda setting: setting) -> None:
+    """The settings alone, before any file is read: an engine that is not installed or cannot run this
+    placement or model, an unreachable cluster (ProbeConfigError, one line)."""
+    if refusal := preflight_error(engine, placement.gpus_per_actor or 0.0, model, vllm_importable()):
+        raise ProbeConfigError(refusal.line(key(refusal.setting)))
+    if placement.ray_address:
+        check_reachable(placement.ray_address)
+
+
 def checked_plan(placement: Placement, engine: str, model: str | None, source: str, dtype: str,
                  check_devices: bool = True, key=lambda setting: setting) -> tuple[PlacementPlan, str]:
     """The placement plan of a probe (resolve_placement: the plan and where its nodes were found;
     `source`: the model resolved), refused in one line (ProbeConfigError, the setting named by `key`)
     when the engine, the model or the nodes cannot run it: the one check of gradual probe and of
     gradual run's preflight (`check_devices` False: a dry run, on a login node without the GPUs)."""
-    if refusal := preflight_error(engine, placement.gpus_per_actor or 0.0, model, vllm_importable()):
-        raise ProbeConfigError(refusal.line(key(refusal.setting)))
-    if placement.ray_address:
-        check_reachable(placement.ray_address)
+    check_engine_settings(placement, engine, model, key)
     plan, found = resolve_placement(placement, engine, dtype, source)
     if refusal := plan_refusal(plan, source, check_devices):
         if found == "connected":
@@ -150,6 +156,7 @@ def checked_plan(placement: Placement, engine: str, model: str | None, source: s
 def prepare_probe(run: RunConfig, probe: ProbeConfig, placement: Placement) -> ProbeJob:
     """Every check of a probe before Ray starts or anything is written: settings, data, exemplars,
     model, the placement on the nodes it will run on, the output directory. Raises one-line errors."""
+    check_engine_settings(placement, probe.engine, run.model)  # cheapest first: before the data is read
     items, exemplars = _load_inputs(run, probe)
     source = resolve_source(run.model)  # ModelError for a bad path; converts a GGUF once, before any actor starts
     # auto counts resolved once, here: the actors and the summary use the plan
