@@ -224,8 +224,10 @@ def test_host_memory_growth_is_measured_while_a_function_runs(rules):
     import torch
 
     def copy_then_free():
-        x = torch.ones(64 * 2**20, dtype=torch.float32)  # 256 MiB, filled: resident
-        time.sleep(0.05)
+        # 256 MiB, filled: resident (an allocation this large is a fresh mmap in glibc, never reused
+        # free memory); held long enough for the sampler thread to see it on a busy machine
+        x = torch.ones(64 * 2**20, dtype=torch.float32)
+        time.sleep(0.5)
         return float(x[0])
 
     assert rules.anon_rss_bytes("Name:\tx\nRssAnon:\t  2048 kB\nRssFile:\t 10 kB\n") == 2 * 2**20
