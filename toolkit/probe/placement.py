@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import subprocess
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -214,13 +213,12 @@ def local_node() -> NodeResources:
 
 
 def query_gpu_memory() -> int | None:
-    """The memory of this node's smallest GPU from nvidia-smi (None without one)."""
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=GPU_QUERY_TIMEOUT_S, check=True).stdout
-        return min(int(v) for v in out.split()) << 20  # MiB
-    except (OSError, subprocess.SubprocessError, ValueError):
-        return None
+    """The memory of this node's smallest GPU from nvidia-smi (None without one, or where it reports
+    no total)."""
+    from toolkit.train.devices import query_nvidia_smi
+
+    totals = [g.total_mib for g in query_nvidia_smi(GPU_QUERY_TIMEOUT_S) or () if g.total_mib > 0]
+    return int(min(totals)) << 20 if totals else None  # MiB
 
 
 def cluster_nodes() -> list[NodeResources]:
