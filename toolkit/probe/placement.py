@@ -202,14 +202,13 @@ def planned_dtype(requested: str, plan: PlacementPlan) -> tuple[str, str]:
 
 
 def local_node() -> NodeResources:
-    """This machine as torch sees it (torch.cuda.device_count() honours CUDA_VISIBLE_DEVICES);
-    reading the devices' properties creates no CUDA context."""
-    import torch
+    """This machine as the trainer's launch reads it (toolkit.train.devices.this_node: torch's view,
+    CUDA_VISIBLE_DEVICES applied), with its CPUs."""
+    from toolkit.train.devices import this_node
 
-    gpus = torch.cuda.device_count()
-    memory = min((torch.cuda.get_device_properties(i).total_memory for i in range(gpus)), default=None)
+    node = this_node()
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return NodeResources(gpus, memory, cpus, cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"))
+    return NodeResources(node.count, min(node.memory_bytes, default=None), cpus, cuda_visible_devices=node.visible)
 
 
 def query_gpu_memory() -> int | None:
