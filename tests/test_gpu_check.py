@@ -231,6 +231,7 @@ def test_host_memory_growth_is_measured_while_a_function_runs(rules):
         return float(x[0])
 
     assert rules.anon_rss_bytes("Name:\tx\nRssAnon:\t  2048 kB\nRssFile:\t 10 kB\n") == 2 * 2**20
+    assert rules.anon_rss_bytes("Rss:  4096 kB\nPss_Anon:  12 kB\nAnonymous:  3072 kB\n") == 3 * 2**20
     value, grew = rules.peak_anon_growth(copy_then_free)
     assert value == 1.0 and grew >= 200 * 2**20
     _, idle = rules.peak_anon_growth(lambda: time.sleep(0.05))
