@@ -60,6 +60,9 @@ class ModelSpec:
     attention: str | None = None
     device: str | None = None
     seed: int = 0
+    # built partitioned by DeepSpeed ZeRO-3 (the caller holds transformers' HfDeepSpeedConfig): each
+    # rank keeps its share of every weight on its own device, from construction on
+    partitioned: bool = False
 
 
 # ---------------------------------------------------------------- environment choices
@@ -292,18 +295,26 @@ def load_model(spec: ModelSpec):
         # is drawn on the GPU in bf16, with no fp32 CPU copy. The CUDA generator draws other numbers
         # than the CPU's: a seed gives the same weights on every GPU of a kind, not the CPU's (the CPU
         # path is unchanged; DeepSpeed broadcasts rank 0's weights to the other ranks anyway).
-        where = torch.device(plan.device) if plan.init_on_device else contextlib.nullcontext()
+        # Under ZeRO-3 transformers builds inside deepspeed.zero.Init, which draws each module's
+        # weights on rank 0, broadcasts and partitions them as they are made: no device context
+        where = (torch.device(plan.device) if plan.init_on_device and not spec.partitioned
+                 else contextlib.nullcontext())
         with where:
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention)
     else:
+        # ZeRO-3: no device_map (transformers refuses one); each checkpoint tensor is gathered into its
+        # module's partitions one module at a time (transformers' ZeRO-3 loading), the files mmapped
+        device_map = None if spec.partitioned else plan.device_map
         try:
             model = AutoModelForCausalLM.from_pretrained(ref, dtype=dtype, attn_implementation=attention,
-                                                         device_map=plan.device_map)
+                                                         device_map=device_map)
         except (OSError, ValueError) as err:
             raise ModelError(f"cannot load model '{spec.source}': {err}".splitlines()[0]) from None
-    model.to(plan.device).eval()  # a no-op for what is already there (everything, on a GPU)
-    log.info("model %s: %.1fM params, attention=%s, dtype=%s, device=%s", spec.source or EMBEDDED_MODEL,
-             sum(p.numel() for p in model.parameters()) / 1e6, attention, plan.dtype, plan.device)
+    if not spec.partitioned:
+        model.to(plan.device)  # a no-op for what is already there (everything, on a GPU)
+    model.eval()
+    log.info("model %s: attention=%s, dtype=%s, device=%s%s", spec.source or EMBEDDED_MODEL, attention, plan.dtype,
+             plan.device, ", partitioned by ZeRO-3" if spec.partitioned else "")
     return model, tokenizer
 
 

@@ -31,9 +31,12 @@ class TrainConfig:
     categories: Optional[list[str]] = knob(None, "train only on items of these SliCK categories")
     categories_file: Optional[str] = knob(None, "id -> category (JSON/JSONL); default: 'category' in the data rows")
     # DeepSpeed
-    ds_config: str = knob("zero2", "a path, or zero1 | zero2 | zero2_offload from ds_configs/")
-    zero_stage: Optional[int] = knob(None, "overrides the ds_config's ZeRO stage (0, 1, 2)")
-    offload: bool = knob(False, "ZeRO optimizer offload to CPU (needs optimizer deepspeed_adam)")
+    ds_config: str = knob("zero2", "a path, or zero1 | zero2 | zero2_offload | zero3 | zero3_offload from ds_configs/")
+    zero_stage: Union[int, Literal["auto"], None] = knob(
+        None, "overrides the ds_config's ZeRO stage (0, 1, 2, 3); auto: the lowest of 1, 2, 3 whose model states "
+              "fit the GPUs (the ds_config's stage where their memory is unknown)")
+    offload: bool = knob(False, "ZeRO optimizer offload to CPU (needs optimizer deepspeed_adam); the parameters "
+                                "too: offload_param in the ds_config (zero3_offload)")
     bf16: Union[bool, Literal["auto"]] = knob("auto", "auto: bf16 on GPU, fp32 on CPU")
     gradient_checkpointing: bool = knob(False, "recompute activations in the backward pass")
     # batch arithmetic: train_batch_size = micro_batch_size x gradient_accumulation_steps x world size.
@@ -95,8 +98,8 @@ class TrainConfig:
         require(self.optimizer in OPTIMIZERS, "optimizer", self.optimizer, f"must be one of {', '.join(OPTIMIZERS)}")
         require(self.lr_scheduler in LR_SCHEDULES, "lr_scheduler", self.lr_scheduler,
                 f"must be one of {', '.join(LR_SCHEDULES)}")
-        require(self.zero_stage in (None, 0, 1, 2), "zero_stage", self.zero_stage,
-                "must be 0, 1 or 2 (ZeRO-3 is not supported: evaluation generates with full parameters)")
+        require(self.zero_stage in (None, 0, 1, 2, 3, "auto"), "zero_stage", self.zero_stage,
+                "must be 0, 1, 2, 3 or auto")
         require(self.bf16 in (True, False, "auto"), "bf16", self.bf16, "must be true, false or auto")
         for name in ("eval_every_steps", "patience", "stop_after_epoch", "gpu_wait_s", "gpu_busy_mib", "max_steps"):
             require(getattr(self, name) >= 0, name, getattr(self, name), "must be >= 0")

@@ -59,8 +59,12 @@ def _same(a, b) -> bool:
 
 
 def resolve(cfg: TrainConfig, raw: dict, world_size: int, on_gpu: bool, source: str = "ds_config",
-            deepspeed_checks: bool = True) -> tuple[TrainConfig, dict]:
-    """(training config with explicit ds_config values folded in, fully resolved ds_config)."""
+            deepspeed_checks: bool = True, hidden_size: int | None = None) -> tuple[TrainConfig, dict]:
+    """(training config with explicit ds_config values folded in, fully resolved ds_config).
+    cfg.zero_stage must not be "auto" here (the launch or the rank chooses it first: memory.choose_stage).
+    `hidden_size`: the model's, for ZeRO-3's "auto" bucket sizes (default: read from cfg.model's config)."""
+    if cfg.zero_stage == AUTO:
+        raise TrainConfigError("zero_stage=auto must be chosen before the ds_config is resolved")
     ds = copy.deepcopy(raw)
     if "scheduler" in ds:
         raise TrainConfigError(f"{source}: remove 'scheduler'; the trainer owns the learning-rate "
@@ -75,8 +79,6 @@ def resolve(cfg: TrainConfig, raw: dict, world_size: int, on_gpu: bool, source: 
     zero = ds.setdefault("zero_optimization", {})
     if not isinstance(zero, dict):
         raise TrainConfigError(f"{source}: 'zero_optimization' must be an object")
-    if zero.get("offload_param"):
-        raise TrainConfigError(f"{source}: offload_param is ZeRO-3 only; use offload_optimizer")
     if cfg.optimizer == "deepspeed_adam":
         opt = ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
         if str(opt.get("type", "")).lower() not in ("adam", "adamw"):
@@ -108,7 +110,15 @@ def resolve(cfg: TrainConfig, raw: dict, world_size: int, on_gpu: bool, source: 
     cfg = replace(cfg, micro_batch_size=micro, gradient_accumulation_steps=accum, train_batch_size=total,
                   zero_stage=stage, bf16=bf16)
     if cfg.offload and stage < 1:
-        raise TrainConfigError("offload needs ZeRO stage 1 or 2")
+        raise TrainConfigError("offload needs ZeRO stage 1, 2 or 3")
+    if _get(zero, ("offload_param", "device")) not in (None, "none") and stage != 3:
+        raise TrainConfigError(f"{source}: offload_param needs ZeRO stage 3 (the weights are partitioned only "
+                               f"there), the stage is {stage}; use offload_optimizer")
+    if stage == 3:
+        _resolve_zero3(zero, hidden_size, cfg.model, source)
+    for section in ("offload_optimizer", "offload_param"):  # pinned host memory speeds GPU copies only
+        if isinstance(zero.get(section), dict) and zero[section].get("pin_memory") == AUTO:
+            zero[section]["pin_memory"] = on_gpu
     # write every owned value back: the resolved ds_config has no "auto" left
     ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"] = micro, accum
     ds["train_batch_size"], ds["gradient_clipping"] = total, float(cfg.grad_clip)
@@ -154,6 +164,39 @@ def resolve(cfg: TrainConfig, raw: dict, world_size: int, on_gpu: bool, source: 
     if deepspeed_checks:
         validate_with_deepspeed(ds, source)
     return cfg, ds
+
+
+# ZeRO-3 settings a ds_config without them gets when the stage is 3 (zero_stage=3 over zero2.json):
+# those of ds_configs/zero3.json. Sizes written "auto" follow the Hugging Face Trainer's rule, from the
+# model's hidden size h: buckets of h^2 elements (one layer's largest matrices per reduction), the
+# prefetch 0.9 h^2, and parameters under 10 h elements (norms, biases) kept whole on every rank.
+ZERO3_DEFAULTS = {"reduce_bucket_size": AUTO, "stage3_prefetch_bucket_size": AUTO,
+                  "stage3_param_persistence_threshold": AUTO, "stage3_max_live_parameters": 1_000_000_000,
+                  "stage3_max_reuse_distance": 1_000_000_000, "sub_group_size": 1_000_000_000,
+                  "stage3_gather_16bit_weights_on_model_save": True}
+
+
+def zero3_sizes(hidden_size: int) -> dict[str, int]:
+    return {"reduce_bucket_size": hidden_size * hidden_size,
+            "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+            "stage3_param_persistence_threshold": 10 * hidden_size}
+
+
+def _resolve_zero3(zero: dict, hidden_size: int | None, model: str, source: str) -> None:
+    for key, value in ZERO3_DEFAULTS.items():
+        zero.setdefault(key, value)
+    if not any(zero.get(key) == AUTO for key in zero3_sizes(1)):
+        return
+    if hidden_size is None:
+        if not model:
+            raise TrainConfigError(f"{source}: ZeRO-3 bucket sizes are \"auto\" but no model is known to size them "
+                                   "from; give explicit values")
+        from .plan import model_size
+
+        hidden_size = model_size(model).hidden
+    for key, value in zero3_sizes(hidden_size).items():
+        if zero.get(key) == AUTO:
+            zero[key] = value
 
 
 def validate_with_deepspeed(ds: dict, source: str) -> None:

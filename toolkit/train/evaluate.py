@@ -6,6 +6,7 @@ decision). Works without a process group too (tests, the export check).
 """
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -30,8 +31,11 @@ class EvalResult:
 
 
 def greedy_answers(model, tokenizer, questions: Sequence[str], batch_size: int, max_new_tokens: int,
-                   stop_ids: Sequence[int] | None = None) -> list[str]:
-    """One greedy answer per question, in order. Batches are formed from length-sorted prompts."""
+                   stop_ids: Sequence[int] | None = None, batches: int | None = None) -> list[str]:
+    """One greedy answer per question, in order. Batches are formed from length-sorted prompts.
+    `batches`: run exactly this many generate calls, each decoding until every rank's rows are done,
+    repeating the last batch where this rank has fewer (its answers dropped): ZeRO-3, where every
+    forward pass is a collective over all ranks (evaluate gives a rank with no questions one to repeat)."""
     import torch
 
     device = next(model.parameters()).device
@@ -40,10 +44,13 @@ def greedy_answers(model, tokenizer, questions: Sequence[str], batch_size: int, 
     prompts = [encode_prompt(tokenizer, q) for q in questions]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     answers: list[str] = [""] * len(prompts)
+    starts = list(range(0, len(order), batch_size))
+    if batches is not None:
+        starts += [starts[-1]] * (batches - len(starts))
     was_training = model.training
     model.eval()
     try:
-        for start in range(0, len(order), batch_size):
+        for start in starts:
             chunk = order[start:start + batch_size]
             width = max(len(prompts[i]) for i in chunk)
             ids = torch.full((len(chunk), width), pad, dtype=torch.long)
@@ -55,7 +62,7 @@ def greedy_answers(model, tokenizer, questions: Sequence[str], batch_size: int, 
                 out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                      max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                                      eos_token_id=stops, pad_token_id=pad, use_cache=True,
-                                     temperature=None, top_p=None, top_k=None)
+                                     temperature=None, top_p=None, top_k=None, synced_gpus=batches is not None)
             for row, i in enumerate(chunk):
                 new = out[row, width:].tolist()
                 text = tokenizer.decode(new[:tokens_until_stop(new, stops)], skip_special_tokens=True)
@@ -72,12 +79,20 @@ def _dist():
 
 
 def evaluate(model, tokenizer, items: Sequence[QAItem], batch_size: int, max_new_tokens: int,
-             categories: dict[str, str] | None = None, stop_ids: Sequence[int] | None = None) -> EvalResult:
-    """Exact-match accuracy over `items` (all ranks call this; each answers its shard)."""
+             categories: dict[str, str] | None = None, stop_ids: Sequence[int] | None = None,
+             in_step: bool = False) -> EvalResult:
+    """Exact-match accuracy over `items` (all ranks call this; each answers its shard). `in_step`:
+    the ranks run their forward passes in lockstep (ZeRO-3's partitioned weights): the same number of
+    batches on every rank, each decoded until all ranks' rows are done."""
     dist = _dist()
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist else (0, 1)
     shard = list(items)[rank::world]
-    answers = greedy_answers(model, tokenizer, [it.question for it in shard], batch_size, max_new_tokens, stop_ids)
+    questions = [it.question for it in shard]
+    batches = None
+    if in_step:
+        batches = math.ceil(math.ceil(len(items) / world) / batch_size)  # the first rank's shard is the largest
+        questions = questions or [items[0].question]  # something to repeat (its answer is dropped)
+    answers = greedy_answers(model, tokenizer, questions, batch_size, max_new_tokens, stop_ids, batches)
     local = [(it.id, ans, is_correct(ans, it.gold_answers)) for it, ans in zip(shard, answers)]
     if dist:
         gathered: list = [None] * world

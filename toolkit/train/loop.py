@@ -109,9 +109,11 @@ def _train(plan: RunPlan, strategy: DeepSpeedStrategy) -> dict:
     dtype = "bfloat16" if plan.ds_config["bf16"]["enabled"] else "float32"
     # Straight onto this rank's own device (cuda:<local rank>): weights go to the GPU as they are read,
     # no full host copy per rank (models.plan_load). A random-init model drawn on each GPU is replaced
-    # by rank 0's when DeepSpeed's engine broadcasts the parameters (stage 0-2).
+    # by rank 0's when DeepSpeed's engine broadcasts the parameters (stage 0-2). ZeRO-3: built and
+    # loaded partitioned (strategy.partition_on_load).
+    strategy.partition_on_load()
     model, tokenizer = load_model(ModelSpec(source=cfg.model, dtype=dtype, device=str(strategy.device),
-                                            seed=cfg.seed))
+                                            seed=cfg.seed, partitioned=strategy.partitioned))
     model.train()
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -136,7 +138,7 @@ def _train(plan: RunPlan, strategy: DeepSpeedStrategy) -> dict:
 
     def run_eval() -> dict:
         kwargs = dict(batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens,
-                      categories=plan.categories, stop_ids=stop_ids)
+                      categories=plan.categories, stop_ids=stop_ids, in_step=strategy.partitioned)
         dev = evaluate(engine.module, tokenizer, plan.dev_items, **kwargs) if plan.dev_items else None
         fit = evaluate(engine.module, tokenizer, plan.train_items, **kwargs) if cfg.eval_train else None
         tag = checkpoint_tag(state.global_step)
@@ -222,12 +224,12 @@ def _train(plan: RunPlan, strategy: DeepSpeedStrategy) -> dict:
                "train_batch_size": b.global_batch, "seconds": time.perf_counter() - started, "model_dir": None}
     if not interrupted:
         if state.best_tag and state.best_tag != last_saved:
-            strategy.load_checkpoint(state.best_dir, state.best_tag, module_only=True)
+            strategy.load_best(state.best_dir, state.best_tag)
         strategy.save_hf_model(tokenizer, cfg.out / "model")
         peaks["export"] = strategy.peak_memory()
         summary["model_dir"] = str(cfg.out / "model")
-        if rank0:
-            _export_reference(engine.module, plan, cfg.out / "export_check.pt")
+        if rank0 or strategy.partitioned:  # ZeRO-3: every rank takes part in the forward pass
+            _export_reference(engine.module, plan, cfg.out / "export_check.pt", write=rank0)
     summary["peak_memory"] = {"kind": peaks["train"]["kind"],
                               **{phase: p["bytes_per_rank"] for phase, p in peaks.items()}}
     if rank0:
@@ -254,7 +256,7 @@ def _record_rank(cfg, strategy: DeepSpeedStrategy) -> None:
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "environment": relevant(os.environ)})
 
 
-def _export_reference(model, plan: RunPlan, path) -> None:
+def _export_reference(model, plan: RunPlan, path, write: bool = True) -> None:
     """Logits of the engine's (best) model on one SFT example, for checking the exported copy."""
     import torch
 
@@ -264,5 +266,7 @@ def _export_reference(model, plan: RunPlan, path) -> None:
     with torch.no_grad():
         logits = model(input_ids=ids).logits.float().cpu()
     model.train(was_training)
+    if not write:
+        return
     with atomic_path(path) as tmp:
         torch.save({"input_ids": ids.cpu(), "logits": logits}, tmp)

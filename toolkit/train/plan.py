@@ -167,6 +167,7 @@ class ModelSize(NamedTuple):
     params: int
     largest_param: int  # the largest tensor (DeepSpeed's offload copy buffers)
     largest_layer: int  # the largest module's own parameters (DeepSpeed's ZeRO-3 estimator)
+    hidden: int  # the hidden size (ZeRO-3's bucket sizes)
 
 
 @functools.lru_cache(maxsize=8)  # a dry run sizes the model for the fit check and again for the report
@@ -182,7 +183,8 @@ def model_size(model_ref: str) -> ModelSize:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     return ModelSize(sum(p.numel() for p in model.parameters()), max(p.numel() for p in model.parameters()),
-                     max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()))
+                     max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()),
+                     int(config.hidden_size))
 
 
 def count_parameters(model_ref: str) -> int:

@@ -71,12 +71,35 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def full_shape(param):
+    """A parameter's shape; under ZeRO-3 the tensor is an empty placeholder and DeepSpeed keeps the
+    shape in `ds_shape` (the attribute its own GatheredParameters docs and HF's integration read)."""
+    return tuple(getattr(param, "ds_shape", param.shape))
+
+
 class DeepSpeedStrategy:
     def __init__(self, cfg: TrainConfig, ds_config: dict):
         self.cfg, self.ds_config = cfg, ds_config
         self._own_grad_norm: float | None = None  # ZeRO-0 in fp32 clips but does not keep the norm
         self.engine = None
         self.rank, self.world_size, self.local_rank = 0, 1, 0
+        self._hf_zero3 = None  # transformers' handle on the ZeRO-3 config, alive while the model is
+
+    @property
+    def partitioned(self) -> bool:
+        """ZeRO-3: every weight is split across the ranks; a forward pass gathers each layer's weights
+        from all of them, so every rank must run the same forward passes (evaluation, the export)."""
+        return int(self.ds_config["zero_optimization"]["stage"]) == 3
+
+    def partition_on_load(self) -> None:
+        """Before the model is built under ZeRO-3: transformers' from_pretrained / from_config then
+        build it inside deepspeed.zero.Init and load each checkpoint tensor straight into the ranks'
+        partitions, so no rank ever holds the whole model. transformers finds the config through a
+        weak reference, so this object keeps it alive."""
+        if self.partitioned:
+            from transformers.integrations import HfDeepSpeedConfig
+
+            self._hf_zero3 = HfDeepSpeedConfig(self.ds_config)
 
     # ------------------------------------------------------------ process group
 
@@ -158,8 +181,8 @@ class DeepSpeedStrategy:
 
     def _param_groups(self, model) -> list[dict]:
         """No weight decay on biases and norm weights (1-D tensors)."""
-        decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-        rest = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+        decay = [p for p in model.parameters() if p.requires_grad and len(full_shape(p)) >= 2]
+        rest = [p for p in model.parameters() if p.requires_grad and len(full_shape(p)) < 2]
         return [{"params": decay, "weight_decay": self.cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
     def build_optimizer(self, groups):
@@ -248,6 +271,13 @@ class DeepSpeedStrategy:
             write_text(Path(ckpt_dir) / "latest", tag)
         self.barrier()
 
+    def load_best(self, ckpt_dir: Path, tag: str) -> None:
+        """The weights of an earlier checkpoint, for the export. ZeRO-1/2 read the module states only;
+        ZeRO-3 keeps its weights only as the optimizer's fp32 partitions (its module states hold empty
+        placeholders, and DeepSpeed's module-only load would rebuild the full fp32 model on every rank),
+        so the whole checkpoint is loaded: the run is over, its optimizer and RNG no longer matter."""
+        self.load_checkpoint(ckpt_dir, tag, module_only=not self.partitioned)
+
     def load_checkpoint(self, ckpt_dir: Path, tag: str | None = None, module_only: bool = False) -> dict:
         path, client_state = self.engine.load_checkpoint(
             str(ckpt_dir), tag=tag, load_module_only=module_only, load_optimizer_states=not module_only,
@@ -272,7 +302,7 @@ class DeepSpeedStrategy:
                 if tag not in keep:
                     shutil.rmtree(Path(ckpt_dir) / tag, ignore_errors=True)
                     removed.append(tag)
-                elif prune_to_weights(Path(ckpt_dir) / tag):
+                elif not self.partitioned and prune_to_weights(Path(ckpt_dir) / tag):  # ZeRO-3: see load_best
                     pruned.append(tag)
         self.barrier()
         return {"removed": removed, "pruned": pruned}
@@ -280,19 +310,31 @@ class DeepSpeedStrategy:
     # ------------------------------------------------------------ export
 
     def save_hf_model(self, tokenizer, out_dir: Path) -> None:
-        """Rank 0 writes weights + config + tokenizer (ZeRO-1/2 keep full weights on every rank) from a
-        CPU copy of the weights, made tensor by tensor: the export needs no device memory (save_pretrained
-        on the engine's module would clone ZeRO's flat-buffer views on the GPU, +2 bytes per parameter).
-        Written beside the target and renamed, so a reader never sees half a model."""
+        """Rank 0 writes weights + config + tokenizer. ZeRO-1/2 keep full weights on every rank: rank 0
+        saves a CPU copy of them, made tensor by tensor, so the export needs no device memory
+        (save_pretrained on the engine's module would clone ZeRO's flat-buffer views on the GPU, +2 bytes
+        per parameter). ZeRO-3: every rank takes part in gathering one weight at a time; rank 0 writes
+        them in safetensors shards of at most `EXPORT_SHARD_BYTES`, so no process ever holds the whole
+        model. Written beside the target and renamed, so a reader never sees half a model."""
+        model = self.engine.module
+        model.config.use_cache = True  # gradient checkpointing turned it off for training
+        out_dir = Path(out_dir)
+        tmp = out_dir.with_name(f".{out_dir.name}.tmp")
         if self.is_rank_0:
-            model = self.engine.module
-            model.config.use_cache = True  # gradient checkpointing turned it off for training
-            out_dir = Path(out_dir)
-            tmp = out_dir.with_name(f".{out_dir.name}.tmp")
             shutil.rmtree(tmp, ignore_errors=True)
+        if self.partitioned:
+            from .export import save_partitioned
+
+            save_partitioned(model, tmp, self.is_rank_0)
+            if self.is_rank_0:
+                model.config.save_pretrained(tmp)
+                if model.generation_config is not None:
+                    model.generation_config.save_pretrained(tmp)
+        elif self.is_rank_0:
             state = cpu_state_dict(model)
             model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
             del state
+        if self.is_rank_0:
             tokenizer.save_pretrained(tmp)
             shutil.rmtree(out_dir, ignore_errors=True)
             os.replace(tmp, out_dir)
