@@ -198,6 +198,20 @@ class Runs:
         return run_ok("offload", ds_train(self.w / "cfg.yaml", out, "ds_config=zero2_offload",
                                           "gradient_checkpointing=true"), out)
 
+    def _zero3(self, out):
+        """ZeRO-3 through tests/alloc_tracker.py (the largest tensor each rank creates), its export in
+        shards of 0.1 MiB (several files for this ~0.4 MB model)."""
+        cmd = ds_train(self.w / "cfg.yaml", out, "ds_config=zero3", "export_shard_mib=0.1")
+        cmd[cmd.index("toolkit.train")] = "tests.alloc_tracker"
+        return run_ok("zero3", cmd, out)
+
+    def _zero3_resume(self, out):
+        run_ok("zero3-part1", ds_train(self.w / "cfg.yaml", out, "ds_config=zero3", "stop_after_epoch=1"), out)
+        return run_ok("zero3-part2", ds_train(self.w / "cfg.yaml", out, "ds_config=zero3", extra=["--resume"]), out)
+
+    def _zero3_offload(self, out):  # parameters and optimizer states in host memory, DeepSpeedCPUAdam
+        return run_ok("zero3-offload", ds_train(self.w / "cfg.yaml", out, "ds_config=zero3_offload"), out)
+
     def _learn(self, out):
         return run_ok("learn", ds_train(self.w / "learn.yaml", out), out)
 
@@ -313,6 +327,76 @@ def test_exported_model_reloads_with_the_same_logits(runs):
     state = module_state(out / "checkpoints" / best)  # the export is the best checkpoint's weights
     exported = model.state_dict()
     assert all(torch.equal(state[k], exported[k]) for k in state)
+
+
+# ---------------------------------------------------------------- ZeRO-3
+
+
+@pytest.mark.slow  # starts (or shares) multi-process training launches
+def test_zero3_matches_zero2_and_single_process(runs):
+    zero3, zero2, single = runs.get("zero3"), runs.get("zero2"), runs.get("single")
+    assert summary(zero3)["zero_stage"] == 3 and summary(zero3)["world_size"] == 2
+    assert max_diff(losses(single), losses(zero3)) <= 1e-6 and max_diff(losses(zero2), losses(zero3)) <= 1e-6
+    print(f"\nZeRO-3 bitwise: vs single {losses(single) == losses(zero3)}, vs ZeRO-2 {losses(zero2) == losses(zero3)}",
+          file=sys.stderr)
+    # evaluation generated with partitioned weights, in lockstep: the same answers
+    assert [e["dev"] for e in evals(zero3)] == [e["dev"] for e in evals(zero2)]
+    assert summary(zero3)["best_step"] == summary(zero2)["best_step"]
+    zero = json.loads((zero3 / "ds_config.resolved.json").read_text())["zero_optimization"]
+    assert zero["stage"] == 3 and zero["reduce_bucket_size"] == 64 * 64  # "auto": hidden size squared
+
+
+@pytest.mark.slow  # starts (or shares) multi-process training launches
+def test_zero3_ranks_never_hold_the_whole_model_and_the_sharded_export_reloads(runs):
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from toolkit.train.plan import model_size
+
+    out = runs.get("zero3")
+    full_bytes = 4 * model_size(yaml_model(runs.w)).params  # fp32
+    for rank in (0, 1):  # the largest tensor a rank created: its fp32 partition, half the model
+        seen = json.loads((out / "alloc" / f"rank{rank}.json").read_text())
+        assert 0 < seen["max_bytes"] <= 0.55 * full_bytes, seen
+    model_dir = out / "model"
+    index = json.loads((model_dir / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) >= 3 and all((model_dir / f).stat().st_size < 0.2 * 2**20 for f in files)
+    ref = torch.load(out / "export_check.pt")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert (model(input_ids=ref["input_ids"]).logits - ref["logits"]).abs().max().item() <= 1e-6
+    # the same weights as ZeRO-2's export of the same trajectory (its best checkpoint), to rounding
+    zero2 = load_file(runs.get("zero2") / "model" / "model.safetensors")
+    exported = {k: v for f in files for k, v in load_file(model_dir / f).items()}
+    assert exported.keys() == zero2.keys()
+    assert max((exported[k] - zero2[k]).abs().max().item() for k in zero2) <= 1e-5
+    # the best checkpoint stays whole: ZeRO-3 keeps its weights only in the optimizer's partitions
+    best = out / "checkpoints" / summary(out)["best_tag"]
+    assert len(list(best.glob("zero_pp_rank_*_optim_states.pt"))) == 2
+
+
+@pytest.mark.slow  # starts (or shares) multi-process training launches
+def test_zero3_resume_continues_exactly(runs):
+    from safetensors.torch import load_file
+
+    resumed, full = runs.get("zero3_resume"), runs.get("zero3")
+    assert losses(resumed) == losses(full)
+    assert [e["dev"] for e in evals(resumed)] == [e["dev"] for e in evals(full)]
+    a = load_file(resumed / "model" / "model.safetensors")  # the default shard size: one file
+    b = {k: v for f in (full / "model").glob("model-*.safetensors") for k, v in load_file(f).items()}
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+
+
+@pytest.mark.slow  # starts (or shares) multi-process training launches
+def test_zero3_with_parameter_and_optimizer_offload_follows_the_same_trajectory(runs):
+    out = runs.get("zero3_offload")
+    zero = json.loads((out / "ds_config.resolved.json").read_text())["zero_optimization"]
+    assert zero["offload_param"]["device"] == "cpu" and zero["offload_optimizer"]["device"] == "cpu"
+    # DeepSpeedCPUAdam rounds differently from torch AdamW: close, not bitwise
+    assert max_diff(losses(out), losses(runs.get("zero2"))) < 1e-4
+    assert (out / "model" / "model.safetensors").is_file()
 
 
 # ---------------------------------------------------------------- 8-bit AdamW, early stopping, learning

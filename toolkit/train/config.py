@@ -71,6 +71,8 @@ class TrainConfig:
     patience: int = knob(3, "evaluations without a dev improvement before stopping; 0 = never stop early")
     keep_last_n: int = knob(1, "newest DeepSpeed checkpoints kept whole (a resume needs only the newest); the best "
                                "one is also kept, reduced to its weights")
+    export_shard_mib: float = knob(5120, "largest safetensors file of a ZeRO-3 export (weights gathered one at a time; "
+                                       "rank 0 holds at most one file's worth in memory)")
     stop_after_epoch: int = knob(0, "stop (as if pre-empted) after this epoch's checkpoint; 0 = off")
     resume: Union[bool, str] = knob(False, "continue from the latest checkpoint (true: <output_dir>/checkpoints, or a directory)")
     log_dir: Optional[str] = knob(None, "TensorBoard directory (default <output_dir>/tensorboard)")
@@ -106,6 +108,7 @@ class TrainConfig:
         for name in ("eval_batch_size", "keep_last_n", "max_new_tokens", "max_micro_batch_size",
                      "collective_timeout_min"):
             require(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
+        require(self.export_shard_mib > 0, "export_shard_mib", self.export_shard_mib, "must be > 0")
         require(self.max_len >= 8, "max_len", self.max_len, "must be >= 8")
         require(not self.offload or self.optimizer == "deepspeed_adam", "offload", self.offload,
                 "needs optimizer: deepspeed_adam (DeepSpeedCPUAdam runs the offloaded step)")

@@ -8,7 +8,6 @@ import json
 import os
 from pathlib import Path
 
-EXPORT_SHARD_BYTES = 5 * 2**30  # the Hugging Face Hub's usual shard size
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -33,7 +32,7 @@ def shard_name(index: int, count: int) -> str:
     return f"model-{index:05d}-of-{count:05d}.safetensors"
 
 
-def save_partitioned(model, out_dir: Path, write: bool, shard_bytes: int = EXPORT_SHARD_BYTES) -> dict:
+def save_partitioned(model, out_dir: Path, write: bool, shard_bytes: int) -> dict:
     """Every rank calls this (each gather is a collective); rank `write` writes the files. Returns the
     weight map (key -> file name), on the writer; the largest shard held in memory is `shard_bytes`
     (or one tensor, if larger)."""

@@ -314,7 +314,7 @@ class DeepSpeedStrategy:
         saves a CPU copy of them, made tensor by tensor, so the export needs no device memory
         (save_pretrained on the engine's module would clone ZeRO's flat-buffer views on the GPU, +2 bytes
         per parameter). ZeRO-3: every rank takes part in gathering one weight at a time; rank 0 writes
-        them in safetensors shards of at most `EXPORT_SHARD_BYTES`, so no process ever holds the whole
+        them in safetensors shards of at most `export_shard_mib`, so no process ever holds the whole
         model. Written beside the target and renamed, so a reader never sees half a model."""
         model = self.engine.module
         model.config.use_cache = True  # gradient checkpointing turned it off for training
@@ -325,7 +325,7 @@ class DeepSpeedStrategy:
         if self.partitioned:
             from .export import save_partitioned
 
-            save_partitioned(model, tmp, self.is_rank_0)
+            save_partitioned(model, tmp, self.is_rank_0, int(self.cfg.export_shard_mib * 2**20))
             if self.is_rank_0:
                 model.config.save_pretrained(tmp)
                 if model.generation_config is not None:
