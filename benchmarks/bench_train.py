@@ -1,7 +1,8 @@
 """Training throughput of the real trainer (`python -m toolkit.train` under the deepspeed launcher) on
 closed-book SFT of the built-in facts: tokens/s, step time, peak memory per rank and, on GPU, MFU for
-ZeRO-0 (plain data parallel), ZeRO-1 and ZeRO-2, with and without gradient checkpointing, DeepSpeed's
-Adam / torch AdamW vs bitsandbytes 8-bit AdamW; plus model-state memory per GPU for 1B/8B/70B on 8 GPUs.
+ZeRO-0 (plain data parallel), ZeRO-1, ZeRO-2 and ZeRO-3 (and ZeRO-3 with its parameters and optimizer
+states offloaded to host memory), with and without gradient checkpointing, DeepSpeed's Adam / torch AdamW
+vs bitsandbytes 8-bit AdamW; plus model-state memory per GPU for 1B/8B/70B on 8 GPUs.
 `python benchmarks/bench_train.py --preset cpu|gpu` (or `gradual bench train`).
 
 Each variant is one launch of this file as the per-rank entry (`--rank-entry DIR`): it runs the trainer
@@ -29,12 +30,13 @@ from train_report import check_targets, count_params, figures, memory_table, rep
 
 PRESETS = {
     "cpu": dict(model="smollm2", ranks=2, micro_batch=4, accum=1, steps=6, warmup_steps=2,
-                variants=["zero0", "zero1", "zero2", "zero2-ckpt", "zero2-adamw_8bit"], optimizer="adamw", budget_s=0,
+                variants=["zero0", "zero1", "zero2", "zero3", "zero3-offload", "zero2-ckpt", "zero2-adamw_8bit"],
+                optimizer="adamw", budget_s=0,
                 timeout=900),
     # ranks: every GPU of the machine (ZeRO's communication only exists between ranks)
     "gpu": dict(model="random:llama-3.2-1b", ranks=None, micro_batch=256, accum=1, steps=10, warmup_steps=3,
-                variants=["zero0", "zero1", "zero2", "zero0-ckpt", "zero2-ckpt", "zero2-deepspeed_adam",
-                          "zero2-adamw_8bit"],
+                variants=["zero0", "zero1", "zero2", "zero3", "zero0-ckpt", "zero2-ckpt", "zero2-deepspeed_adam",
+                          "zero3-offload", "zero2-adamw_8bit"],
                 optimizer="adamw", inputs=str(common.DEFAULT_INPUTS), budget_s=480, timeout=300),
     "smoke": dict(model="random:tiny", ranks=1, micro_batch=2, accum=1, steps=1, warmup_steps=0,
                   variants=["zero0", "zero1"], optimizer="adamw", budget_s=0, timeout=300),
@@ -50,7 +52,8 @@ def parse_args(argv, prog=None):
     p.add_argument("--accum", type=int, help="gradient_accumulation_steps")
     p.add_argument("--steps", type=int, help="timed optimizer steps per variant")
     p.add_argument("--warmup-steps", type=int, help="untimed optimizer steps first")
-    p.add_argument("--variants", nargs="+", help="zero{0,1,2}[-ckpt][-<optimizer>], e.g. zero2-ckpt-adamw_8bit")
+    p.add_argument("--variants", nargs="+", help="zero{0,1,2,3}[-offload][-ckpt][-<optimizer>], e.g. "
+                   "zero2-ckpt-adamw_8bit; -offload: ds_configs/zero2_offload or zero3_offload (DeepSpeed's CPU Adam)")
     p.add_argument("--optimizer", help="optimizer of variants that name none (adamw, deepspeed_adam, adamw_8bit)")
     p.add_argument("--bf16", choices=("auto", "true", "false"), default="auto")
     p.add_argument("--max-len", type=int, default=256)
@@ -117,12 +120,15 @@ def resolve_ranks(ranks: int | None, on_gpu: bool, gpus: int) -> int:
 
 def parse_variant(name: str, default_optimizer: str) -> dict:
     parts = name.split("-")
-    if not parts[0].startswith("zero") or parts[0][4:] not in ("0", "1", "2"):
-        raise SystemExit(f"error: variant '{name}': expected zero0|zero1|zero2[-ckpt][-<optimizer>]")
+    offload = "offload" in parts[1:]
+    stage = parts[0][4:] if parts[0].startswith("zero") else ""
+    if stage not in ("0", "1", "2", "3") or (offload and stage in ("0", "1")):
+        raise SystemExit(f"error: variant '{name}': expected zero0|zero1|zero2|zero3[-offload][-ckpt][-<optimizer>] "
+                         "(-offload with zero2 or zero3)")
     ckpt = "ckpt" in parts[1:]
-    rest = [p for p in parts[1:] if p != "ckpt"]
-    return dict(variant=name, zero_stage=int(parts[0][4:]), gradient_checkpointing=ckpt,
-                optimizer=rest[0] if rest else default_optimizer)
+    rest = [p for p in parts[1:] if p not in ("ckpt", "offload")]
+    return dict(variant=name, zero_stage=int(stage), gradient_checkpointing=ckpt, offload=offload,
+                optimizer="deepspeed_adam" if offload else (rest[0] if rest else default_optimizer))
 
 
 def write_data(args, path: Path, global_batch: int) -> int:
@@ -145,11 +151,16 @@ BREAKDOWN_RE = re.compile(r"\[Rank 0\] time \(ms\) \| fwd: ([\d.]+) \| bwd: [\d.
 BREAKDOWN_PARTS = ("forward", "backward", "gradient_comm", "optimizer_step")
 
 
-def timed_ds_config(zero_stage: int, run_dir: Path) -> Path:
+def shipped_ds_config(zero_stage: int, offload: bool) -> str:
+    """The ds_configs/ file a variant runs (ZeRO-0: zero1.json with the stage overridden)."""
+    return f"zero{max(zero_stage, 1)}" + ("_offload" if offload else "")
+
+
+def timed_ds_config(zero_stage: int, run_dir: Path, offload: bool = False) -> Path:
     """The shipped ds_config with DeepSpeed's per-step timers on (printed every step by rank 0)."""
     from toolkit.train.config import DS_CONFIG_DIR
 
-    ds = json.loads((DS_CONFIG_DIR / ("zero2.json" if zero_stage == 2 else "zero1.json")).read_text())
+    ds = json.loads((DS_CONFIG_DIR / f"{shipped_ds_config(zero_stage, offload)}.json").read_text())
     ds.update(wall_clock_breakdown=True, steps_per_print=1)
     path = run_dir / "ds_config.json"
     path.write_text(json.dumps(ds, indent=1))
@@ -175,7 +186,7 @@ def run_variant(v: dict, args, model: str, data: Path, work: Path, on_gpu: bool)
     if v["optimizer"] == "adamw_8bit" and importlib.util.find_spec("bitsandbytes") is None:
         return dict(v, status="skipped", reason="bitsandbytes is not installed")
     cfg = dict(model=model, data=str(data), output_dir=str(run_dir / "out"), dev_split=None, eval_train=False,
-               ds_config=str(timed_ds_config(v["zero_stage"], run_dir)), zero_stage=v["zero_stage"],
+               ds_config=str(timed_ds_config(v["zero_stage"], run_dir, v["offload"])), zero_stage=v["zero_stage"],
                optimizer=v["optimizer"], gradient_checkpointing=v["gradient_checkpointing"],
                micro_batch_size=args.micro_batch, gradient_accumulation_steps=args.accum, epochs=1, lr=1e-5,
                bf16=args.bf16 if args.bf16 == "auto" else args.bf16 == "true", max_len=args.max_len, progress=False,

@@ -19,6 +19,8 @@ closed-book SFT of the built-in facts under the real `deepspeed` launcher, keep_
   export_reload  the export reloaded: its logits against the trainer's own
   zero2_resume   the same run stopped after epoch 1 and resumed: the losses continue
   zero1          ZeRO-1 (BF16_Optimizer, fp32 gradient accumulation), 1 epoch: losses against ZeRO-2
+  zero3          ZeRO-3, 1 epoch (one GPU: with parameter and optimizer offload): losses and peak memory
+                 against ZeRO-2, evaluation on partitioned weights, the sharded export reloaded
   throughput_1b  one epoch on the 1B shape: tokens/s, MFU, peak memory per rank in training and in the
                  export, checkpoint size against the trainer's disk estimate
   turn_taking    the driver's evaluation leaves no GPU memory behind; a rank waits for its GPU while

@@ -27,9 +27,10 @@ SMOKE_MODEL = "random:tiny"
 
 
 def run_config(model: str, data: Path, out: Path, stage: int, *, micro: int, epochs: int = 2, max_len: int = 64,
-               stop_after_epoch: int = 0, resume: bool = False) -> dict:
+               stop_after_epoch: int = 0, resume: bool = False, offload: bool = False) -> dict:
     """The training config of one check run: the shipped ds_config of the stage, everything stated."""
-    return dict(model=str(model), data=str(data), output_dir=str(out), ds_config="zero1" if stage == 1 else "zero2",
+    return dict(model=str(model), data=str(data), output_dir=str(out),
+                ds_config=f"zero{max(stage, 1)}" + ("_offload" if offload else ""),
                 zero_stage=stage, micro_batch_size=micro, gradient_accumulation_steps=1, epochs=epochs, lr=1e-4,
                 warmup_ratio=0.0, grad_clip=1.0, max_len=max_len, eval_batch_size=64, eval_train=False,
                 max_new_tokens=8, patience=0, keep_last_n=1, progress=False, seed=0,
@@ -42,6 +43,7 @@ def train_launches(small_params: int, big_params: int, bf16: bool = True) -> dic
             "zero2_resume_part1": launch_disk(small_params, 1, False, bf16),
             "zero2_resume_part2": launch_disk(small_params, 1, True, bf16),
             "zero1": launch_disk(small_params, 1, True, bf16),
+            "zero3": launch_disk(small_params, 1, True, bf16),
             "throughput_1b": launch_disk(big_params, 1, True, bf16)}
 
 
@@ -231,7 +233,7 @@ def check_load_to_device(ctx: Context) -> dict:
 def check_zero2(ctx: Context) -> dict:
     out, wall = train(ctx, "zero2", stage=2)
     result = {"launch_wall_s": wall, **run_summary(ctx, out)}
-    ctx.shared["zero2"] = {"out": str(out), "losses": result["losses"]}
+    ctx.shared["zero2"] = {"out": str(out), "losses": result["losses"], "peak_memory": result["peak_memory"]}
     shutil.rmtree(out / "checkpoints", ignore_errors=True)  # the export is what the next check reads
     if len(result["losses"]) != 2 * ctx.args.steps_per_epoch or result["export_bytes"] is None:
         raise RuntimeError(f"expected {2 * ctx.args.steps_per_epoch} steps and an export: {result['summary']}")
@@ -240,11 +242,14 @@ def check_zero2(ctx: Context) -> dict:
 
 def check_export_reload(ctx: Context) -> dict:
     """The exported model, reloaded the way the next probe loads it, gives the trainer's logits."""
+    return reload_export(ctx, Path(ctx.shared["zero2"]["out"]))
+
+
+def reload_export(ctx: Context, out: Path) -> dict:
     import torch
 
     from toolkit.models import ModelSpec, load_model
 
-    out = Path(ctx.shared["zero2"]["out"])
     ref = torch.load(out / "export_check.pt")
     tick = time.perf_counter()
     model, _ = load_model(ModelSpec(source=str(out / "model"), dtype="bfloat16" if ctx.on_gpu else "float32",
@@ -286,6 +291,32 @@ def check_zero1(ctx: Context) -> dict:
         "losses_vs_zero2", relative_loss_gap(result["losses"], zero2), ZERO1_MAX_REL,
         "max relative loss gap over the same steps: other optimizers (fp32 vs bf16 gradients) drift a little; "
         "one that does not step is tens of % off")]
+    return result
+
+
+def check_zero3(ctx: Context) -> dict:
+    """ZeRO-3 on the 135M shape, 1 epoch, every GPU (one GPU: parameters and optimizer states offloaded
+    to host memory, since ZeRO-3 over one rank partitions nothing): losses against ZeRO-2's, the peak
+    GPU memory per rank below ZeRO-2's, dev evaluation with partitioned weights, the sharded export."""
+    offload = ctx.ranks == 1
+    out, wall = train(ctx, "zero3", stage=3, epochs=1, offload=offload)
+    result = {"launch_wall_s": wall, "offload": offload, **run_summary(ctx, out)}
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    zero2 = ctx.shared["zero2"]
+    result["against_zero2"] = compare_losses(zero2["losses"], result["losses"])
+    peak = max(result["peak_memory"]["train"]) if result["peak_memory"] else None
+    zero2_peak = max(zero2["peak_memory"]["train"]) if zero2.get("peak_memory") else None
+    reload = reload_export(ctx, out)
+    result.update(peak_train_bytes=peak, zero2_peak_train_bytes=zero2_peak, export_reload=reload)
+    result["expectations"] = [
+        expect_at_most("losses_vs_zero2", relative_loss_gap(result["losses"], zero2["losses"]), ZERO1_MAX_REL,
+                       "max relative loss gap over the same steps: bf16 reductions in another order drift a "
+                       "little; weights gathered wrongly are tens of % off"),
+        *reload["expectations"]]
+    if ctx.on_gpu:  # on CPU the peak is the process's RSS, mostly the libraries
+        result["expectations"].append(expect_at_most(
+            "peak_memory_vs_zero2", None if not (peak and zero2_peak) else peak / zero2_peak, 0.9,
+            "ZeRO-3 keeps 1/W of the weights (or none, offloaded) on a GPU: lower than ZeRO-2's peak"))
     return result
 
 
@@ -361,6 +392,7 @@ TRAIN_CHECKS = [
     Check("export_reload", check_export_reload, ("zero2",), estimate_s=10),
     Check("zero2_resume", check_zero2_resume, ("zero2",), estimate_s=100),
     Check("zero1", check_zero1, ("zero2",), estimate_s=45),
+    Check("zero3", check_zero3, ("zero2",), estimate_s=45),
     Check("throughput_1b", check_throughput_1b, ("setup",), estimate_s=80),
     Check("turn_taking", check_turn_taking, ("setup",), estimate_s=25),
 ]

@@ -99,7 +99,7 @@ def test_parts_are_named_lists_of_checks_that_fit_their_own_budget(gpu_check, ru
     assert set(gpu_check.PARTS) == {"train", "probe"}
     names = [c.name for c in gpu_check.PARTS["train"]]
     assert names[:1] == ["setup"] and len(set(names)) == len(names)
-    assert {"zero2", "export_reload", "zero2_resume", "zero1", "throughput_1b", "load_to_device",
+    assert {"zero2", "export_reload", "zero2_resume", "zero1", "zero3", "throughput_1b", "load_to_device",
             "turn_taking"} <= set(names)
     for check in gpu_check.PARTS["train"]:  # a check only needs checks that run before it
         assert all(names.index(n) < names.index(check.name) for n in check.needs)
@@ -211,7 +211,7 @@ def test_the_train_part_writes_checkpoints_of_the_small_model_and_one_of_the_1b(
     assert rules.launch_disk(10**9, checkpoints=1, export=False)["peak"] == 14e9
     need = train_part.train_disk_need(134_515_008, 1_235_814_400, same_model=False)
     launches = need["launches"]
-    assert set(launches) == {"zero2", "zero2_resume_part1", "zero2_resume_part2", "zero1", "throughput_1b"}
+    assert set(launches) == {"zero2", "zero2_resume_part1", "zero2_resume_part2", "zero1", "zero3", "throughput_1b"}
     assert launches["throughput_1b"]["written"] == pytest.approx(14 * 1_235_814_400 + 2 * 1_235_814_400)
     assert need["written_bytes"] < 40 * 2**30  # was ~140 GB: four 1B launches of two checkpoints each
     assert need["peak_bytes"] < need["written_bytes"]
@@ -243,12 +243,15 @@ def test_run_configs_are_valid_training_configs(train_part, tmp_path):
 
     from toolkit.train.config import load_config
 
-    for stage in (1, 2):
-        cfg = train_part.run_config("m", tmp_path / "data", tmp_path / "out", stage, micro=64, stop_after_epoch=1)
+    for stage, offload, ds_config in ((1, False, "zero1"), (2, False, "zero2"), (3, False, "zero3"),
+                                      (3, True, "zero3_offload")):
+        cfg = train_part.run_config("m", tmp_path / "data", tmp_path / "out", stage, micro=64, stop_after_epoch=1,
+                                    offload=offload)
         (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
         loaded = load_config(tmp_path / "c.yaml")
-        assert loaded.zero_stage == stage and loaded.ds_config == f"zero{stage}" and loaded.micro_batch_size == 64
+        assert loaded.zero_stage == stage and loaded.ds_config == ds_config and loaded.micro_batch_size == 64
         assert loaded.keep_last_n == 1 and loaded.stop_after_epoch == 1 and loaded.epochs == 2
+        assert loaded.ds_config_path().is_file()
     cmd = train_part.launch_command(8, True, 29511, Path("c.yaml"), python="py")
     assert cmd[:6] == ["py", "-m", "deepspeed.launcher.runner", "--num_gpus", "8", "--master_port"]
     assert cmd[-4:] == ["--module", "toolkit.train", "--config", "c.yaml"]

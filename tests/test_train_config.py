@@ -230,7 +230,8 @@ def test_disk_estimate_of_a_run_and_of_a_pipeline():
     from toolkit.train.dsconfig import checkpoint_bytes, disk_estimate
 
     n = 8_000_000_000  # an 8B model, bf16, Adam: 2 + 12 bytes per parameter per checkpoint
-    assert checkpoint_bytes(n, True, "adamw") == {"weights": 2 * n, "optimizer": 12 * n, "full": 14 * n}
+    assert checkpoint_bytes(n, True, "adamw") == {"weights": 2 * n, "optimizer": 12 * n, "full": 14 * n,
+                                                  "best": 2 * n}
     assert checkpoint_bytes(n, False, "adamw_8bit")["full"] == (4 + 6) * n
     one = disk_estimate(n, True, "adamw", keep_last_n=1)
     # while training: the kept checkpoint + a new one being written + the best one's weights
@@ -241,6 +242,10 @@ def test_disk_estimate_of_a_run_and_of_a_pipeline():
     # ... or everything (train.keep_checkpoints): 16 bytes per parameter more per finished stage (770 GB)
     kept = disk_estimate(n, True, "adamw", keep_last_n=1, stages=7, keep_checkpoints=True)
     assert kept["total_peak"] - seven["total_peak"] == 6 * 16 * n
+    # ZeRO-3: no 16-bit weights in a checkpoint, but the best one is kept whole (its weights are the
+    # optimizer's fp32 partitions): 12 bytes per parameter each
+    zero3 = disk_estimate(n, True, "adamw", keep_last_n=1, stage=3)
+    assert zero3["checkpoint_full"] == 12 * n and zero3["stage_peak"] == 3 * 12 * n
 
 
 # ---------------------------------------------------------------- data

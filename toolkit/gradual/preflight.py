@@ -34,7 +34,8 @@ def preflight(cfg: PipelineConfig, check_devices: bool = True, describe_probe: b
     options = training["config"]
     stages = len(cfg.seeds) * (2 + len(cfg.baselines)) + len(cfg.first_seed_baselines)
     disk = disk_estimate(count_parameters(cfg.model or EMBEDDED_MODEL), training["bf16"], options.optimizer,
-                         options.keep_last_n, stages, cfg.train.keep_checkpoints)
+                         options.keep_last_n, stages, cfg.train.keep_checkpoints,
+                         stage=training["ds_config"]["zero_optimization"]["stage"])
     return {"train_world_size": training["world_size"], "train_batch": training["batch"], "train_disk": disk,
             "train_devices": training["devices"], "train_memory": training["memory"],
             "probe_plan": _probe_plan_lines(cfg, plan, source, splits) if describe_probe else [],

@@ -382,25 +382,28 @@ def world_size_for(hosts: dict | None, per_node: int | None, num_nodes: int | No
 # ---------------------------------------------------------------- disk
 
 
-def checkpoint_bytes(num_params: int, bf16: bool, optimizer: str) -> dict[str, float]:
-    """One DeepSpeed ZeRO-1/2 checkpoint on disk, all ranks together: the weights in the training
-    dtype (mp_rank_00_model_states.pt) and the optimizer states (*optim_states.pt: fp32 master copy +
-    Adam's two fp32 moments, or 8-bit moments), pickling overhead aside."""
-    weights = num_params * (2 if bf16 else 4)
+def checkpoint_bytes(num_params: int, bf16: bool, optimizer: str, stage: int = 2) -> dict[str, float]:
+    """One DeepSpeed checkpoint on disk, all ranks together, pickling overhead aside. ZeRO-1/2: the
+    weights in the training dtype (mp_rank_00_model_states.pt) and the optimizer states (*optim_states.pt:
+    fp32 master copy + Adam's two fp32 moments, or 8-bit moments); a best checkpoint is kept as its
+    weights only. ZeRO-3: the model states hold empty placeholders, the weights live only in the
+    optimizer states' fp32 partitions, so a best checkpoint is kept whole (`best`)."""
+    weights = 0 if stage == 3 else num_params * (2 if bf16 else 4)
     states = num_params * (4 + (2 if optimizer == "adamw_8bit" else 8))
-    return {"weights": weights, "optimizer": states, "full": weights + states}
+    return {"weights": weights, "optimizer": states, "full": weights + states,
+            "best": weights + states if stage == 3 else weights}
 
 
 def disk_estimate(num_params: int, bf16: bool, optimizer: str, keep_last_n: int, stages: int = 1,
-                  keep_checkpoints: bool = True) -> dict[str, float]:
+                  keep_checkpoints: bool = True, stage: int = 2) -> dict[str, float]:
     """Disk a training run needs at its peak. A stage holds its `keep_last_n` newest checkpoints whole,
-    writes a new one beside them before the oldest goes, keeps the best one's weights, and ends with
-    the exported model. `stages` runs one after another (the pipeline's stages); with
-    keep_checkpoints=False each finished stage keeps only its export."""
-    ckpt = checkpoint_bytes(num_params, bf16, optimizer)
-    export = ckpt["weights"]
-    while_training = (keep_last_n + 1) * ckpt["full"] + ckpt["weights"]
-    at_end = keep_last_n * ckpt["full"] + ckpt["weights"] + export
+    writes a new one beside them before the oldest goes, keeps the best one (checkpoint_bytes' `best`),
+    and ends with the exported model (16-bit, or fp32 weights). `stages` runs one after another (the
+    pipeline's stages); with keep_checkpoints=False each finished stage keeps only its export."""
+    ckpt = checkpoint_bytes(num_params, bf16, optimizer, stage)
+    export = num_params * (2 if bf16 else 4)
+    while_training = (keep_last_n + 1) * ckpt["full"] + ckpt["best"]
+    at_end = keep_last_n * ckpt["full"] + ckpt["best"] + export
     stage_peak = max(while_training, at_end)
     finished = at_end if keep_checkpoints else export
     return {**{f"checkpoint_{k}": v for k, v in ckpt.items()}, "export": export, "stage_peak": stage_peak,
@@ -411,7 +414,9 @@ def describe_disk(est: dict, keep_last_n: int) -> list[str]:
     return [f"one checkpoint: weights {human_bytes(est['checkpoint_weights'])} + optimizer states "
             f"{human_bytes(est['checkpoint_optimizer'])} = {human_bytes(est['checkpoint_full'])} (all ranks)",
             f"one stage at its peak: {human_bytes(est['stage_peak'])} ({keep_last_n} checkpoint(s) kept + a new one "
-            f"being written + the best one's weights + the export {human_bytes(est['export'])})"]
+            f"being written + the best one ({human_bytes(est['checkpoint_best'])}"
+            + (", whole under ZeRO-3" if est["checkpoint_best"] == est["checkpoint_full"] else ", its weights")
+            + f") + the export {human_bytes(est['export'])})"]
 
 
 def human_bytes(n: float) -> str:
