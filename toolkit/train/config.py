@@ -31,7 +31,7 @@ class TrainConfig:
     categories: Optional[list[str]] = knob(None, "train only on items of these SliCK categories")
     categories_file: Optional[str] = knob(None, "id -> category (JSON/JSONL); default: 'category' in the data rows")
     # DeepSpeed
-    ds_config: str = knob("zero2", "a path, or zero1 | zero2 | zero2_offload | zero3 | zero3_offload from ds_configs/")
+    ds_config: str = knob("zero2", "a path, or one of ds_configs/: zero1, zero2, zero2_offload, zero3, zero3_offload")
     zero_stage: Union[int, Literal["auto"], None] = knob(
         None, "overrides the ds_config's ZeRO stage (0, 1, 2, 3); auto: the lowest of 1, 2, 3 whose model states "
               "fit the GPUs (the ds_config's stage where their memory is unknown)")
