@@ -68,7 +68,7 @@ def test_flags_are_generated_from_the_config_and_win_over_yaml_and_set(setup):
     (["epochs=1.5"], "epochs='1.5' must be an integer"),
     (["optimizer=sgd"], "optimizer='sgd' must be one of"),
     (["grad_clip=-1"], "grad_clip=-1.0 must be >= 0"),
-    (["zero_stage=3"], "ZeRO-3 is not supported"),
+    (["zero_stage=4"], "zero_stage=4 must be 0, 1, 2, 3 or auto"),
     (["offload=true"], "needs optimizer: deepspeed_adam"),
     (["nokey"], "--set expects KEY=VALUE"),
 ])
@@ -147,7 +147,7 @@ def test_explicit_ds_values_fill_defaults_and_conflicts_are_named(setup):
     ({"zero_optimization": {"stage": 2, "reduce_bucket_size": "auto"}}, [], "'zero_optimization.reduce_bucket_size'"),
     ({"train_batch_size": 6}, [], "train_batch_size=6 is not divisible by micro_batch_size=2 x world size 2"),
     ({"zero_optimization": {"stage": 0, "offload_optimizer": {"device": "cpu"}}}, ["optimizer=deepspeed_adam"],
-     "offload needs ZeRO stage 1 or 2"),
+     "offload needs ZeRO stage 1, 2 or 3"),
 ])
 def test_bad_ds_configs_fail_with_one_clear_error(setup, ds, sets, message):
     with pytest.raises(TrainConfigError) as err:
@@ -480,7 +480,7 @@ def test_dry_run_prints_the_devices_and_the_memory_plan(setup, tmp_path, capsys,
     (["--num-gpus", "8", "--set", "model=random:llama-3-70b"],
      "the bf16 weights alone (131.4 GiB) sit whole on every GPU under ZeRO-0/1/2"),
     (["--num-gpus", "1", "--set", "model=random:llama-3-8b"],
-     "use optimizer offload, ds_config=zero2_offload (~16.7 GiB per GPU"),
+     "use ZeRO-2 + optimizer offload, ds_config=zero2_offload (~16.7 GiB per GPU"),
 ])
 def test_a_plan_that_cannot_fit_is_refused_before_anything_is_written(setup, tmp_path, capsys, monkeypatch, argv,
                                                                       expect):

@@ -236,8 +236,8 @@ class Pipeline:
             return {"skipped": True, "model_dir": model}
         release_ray()  # probing and training take turns on the same devices
         train_cfg = self.stage_config(stage_dir, model, seed, lr_factor, **stage_options)
-        cmd, _ = plan_launch(train_cfg, self.cfg.train)  # the same checks as `gradual train`
-        write_resolved_config(train_cfg)
+        cmd, plan = plan_launch(train_cfg, self.cfg.train)  # the same checks as `gradual train`
+        write_resolved_config(train_cfg, plan.cfg.zero_stage)  # zero_stage=auto: the launch's decision
         run_logged(cmd, stage_dir / "train.log", self.echo, launch_env(self.cfg.train, train_cfg.out))
         return json.loads((train_cfg.out / "train_summary.json").read_text(encoding="utf-8"))
 

@@ -201,6 +201,15 @@ def visible_gpus_have_bf16() -> bool | None:
     return all(gpu_has_bf16(i) for i in range(count)) if count else None
 
 
+def smallest_visible_gpu_bytes() -> int | None:
+    """The total memory of the smallest GPU this process sees (a rank's zero_stage=auto sizes for it);
+    None without a GPU."""
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return min(torch.cuda.get_device_properties(i).total_memory for i in range(count)) if count else None
+
+
 def launch_gpu_ids(node: NodeGpus, num_gpus: int | None) -> list[int] | None:
     """The GPU indices a single-node launch hands its ranks (`deepspeed --include localhost:<ids>`):
     the first `num_gpus` entries of CUDA_VISIBLE_DEVICES (all of them by default), UUIDs mapped to

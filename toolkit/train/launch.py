@@ -23,6 +23,7 @@ from toolkit.io import write_text
 
 from .__main__ import add_run_arguments, config_from_args
 from .config import REPO_ROOT, TrainConfig, TrainConfigError, replace
+from .dsconfig import AUTO
 from .devices import NodeGpus, describe_devices, launch_gpu_ids, mask_names_uuids, this_node
 from .memory import GIB, check_fit, describe_memory, states_for
 
@@ -47,13 +48,17 @@ class LaunchConfig:
     gpu_memory_gib: Optional[float] = knob(
         None, "memory of each GPU in GiB, for the dry run's fit check on a machine without the GPUs "
               "(default: measured)")
+    host_memory_gib: Optional[float] = knob(
+        None, "host memory of each node in GiB: offloaded model states beyond it are refused, and a way out "
+              "that would need more is not proposed (default: not checked)")
 
     def __post_init__(self):
         for name in ("num_gpus", "num_accelerators", "num_nodes", "master_port"):
             value = getattr(self, name)
             require(value is None or value >= 1, name, value, "must be >= 1")
-        require(self.gpu_memory_gib is None or self.gpu_memory_gib > 0, "gpu_memory_gib", self.gpu_memory_gib,
-                "must be > 0")
+        for name in ("gpu_memory_gib", "host_memory_gib"):
+            value = getattr(self, name)
+            require(value is None or value > 0, name, value, "must be > 0")
 
     def on_gpu(self) -> bool:
         """GPU ranks: this machine has a GPU, or GPUs are stated (--num-gpus): a dry run plans them
@@ -204,23 +209,34 @@ def gpu_memory(launch: LaunchConfig, node: NodeGpus, ranks_here: int) -> tuple[i
     return None, ""
 
 
+def launch_gpu_memory(launch: LaunchConfig, node: NodeGpus, target: LaunchTarget,
+                      on_gpu: bool) -> tuple[int | None, str, int]:
+    """(bytes of each GPU or None, where the figure came from, ranks per node) of this launch."""
+    from .plan import ranks_per_node
+
+    ranks_here = ranks_per_node(target.devices, target.world)
+    return (*(gpu_memory(launch, node, ranks_here) if on_gpu else (None, "")), ranks_here)
+
+
 def fit_check(cfg: TrainConfig, ds: dict, target: LaunchTarget, launch: LaunchConfig, node: NodeGpus, on_gpu: bool,
-              model: str) -> list[str]:
-    """Refuse (TrainConfigError, one line) model states that cannot fit the GPUs; the memory lines."""
-    from .plan import model_size, ranks_per_node
+              model: str, stage_line: str | None = None) -> list[str]:
+    """Refuse (TrainConfigError, one line) model states that cannot fit the GPUs (or the stated host
+    memory); the memory lines (`stage_line`: how zero_stage=auto was decided)."""
+    from .plan import model_size
 
     size = model_size(model)
-    states = states_for(size.params, size.largest_param, ds, cfg.optimizer, target.world)
-    ranks_here = ranks_per_node(target.devices, target.world)
-    gpu_bytes, source = gpu_memory(launch, node, ranks_here) if on_gpu else (None, "")
+    states = states_for(size.params, size.largest_param, ds, cfg.optimizer, target.world, size.largest_layer)
+    gpu_bytes, source, ranks_here = launch_gpu_memory(launch, node, target, on_gpu)
+    host_bytes = launch.host_memory_gib * GIB if launch.host_memory_gib else None
     if on_gpu:
-        check_fit(states, gpu_bytes, size.largest_layer)
-    return describe_memory(states, gpu_bytes, source, on_gpu, ranks_here)
+        check_fit(states, gpu_bytes, ranks_here, host_bytes)
+    return describe_memory(states, gpu_bytes, source, on_gpu, ranks_here, host_bytes, stage_line)
 
 
 def plan_launch(cfg: TrainConfig, launch: LaunchConfig, dry_run: bool = False, node: NodeGpus | None = None):
     """Every check of a launch, nothing written: (deepspeed command, RunPlan). A dry run plans the
-    stated GPUs on a machine without them. `node`: this machine's GPUs (default: read them)."""
+    stated GPUs on a machine without them. `node`: this machine's GPUs (default: read them).
+    zero_stage=auto is decided here, for the launch's GPUs: plan.cfg.zero_stage."""
     from .plan import prepare
 
     if not dry_run:
@@ -228,13 +244,16 @@ def plan_launch(cfg: TrainConfig, launch: LaunchConfig, dry_run: bool = False, n
     on_gpu = launch.on_gpu()
     node = node or (this_node() if on_gpu else NodeGpus())
     target = build_command(launch, cfg.out / RESOLVED_CONFIG, on_gpu, node)
+    gpu_bytes, _, ranks_here = launch_gpu_memory(launch, node, target, on_gpu)
     # raises before any launch; bf16 decided as the ranks decide it (plan.training_bf16)
-    plan = prepare(cfg, target.world, on_gpu=on_gpu, hosts=target.hosts, gpu_bf16=node.bf16)
+    plan = prepare(cfg, target.world, on_gpu=on_gpu, hosts=target.hosts, gpu_bf16=node.bf16, gpu_bytes=gpu_bytes,
+                   node_ranks=ranks_here)
     if on_gpu and node.bf16 is None and cfg.bf16 == "auto":
         plan.notes.append("bf16 assumed: the GPUs are not on this machine; ranks on GPUs without bf16 (before "
                           "Ampere) train in fp32")
     plan.devices = target.devices
-    plan.memory_lines = fit_check(plan.cfg, plan.ds_config, target, launch, node, on_gpu, plan.cfg.model)
+    plan.memory_lines = fit_check(plan.cfg, plan.ds_config, target, launch, node, on_gpu, plan.cfg.model,
+                                  plan.zero_stage_line)
     return target.cmd, plan
 
 
@@ -246,7 +265,7 @@ def check_training(cfg: TrainConfig, launch: LaunchConfig, launching: bool = Tru
     Returns what was planned: world size, batch arithmetic, precision, the lines of the devices and of
     the memory plan. `node`: this machine's GPUs (default: read them)."""
     from .dsconfig import derived_batch_note, load_ds_config, resolve
-    from .plan import training_bf16
+    from .plan import model_size, settle_zero_stage, training_bf16
 
     if launching:
         check_launchable(launch)
@@ -254,12 +273,17 @@ def check_training(cfg: TrainConfig, launch: LaunchConfig, launching: bool = Tru
     node = node or (this_node() if on_gpu else NodeGpus())
     target = build_command(launch, Path(RESOLVED_CONFIG), on_gpu, node)
     world = target.world
+    model = model or cfg.model
+    gpu_bytes, _, ranks_here = launch_gpu_memory(launch, node, target, on_gpu)
     ds_path = cfg.ds_config_path()
     raw = load_ds_config(ds_path)
     cfg = replace(cfg, bf16=training_bf16(cfg.bf16, on_gpu, node.bf16))  # as the ranks decide it
-    resolved, ds = resolve(cfg, raw, world, on_gpu, str(ds_path))
+    cfg, stage_line = settle_zero_stage(cfg, raw, world, on_gpu, gpu_bytes, str(ds_path), model, ranks_here)
+    # ZeRO-3's "auto" bucket sizes come from the model's hidden size (the pipeline's model, not cfg.model)
+    resolved, ds = resolve(cfg, raw, world, on_gpu, str(ds_path),
+                           hidden_size=model_size(model).hidden if model else None)
     note = derived_batch_note(cfg, world, raw)
-    memory = fit_check(resolved, ds, target, launch, node, on_gpu, model or cfg.model) if (model or cfg.model) else []
+    memory = fit_check(resolved, ds, target, launch, node, on_gpu, model, stage_line) if model else []
     return {"world_size": world, "on_gpu": on_gpu, "bf16": ds["bf16"]["enabled"], "config": resolved,
             "ds_config": ds, "devices": describe_devices(target.devices, on_gpu), "memory": memory,
             "batch": f"train_batch_size {ds['train_batch_size']} = micro_batch_size "
@@ -267,9 +291,12 @@ def check_training(cfg: TrainConfig, launch: LaunchConfig, launching: bool = Tru
                      f"{ds['gradient_accumulation_steps']} x world size {world}" + (f" ({note})" if note else "")}
 
 
-def write_resolved_config(cfg: TrainConfig) -> Path:
+def write_resolved_config(cfg: TrainConfig, chosen_stage: int | None = None) -> Path:
     """The keys the user (or the pipeline) set, merged from YAML, --set and flags: what every rank
-    loads. Keys left out keep their defaults, so explicit ds_config values can still fill them."""
+    loads. Keys left out keep their defaults, so explicit ds_config values can still fill them.
+    zero_stage=auto is written as `chosen_stage`, the launch's decision, so every rank runs it."""
+    if cfg.zero_stage == AUTO and chosen_stage is not None:
+        cfg = replace(cfg, zero_stage=chosen_stage)
     path = cfg.out / RESOLVED_CONFIG
     write_text(path, yaml.safe_dump(to_dict(cfg, given_only=True), sort_keys=True))
     return path
@@ -285,7 +312,7 @@ def cmd_train(args) -> int:
         print(describe(plan))
         print(f"== launch command\n{shlex.join(cmd)}")
         return 0
-    write_resolved_config(cfg)
+    write_resolved_config(cfg, plan.cfg.zero_stage)
     env = launch_env(launch, cfg.out)
     shown = f"DS_ENV_FILE={env['DS_ENV_FILE']} " if "DS_ENV_FILE" in env else ""
     print(f"[gradual train] {shown}{shlex.join(cmd)}", file=sys.stderr, flush=True)

@@ -20,7 +20,7 @@ from toolkit.data.schema import DataError, QAItem
 from .config import TrainConfig, TrainConfigError, replace
 from .data import BatchPlan, SFTExample, encode_sft, load_categories
 from .devices import describe_devices
-from .memory import describe_memory, states_for
+from .memory import FIT_FRACTION, choose_stage, describe_memory, gib, states_for
 from .ops import check_optimizer_build
 from .dsconfig import (AUTO, derived_batch_note, describe_disk, disk_estimate, load_ds_config, resolve,
                        validate_with_deepspeed)
@@ -51,6 +51,8 @@ class RunPlan:
     batch_note: str | None = None  # how micro batch / accumulation were derived from the world size
     devices: dict[str, list[int]] | None = None  # per node: the GPU indices (or CPU rank slots) its ranks get
     memory_lines: list[str] = field(default_factory=list)  # the fit-checked memory plan (gradual train)
+    zero_stage_line: str | None = None  # how zero_stage=auto was decided
+    gpu_bytes: float | None = None  # each GPU's memory, where known
 
     @property
     def total_steps(self) -> int:
@@ -78,23 +80,27 @@ def training_bf16(requested: bool | str, on_gpu: bool, gpu_bf16: bool | None) ->
 
 
 def prepare(cfg: TrainConfig, world_size: int, on_gpu: bool | None = None, hosts: dict | None = None,
-            gpu_bf16: bool | None = None) -> RunPlan:
+            gpu_bf16: bool | None = None, gpu_bytes: float | None = None, node_ranks: int | None = None) -> RunPlan:
     """Validate everything and build the plan; raises TrainConfigError / DataError / ModelError.
-    on_gpu None: on a rank, which reads its node (its GPUs, and whether they compute in bf16);
-    otherwise the launch's plan of the ranks' GPUs (`gpu_bf16`: see training_bf16)."""
+    on_gpu None: on a rank, which reads its node (its GPUs, whether they compute in bf16, the smallest
+    one's memory for zero_stage=auto); otherwise the launch's plan of the ranks' GPUs (`gpu_bf16`: see
+    training_bf16; `gpu_bytes`: each GPU's memory, None where unknown; `node_ranks`: ranks per node)."""
     from toolkit.models import load_tokenizer
 
-    from .devices import visible_gpus_have_bf16
+    from .devices import smallest_visible_gpu_bytes, visible_gpus_have_bf16
 
     cfg.require_paths()
     if on_gpu is None:
         gpu_bf16 = visible_gpus_have_bf16()
         on_gpu = gpu_bf16 is not None
+        gpu_bytes = smallest_visible_gpu_bytes() if on_gpu else None
     cfg = replace(cfg, bf16=training_bf16(cfg.bf16, on_gpu, gpu_bf16))
     # cheap checks first; the ones that import deepspeed / transformers (seconds) last
     ds_path = cfg.ds_config_path()
     raw_ds = load_ds_config(ds_path)
     batch_note = derived_batch_note(cfg, world_size, raw_ds)
+    cfg, stage_line = settle_zero_stage(cfg, raw_ds, world_size, on_gpu, gpu_bytes, str(ds_path), cfg.model,
+                                        node_ranks)
     cfg, ds = resolve(cfg, raw_ds, world_size, on_gpu, str(ds_path), deepspeed_checks=False)
     import torch
 
@@ -118,7 +124,8 @@ def prepare(cfg: TrainConfig, world_size: int, on_gpu: bool | None = None, hosts
     examples = [encode_sft(tokenizer, it, cfg.max_len) for it in train]
     plan = RunPlan(cfg, ds, world_size, on_gpu, tokenizer, train, dev, categories, examples,
                    BatchPlan(len(examples), cfg.micro_batch_size, cfg.gradient_accumulation_steps, world_size,
-                             cfg.seed), hosts, resume_tag, batch_note=batch_note)
+                             cfg.seed), hosts, resume_tag, batch_note=batch_note, zero_stage_line=stage_line,
+                   gpu_bytes=gpu_bytes)
     if on_gpu and not gpu_here and cfg.optimizer == "deepspeed_adam":
         plan.notes.append("optimizer deepspeed_adam: each GPU node compiles DeepSpeed's "
                           f"{'CPUAdam' if cfg.offload else 'FusedAdam (nvcc, CUDA_HOME)'} at the first step; "
@@ -130,6 +137,44 @@ def prepare(cfg: TrainConfig, world_size: int, on_gpu: bool | None = None, hosts
         plan.notes.append(f"only {len(train)} training items for a global batch of {plan.batches.global_batch}: "
                           "items repeat within a step")
     return plan
+
+
+def settle_zero_stage(cfg: TrainConfig, raw_ds: dict, world_size: int, on_gpu: bool, gpu_bytes: float | None,
+                      source: str, model: str, node_ranks: int | None = None) -> tuple[TrainConfig, str | None]:
+    """cfg with zero_stage=auto decided, and the line saying how (cfg and None when the stage is set):
+    memory.choose_stage on the ds_config resolved at each stage it runs at, for GPUs of `gpu_bytes`;
+    the ds_config's own stage where no GPU memory (CPU ranks, a login node) or no model is known.
+    The stage counts as set by the user, so the resolved config written for the ranks carries it."""
+    if cfg.zero_stage != AUTO:
+        return cfg, None
+    ds_stage = (raw_ds.get("zero_optimization") or {}).get("stage", 0)
+    if gpu_bytes is None or not model:
+        why = "no model to size" if not model else ("CPU ranks" if not on_gpu else "GPU memory unknown")
+        if ds_stage not in (0, 1, 2, 3):
+            raise TrainConfigError(f"zero_stage=auto: {why}, and {source} names no stage to fall back on; set "
+                                   "zero_stage, or gpu_memory_gib to size it")
+        return decided(cfg, ds_stage), f"zero_stage auto -> {ds_stage} ({why}: the ds_config's stage {ds_stage})"
+    size = model_size(model)
+    candidates, error = {}, None
+    for stage in (1, 2, 3):
+        try:
+            staged, ds = resolve(decided(cfg, stage), raw_ds, world_size, on_gpu, source, deepspeed_checks=False,
+                                 hidden_size=size.hidden)
+        except TrainConfigError as err:  # offload_param and ZeRO-3's "auto" sizes need stage 3
+            error = err
+            continue
+        candidates[stage] = states_for(size.params, size.largest_param, ds, staged.optimizer, world_size,
+                                       size.largest_layer)
+    if not candidates:
+        raise error
+    stage = choose_stage(candidates, gpu_bytes, ds_stage, node_ranks)
+    return decided(cfg, stage), (f"zero_stage auto -> {stage} (the lowest stage whose model states fit "
+                                 f"{FIT_FRACTION:.0%} of each {gib(gpu_bytes)} GPU)")
+
+
+def decided(cfg: TrainConfig, stage: int) -> TrainConfig:
+    """cfg with this ZeRO stage, as if the user had set it (it then overrides the ds_config's)."""
+    return replace(cfg, zero_stage=stage, given_keys=cfg.given_keys | {"zero_stage"})
 
 
 def check_resume(cfg: TrainConfig, world_size: int) -> str | None:
@@ -227,9 +272,11 @@ def describe(plan: RunPlan) -> str:
     size = model_size(cfg.model)
     lines += describe_devices(plan.devices, plan.on_gpu) if plan.devices else []
     lines += plan.memory_lines or describe_memory(
-        states_for(size.params, size.largest_param, ds, cfg.optimizer, plan.world_size), None, "", plan.on_gpu,
-        ranks_per_node(plan.devices, plan.world_size))
-    est = disk_estimate(size.params, ds["bf16"]["enabled"], cfg.optimizer, cfg.keep_last_n)
+        states_for(size.params, size.largest_param, ds, cfg.optimizer, plan.world_size, size.largest_layer),
+        plan.gpu_bytes, "the smallest GPU this rank sees", plan.on_gpu, ranks_per_node(plan.devices, plan.world_size),
+        stage_line=plan.zero_stage_line)
+    est = disk_estimate(size.params, ds["bf16"]["enabled"], cfg.optimizer, cfg.keep_last_n,
+                        stage=ds["zero_optimization"]["stage"])
     lines += [f"== disk for checkpoints and the export under {cfg.out}", *describe_disk(est, cfg.keep_last_n)]
     lines += [f"note: {note}" for note in plan.notes]
     return "\n".join(lines)
