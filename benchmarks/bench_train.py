@@ -39,7 +39,7 @@ PRESETS = {
                           "zero3-offload", "zero2-adamw_8bit"],
                 optimizer="adamw", inputs=str(common.DEFAULT_INPUTS), budget_s=480, timeout=300),
     "smoke": dict(model="random:tiny", ranks=1, micro_batch=2, accum=1, steps=1, warmup_steps=0,
-                  variants=["zero0", "zero1"], optimizer="adamw", budget_s=0, timeout=300),
+                  variants=["zero0", "zero1", "zero3"], optimizer="adamw", budget_s=0, timeout=300),
 }
 
 
@@ -240,13 +240,15 @@ def main(argv=None, prog=None) -> int:
     args.ranks = resolve_ranks(args.ranks, on_gpu, torch.cuda.device_count() if on_gpu else 0)
     ceilings = common.measure_ceilings()
     variants = [parse_variant(v, args.optimizer) for v in args.variants]
-    n_params = count_params(args.model)
+    from toolkit.train.plan import model_size
+
+    n_params, largest_layer = count_params(args.model), model_size(args.model).largest_layer
     payload = dict(benchmark="train", env=common.environment(), config=common.config_of(args), ceilings=ceilings,
                    model=args.model, params=n_params, variants=[], memory_table=memory_table())
     path = common.result_path("train", args.out, args.tag)
 
     def save() -> None:  # after every variant: a run cut short by its time limit keeps what it measured
-        figures(payload["variants"], n_params, ceilings and ceilings["bf16_flops_per_s"], on_gpu, args)
+        figures(payload["variants"], n_params, ceilings and ceilings["bf16_flops_per_s"], on_gpu, args, largest_layer)
         payload["targets"] = check_targets(payload["variants"], args.model, on_gpu, args)
         common.write_result(path, payload)
 

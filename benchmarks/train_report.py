@@ -13,24 +13,34 @@ def count_params(shape: str) -> int:
 
 
 def memory_table(world: int = 8) -> list[dict]:
-    """Model-state bytes per GPU (the trainer's own estimate, toolkit.train.memory.memory_estimate)."""
+    """Model-state bytes per GPU (the trainer's own estimate, toolkit.train.memory.memory_estimate),
+    ZeRO-3 also with parameters and optimizer states offloaded to host memory."""
     from toolkit.train.memory import memory_estimate
+    from toolkit.train.plan import model_size
 
     rows = []
     for name, shape in (("1B (llama-3.2-1b)", "random:llama-3.2-1b"), ("8B (llama-3-8b)", "random:llama-3-8b"),
                         ("70B (llama-3-70b)", "random:llama-3-70b")):
-        n = count_params(shape)
+        size = model_size(shape)
+        n = size.params
         for opt in ("deepspeed_adam", "adamw_8bit"):
             row = dict(model=name, params=n, optimizer=opt, world=world)
-            for stage in (0, 1, 2):
+            for stage in (0, 1, 2, 3):
                 # as the shipped ds_configs set it (zero1.json: bf16.immediate_grad_update)
                 row[f"zero{stage}_gib"] = memory_estimate(n, stage, world, True, opt, False,
-                                                          immediate_grad_update=stage == 1)["total"] / 2**30
+                                                          immediate_grad_update=stage == 1,
+                                                          largest_layer=size.largest_layer)["total"] / 2**30
+            offloaded = memory_estimate(n, 3, world, True, opt, True, offload_params=True,
+                                        largest_layer=size.largest_layer)
+            row["zero3_offload_gib"], row["zero3_offload_host_gib"] = offloaded["total"] / 2**30, offloaded["host"] / 2**30
             rows.append(row)
     return rows
 
 
-def figures(results: list[dict], n_params: int, peak_flops: float | None, on_gpu: bool, args) -> None:
+def figures(results: list[dict], n_params: int, peak_flops: float | None, on_gpu: bool, args,
+            largest_layer: int = 0) -> None:
+    """Per variant: the trainer's model-state estimate (ZeRO-3 needs `largest_layer`), peak memory,
+    MFU and speed against ZeRO-0."""
     from toolkit.train.memory import memory_estimate
 
     bf16 = on_gpu if args.bf16 == "auto" else args.bf16 == "true"
@@ -38,7 +48,9 @@ def figures(results: list[dict], n_params: int, peak_flops: float | None, on_gpu
     for r in results:
         if r["status"] != "ok":
             continue
-        r["model_states_per_rank_bytes"] = memory_estimate(n_params, r["zero_stage"], args.ranks, bf16, r["optimizer"], False)["total"]
+        r["model_states_per_rank_bytes"] = memory_estimate(
+            n_params, r["zero_stage"], args.ranks, bf16, r["optimizer"], r.get("offload", False),
+            offload_params=r.get("offload", False) and r["zero_stage"] == 3, largest_layer=largest_layer)["total"]
         r["peak_memory_max_gib"] = max(m or 0 for m in r["peak_memory_per_rank"]) / 2**30
         r["mfu"] = 6 * n_params * r["tokens_per_s"] / (peak_flops * args.ranks) if peak_flops else None
         base = zero0.get((r["gradient_checkpointing"], r["optimizer"]))
@@ -82,7 +94,8 @@ def report(payload: dict, path: Path) -> None:
     parts.append("Model-state memory per GPU on 8 GPUs (bf16 weights and gradients, fp32 master + optimizer states; "
                  "activations not included), GiB:\n\n" + common.table(payload["memory_table"], [
                      ("model", "model"), ("optimizer", "optimizer"), ("zero0_gib", "ZeRO-0"), ("zero1_gib", "ZeRO-1"),
-                     ("zero2_gib", "ZeRO-2")]))
+                     ("zero2_gib", "ZeRO-2"), ("zero3_gib", "ZeRO-3"), ("zero3_offload_gib", "ZeRO-3 offload"),
+                     ("zero3_offload_host_gib", "its host GiB/rank")]))
     if payload["targets"]:
         parts.append("Targets:\n\n" + common.table(payload["targets"], [("target", "target"), ("variant", "variant"),
                      ("measured", "measured"), ("met", "met"), ("shortfall", "missed by (x)")]))
