@@ -273,17 +273,20 @@ def test_gradual_run_dry_run_prints_the_plan_and_refuses_what_cannot_fit(tmp_pat
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     run = ["run", "--preset", "paper", "--dry-run", "--set", "train.num_gpus=8", "--set", "train.gpu_memory_gib=80",
            "--out", str(tmp_path / "run")]
-    assert main(run + ["--set", "model=random:llama-3-8b"]) == 0
-    out = capsys.readouterr().out
-    assert "== devices per node (GPU indices)\nlocalhost: 0, 1, 2, 3, 4, 5, 6, 7\n" in out
-    assert "fit: 30.7 GiB of the 72.0 GiB that 90% of a 80.0 GiB GPU (gpu_memory_gib) leaves: fits" in out
-    assert main(run + ["--set", "model=random:llama-3-8b", "--set", "train.options.zero_stage=auto"]) == 0
+    assert main(run + ["--set", "model=random:llama-3-8b"]) == 0  # the preset's zero_stage: auto
     out = capsys.readouterr().out  # ZeRO-1 keeps every bf16 gradient beside the fp32 buffer (zero2.json): 86 GiB
+    assert "== devices per node (GPU indices)\nlocalhost: 0, 1, 2, 3, 4, 5, 6, 7\n" in out
     assert "zero_stage auto -> 2 (the lowest stage whose model states fit 90% of each 80.0 GiB GPU)" in out
+    assert "fit: 30.7 GiB of the 72.0 GiB that 90% of a 80.0 GiB GPU (gpu_memory_gib) leaves: fits" in out
     assert [line.split(": weights")[0] for line in out.splitlines() if line.startswith("ZeRO-")] == LAYOUT_ROWS
-    assert main(run + ["--set", "model=random:llama-3-70b"]) == 2
+    assert main(run + ["--set", "model=random:llama-3-70b", "--set", "train.options.zero_stage=2"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: train.options: model states need ~263.6 GiB per GPU") and "\n" not in err
+    # auto on 8 GPUs: not even ZeRO-3 fits; the refusal names what would
+    assert main(run + ["--set", "model=random:llama-3-70b"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: train.options: zero_stage=auto: no stage fits: model states need ~151.8 GiB per "
+                          "GPU") and "at least 18 GPUs" in err and "\n" not in err
     assert not (tmp_path / "run").exists()
 
 
