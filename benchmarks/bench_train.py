@@ -151,14 +151,9 @@ BREAKDOWN_RE = re.compile(r"\[Rank 0\] time \(ms\) \| fwd: ([\d.]+) \| bwd: [\d.
 BREAKDOWN_PARTS = ("forward", "backward", "gradient_comm", "optimizer_step")
 
 
-def shipped_ds_config(zero_stage: int, offload: bool) -> str:
-    """The ds_configs/ file a variant runs (ZeRO-0: zero1.json with the stage overridden)."""
-    return f"zero{max(zero_stage, 1)}" + ("_offload" if offload else "")
-
-
 def timed_ds_config(zero_stage: int, run_dir: Path, offload: bool = False) -> Path:
     """The shipped ds_config with DeepSpeed's per-step timers on (printed every step by rank 0)."""
-    from toolkit.train.config import DS_CONFIG_DIR
+    from toolkit.train.config import DS_CONFIG_DIR, shipped_ds_config
 
     ds = json.loads((DS_CONFIG_DIR / f"{shipped_ds_config(zero_stage, offload)}.json").read_text())
     ds.update(wall_clock_breakdown=True, steps_per_print=1)

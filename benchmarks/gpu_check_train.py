@@ -29,8 +29,9 @@ SMOKE_MODEL = "random:tiny"
 def run_config(model: str, data: Path, out: Path, stage: int, *, micro: int, epochs: int = 2, max_len: int = 64,
                stop_after_epoch: int = 0, resume: bool = False, offload: bool = False) -> dict:
     """The training config of one check run: the shipped ds_config of the stage, everything stated."""
-    return dict(model=str(model), data=str(data), output_dir=str(out),
-                ds_config=f"zero{max(stage, 1)}" + ("_offload" if offload else ""),
+    from toolkit.train.config import shipped_ds_config
+
+    return dict(model=str(model), data=str(data), output_dir=str(out), ds_config=shipped_ds_config(stage, offload),
                 zero_stage=stage, micro_batch_size=micro, gradient_accumulation_steps=1, epochs=epochs, lr=1e-4,
                 warmup_ratio=0.0, grad_clip=1.0, max_len=max_len, eval_batch_size=64, eval_train=False,
                 max_new_tokens=8, patience=0, keep_last_n=1, progress=False, seed=0,

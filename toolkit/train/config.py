@@ -16,6 +16,12 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 DS_CONFIG_DIR = REPO_ROOT / "ds_configs"
 
 
+def shipped_ds_config(zero_stage: int, offload: bool = False) -> str:
+    """The ds_configs/ file that runs a stage (ZeRO-0: zero1.json with the stage overridden), with
+    optimizer offload (zero2_offload) or, under ZeRO-3, parameter and optimizer offload (zero3_offload)."""
+    return f"zero{max(zero_stage, 1)}" + ("_offload" if offload else "")
+
+
 class TrainConfigError(ConfigError):
     """A bad training config, ds_config, hostfile or launch request; the message is one line."""
 
