@@ -3,10 +3,13 @@ the right distribution, independent of batching and of every feature flag; batch
 share and retried smaller after an out-of-memory error."""
 import collections
 import contextlib
+import dataclasses
+import gc
 import logging
 import random
 import time
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -15,7 +18,8 @@ from tests import tiny
 from toolkit.data.matching import extract_answer
 from toolkit.models import ModelSpec, load_model, load_tokenizer, newline_token_ids
 from toolkit.probe.answers import AnswerDecoder
-from toolkit.probe.engine import FastEngine, graph_rows, gumbel_noise, mix64, to_int64
+from toolkit.probe.engine import FastEngine, graph_rows
+from toolkit.probe.gumbel import gumbel_noise, mix64, to_int64
 from toolkit.probe.reference import ReferenceEngine
 from toolkit.probe.types import PromptRequest, ProbeConfig
 
@@ -436,6 +440,89 @@ def test_a_question_split_across_batches_stays_settled_in_the_later_batch(stoppy
         assert z.samples == [f.samples[j] for j in z.sample_indices]
 
 
+# ------------------------------------------------------------------ two phases: greedy rows, then samples of the unsettled
+
+
+def settle_after_greedy(settled_by_greedy: set, settled_by_a_sample: set, prompts: int = 3):
+    """A `settled` rule: questions in `settled_by_greedy` settle once their greedy answers are all in,
+    those in `settled_by_a_sample` once a sample has finished too (SliCK's rule has both shapes)."""
+    def settled(question_id, finished):
+        greedy_in = sum(a.stream == -1 for a in finished) == prompts
+        sampled = any(a.stream != -1 for a in finished)
+        return greedy_in and (question_id in settled_by_greedy or (question_id in settled_by_a_sample and sampled))
+    return settled
+
+
+def test_two_phases_sample_only_the_unsettled_questions_from_the_kept_prompt_kv(stoppy_lm):
+    """Phase 1: greedy rows only; q0 and q2 are settled by them and get no sample row. Phase 2: the
+    kept KV of q1's and q3's prompts fanned out to their sample rows; q1's stop at its first finished
+    sample. Every answer is the full run's answer of its key, and no prompt is prefilled twice."""
+    model, tokenizer = stoppy_lm
+    cfg = ProbeConfig(samples=5, max_new_tokens=8, seed=2, lazy="two_phase")
+    requests = grouped_requests([3, 3, 3, 3])
+    full_engine = FastEngine(model, tokenizer, dataclasses.replace(cfg, lazy="one_pass"), max_batch_prompts=6)
+    full = full_engine.generate(requests)
+    engine = FastEngine(model, tokenizer, cfg, max_batch_prompts=6, compact_below=1.0)
+    lazy = engine.generate(requests, settled=settle_after_greedy({"q0", "q2"}, {"q1"}))
+    for f, z in zip(full, lazy):
+        assert z.greedy == f.greedy and z.greedy_tokens == f.greedy_tokens
+        assert z.samples == [f.samples[j] for j in z.sample_indices]
+        assert z.sample_tokens == [f.sample_tokens[j] for j in z.sample_indices]
+    assert all(z.sample_indices == [] for z in lazy[0:3] + lazy[6:9])  # settled by their greedy answers
+    assert lazy[9:] == full[9:]  # never settled: every sample
+    first_sample_rows = [(i, j, step) for i, j, step in rows_of(requests, full, [3, 4, 5]) if j >= 0]
+    assert produced(lazy, [3, 4, 5]) == {(i, -1) for i in (3, 4, 5)} | expected_after_settling(first_sample_rows, 1)
+    stats = engine.last_stats
+    assert stats["phase2_rows"] == 6 * 5 and stats["kept_kv_bytes"] > 0
+    assert stats["answers"] + stats["settled_rows"] == stats["answers_full"] == 12 * 6
+    assert stats["answers_saved"] == pytest.approx(1 - stats["answers"] / 72) and stats["answers_saved"] > 6 * 5 / 72
+    # one prefill per batch, each prompt once: the same prefill as full sampling's
+    assert stats["prefills"] == stats["batches"] == full_engine.last_stats["prefills"] == 2
+    for key in ("prefilled_prompts", "prefill_tokens", "prefill_padded_tokens"):
+        assert stats[key] == full_engine.last_stats[key], key
+    assert stats["prefilled_prompts"] == 12
+
+
+def test_two_phases_let_go_of_the_kept_prompt_kv_after_each_batch(stoppy_lm, monkeypatch):
+    """The prompts' KV is held through both phases of its batch, and by nothing afterwards: when the
+    next batch prefills, and after the call, no earlier batch's cache is alive (no growth across calls)."""
+    model, tokenizer = stoppy_lm
+    engine = FastEngine(model, tokenizer, ProbeConfig(samples=3, max_new_tokens=6, lazy="two_phase"),
+                        max_batch_prompts=3)
+    kept, prefill = [], engine._prefill
+
+    def watched(prompts):
+        gc.collect()
+        assert [ref for ref in kept if ref() is not None] == [], "an earlier batch's prompt KV is still held"
+        prefilled = prefill(prompts)
+        kept.append(weakref.ref(prefilled.cache))
+        return prefilled
+
+    monkeypatch.setattr(engine, "_prefill", watched)
+    for _ in range(2):
+        engine.generate(grouped_requests([3, 3, 3]), settled=settle_after_greedy({"q0"}, set()))
+        gc.collect()
+        assert len(kept) > 0 and all(ref() is None for ref in kept)
+    assert engine.last_stats["phase2_rows"] == 6 * 3 and len(kept) == 6
+
+
+def test_out_of_memory_retry_of_a_two_phase_batch_gives_the_answers_of_smaller_batches(stoppy_lm):
+    """The sample phase (more rows than the greedy one) runs out of memory: the batch is retried in
+    halves, its books and counters as if the failed attempt never ran."""
+    model, tokenizer = stoppy_lm
+    cfg = ProbeConfig(samples=3, max_new_tokens=8, seed=3, lazy="two_phase")
+    requests = grouped_requests([2, 2, 2, 2])
+    settled = settle_after_greedy({"q1"}, {"q3"}, prompts=2)
+    engine = FastEngine(model, tokenizer, cfg, max_batch_prompts=8)
+    with out_of_memory_above(model, rows=12):  # phase 1: 8 rows; phase 2: 6 prompts x 3 samples
+        lazy = engine.generate(requests, settled=settled)
+    assert engine.last_stats["oom_retries"] == 1 and engine.prompt_cap == 4
+    halves = FastEngine(model, tokenizer, cfg, max_batch_prompts=4)
+    assert lazy == halves.generate(requests, settled=settled)
+    for stat in ("settled_rows", "phase2_rows", "batches", "prefills", "decode_rows", "prefill_tokens"):
+        assert engine.last_stats[stat] == halves.last_stats[stat], stat
+
+
 # ------------------------------------------------------------------ the work done
 
 
@@ -567,6 +654,23 @@ def test_actors_sharing_a_gpu_budget_their_share_of_its_total_memory():
         0.5, total, 16 * gib)
     assert batch_memory_budget(0.25, total, 30 * gib) == 0 and prompt_batch_size(0, row, 17) == 1  # never 0
     assert prompt_batch_size(2**50, row, 17) == 256
+
+
+def test_the_prompts_kept_kv_counts_in_the_batch_budget():
+    """A batch holds its prompts' prefill KV (one row each, the prompt's positions) while their decode
+    rows run: through the fan-out, and through both phases of two-phase lazy probing."""
+    from transformers import LlamaConfig
+
+    from toolkit.models import RANDOM_SHAPES
+    from toolkit.probe.memory import cache_length, kv_bytes, kv_bytes_per_row, prompt_batch_size
+
+    config = LlamaConfig(**RANDOM_SHAPES["llama-3-8b"])
+    kept = kv_bytes(config, 96, 2)  # a 96-token prompt in bf16
+    assert kept == 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 96 * 2
+    row = kv_bytes_per_row(config, cache_length(112), 2)
+    budget = 100 * (17 * row + kept) + 1
+    assert prompt_batch_size(budget, row, 17, kept_bytes=kept) == 100
+    assert prompt_batch_size(budget, row, 17) > 100  # without the kept KV the batch would overrun
 
 
 # ------------------------------------------------------------------ out of memory: retried in halves

@@ -3,7 +3,7 @@ nodes (GPU nodes cannot be had here), and the one description of the machine the
 import pytest
 import torch
 
-from toolkit.probe.memory import batch_memory_budget, cache_length, kv_bytes_per_row, prompt_batch_size
+from toolkit.probe.memory import batch_memory_budget, cache_length, kv_bytes, kv_bytes_per_row, prompt_batch_size
 from toolkit.probe.placement import (ModelShape, NodeResources, PlacementPlan, describe_probe_plan, gpu_shortage,
                                      local_node, model_shape, plan_placement)
 from toolkit.probe.pool import Placement
@@ -143,7 +143,8 @@ def test_the_dry_run_budget_is_the_engines_budget(llama8b):
     lines = describe_probe_plan(plan, "bfloat16", llama8b, 17, 96, 16, "64 item(s) in 1 shard(s) of up to 64")
     weights = llama8b.parameters * 2
     budget = batch_memory_budget(0.5, H100, weights)
-    prompts = prompt_batch_size(budget, kv_bytes_per_row(llama8b.config, cache_length(112), 2), 17)
+    prompts = prompt_batch_size(budget, kv_bytes_per_row(llama8b.config, cache_length(112), 2), 17,
+                                kept_bytes=kv_bytes(llama8b.config, 96, 2))  # and the prompt's own KV
     assert f"  batch budget per actor: 12.5 GiB ({budget} bytes) of 0.5 x 80.0 GiB less 15.0 GiB of weights: " \
            f"{prompts} prompt(s) x 17 answers per batch for the longest prompt (96 + 16 tokens, cache 128)" in lines
     assert lines[0] == "probe plan: 16 actor(s) x (0.5 GPU + 4 CPU) each, engine fast, on 1 node(s) with 8 GPU(s)"

@@ -212,6 +212,20 @@ def test_rerun_skips_everything_and_other_arguments_are_refused(baseline, worklo
     assert (summary["dtype"], summary["dtype_requested"]) == ("float32", "auto")
 
 
+def test_a_manifest_written_before_a_probe_setting_existed_resumes_with_its_default(tmp_path, synthetic_items):
+    from toolkit.io import write_json
+    from toolkit.probe.manifest import check_manifest, probe_manifest
+    from toolkit.probe.shards import make_plan
+
+    plan = make_plan(synthetic_items, 8, seed=0)
+    manifest = probe_manifest(RunConfig(data="d", out=str(tmp_path)), ProbeConfig(), plan, [])
+    write_json(tmp_path / "manifest.json", {k: v for k, v in manifest.items() if k not in ("lazy", "exemplars")})
+    assert check_manifest(tmp_path, manifest, plan) is None  # no shard yet, and no difference
+    changed = probe_manifest(RunConfig(data="d", out=str(tmp_path)), ProbeConfig(exemplars="per_relation"), plan, [])
+    with pytest.raises(ProbeConfigError, match=r"different arguments: exemplars was 'per_item', now 'per_relation'"):
+        check_manifest(tmp_path, changed, plan)
+
+
 def test_actors_resolving_different_dtypes_are_named_in_one_line():
     """dtype=auto on a cluster whose nodes differ (bf16 instructions on one CPU, not on the other)."""
     from toolkit.probe.manifest import dtype_mix_error

@@ -1,8 +1,8 @@
 """Exemplar selection and the two prompt formats."""
 import pytest
 
-from toolkit.data.prompts import (ExemplarPool, probe_prompt, sft_prompt, sft_target, stable_seed,
-                                  token_counts)
+from toolkit.data.prompts import (ExemplarPool, exemplar_block, probe_prompt, sft_prompt, sft_target,
+                                  stable_seed, token_counts)
 from toolkit.data.schema import DataError, QAItem
 
 
@@ -49,6 +49,45 @@ def test_too_few_exemplars_names_the_relation():
         pool.check_covers([item(5, split="train")], shots=4)
     with pytest.raises(DataError, match="relation 'missing' has 0"):
         pool.select(item(0, rel="missing", split="train"), 1, 1, seed=0)
+
+
+def test_per_relation_sets_are_shared_by_a_relations_questions_and_fixed_by_the_seed():
+    pool_items = [item(i) for i in range(12)] + [item(i, rel="other") for i in range(12)]
+    pool = ExemplarPool(pool_items)
+    questions = [item(100 + i, split="train") for i in range(5)]
+    sets = [pool.select(q, num_sets=3, shots=4, seed=0, mode="per_relation") for q in questions]
+    assert all(s == sets[0] for s in sets)  # one relation: the same N_ex sets for every question
+    assert len({tuple(ex.id for ex in s) for s in sets[0]}) == 3 and all(len(s) == 4 for s in sets[0])
+    assert all(ex.relation == "r" for s in sets[0] for ex in s)
+    other = pool.select(item(200, rel="other", split="train"), 3, 4, seed=0, mode="per_relation")
+    assert all(ex.relation == "other" for s in other for ex in s)
+    # fixed by (seed, relation, set index): not by load order, the question, or how many sets are drawn
+    shuffled = ExemplarPool(list(reversed(pool_items)))
+    assert shuffled.select(questions[0], 3, 4, seed=0, mode="per_relation") == sets[0]
+    assert pool.select(questions[0], 5, 4, seed=0, mode="per_relation")[:3] == sets[0]
+    assert pool.select(questions[0], 3, 4, seed=1, mode="per_relation") != sets[0]
+    # the prompts of a relation's questions start with one of N_ex shared exemplar blocks
+    blocks = {exemplar_block(s) for q in questions for s in pool.select(q, 3, 4, seed=0, mode="per_relation")}
+    assert len(blocks) == 3 and all(probe_prompt(s, q.question).startswith(exemplar_block(s))
+                                    for q in questions for s in sets[0])
+
+
+def test_a_question_in_a_shared_set_gets_that_exemplar_swapped_for_the_sets_fixed_spare():
+    pool_items = [item(i) for i in range(12)]
+    pool = ExemplarPool(pool_items)
+    shared = pool.select(item(100, split="train"), 3, 4, seed=0, mode="per_relation")
+    member = shared[1][2]  # a dev question probed itself: it is exemplar 2 of set 1
+    duplicate = item(101, split="train", q=member.question.upper())  # the same question under another id
+    spare = pool.relation_order("r", 0, 1)[4]  # set 1's first spare
+    for question in (member, duplicate):
+        sets = pool.select(question, 3, 4, seed=0, mode="per_relation")
+        assert sets[1] == shared[1][:2] + [spare] + shared[1][3:]  # swapped in place, the rest kept
+        for s, original in zip(sets, shared):
+            if member not in original:
+                assert s == original
+            assert member not in s and len(set(s)) == 4
+    with pytest.raises(DataError, match="relation 'r' has 1 usable exemplars"):  # no spare left for it
+        ExemplarPool(pool_items[:2]).select(pool_items[0], 3, 2, seed=0, mode="per_relation")
 
 
 def test_stable_seed_is_the_same_in_another_process():

@@ -13,7 +13,7 @@ from toolkit.data.schema import DataError, QAItem
 from toolkit.probe.shards import data_hash, make_plan
 from toolkit.config import FieldError
 from toolkit.probe.slick import CATEGORIES, build_requests, category, is_settled, make_engine, probe_items, score_item
-from toolkit.probe.types import GREEDY_STREAM, FinishedAnswer, ProbeConfig, PromptAnswers
+from toolkit.probe.types import GREEDY_STREAM, LAZY_MODES, FinishedAnswer, ProbeConfig, PromptAnswers
 
 ITEM = QAItem(id="x-1", question="What color is the alpha bravo?", answer="amber", relation="color",
               split="train", aliases=("orange",))
@@ -172,16 +172,30 @@ class CountingEngine:
         return self.engine.generate(*args, **kwargs)
 
 
+def assert_lazy_rows_are_full_rows_cut_short(full: list[dict], lazy: list[dict]) -> None:
+    """Lazy rows against full sampling's (kept samples): the same categories and greedy answers, each
+    sample produced equal to the full run's sample of the same index, P_sample a lower bound."""
+    assert [r["category"] for r in lazy] == [r["category"] for r in full]
+    assert [r["greedy_answers"] for r in lazy] == [r["greedy_answers"] for r in full]
+    for f, z in zip(full, lazy):
+        assert z["sampling"] == "lazy" and f["sampling"] == "full" and z["p_sample"] <= f["p_sample"]
+        for full_samples, lazy_samples, indices in zip(f["sampled_answers"], z["sampled_answers"], z["sample_indices"]):
+            assert lazy_samples == [full_samples[j] for j in indices]  # keyed: sample j is sample j
+        if z["category"] == "WeaklyKnown":
+            assert z["sample_correct"] >= 1
+        if z["category"] == "Unknown":
+            assert z["num_samples"] == f["num_samples"]  # every sample was needed
+
+
 def test_lazy_sampling_gives_the_categories_of_full_sampling(memorised):
-    """One pass, items leaving as they settle: the same categories and greedy answers as full
-    sampling, each lazy sample equal to the full run's sample of the same index, P_sample a lower
-    bound, fewer answers, and never more work (same prefill, fewer decode rows)."""
+    """One pass (items leaving as they settle) or two phases (greedy answers, then samples of the
+    unsettled items): the rows of full sampling cut short, fewer answers, and never more work (the
+    same prefill, fewer decode rows)."""
     from toolkit.models import ModelSpec, load_model
 
     model_dir, items, pool, config, facts = memorised
     full_cfg = dataclasses.replace(config, engine="fast", keep_samples=True, samples=6, full_sampling=True,
                                    temperature=1.5, top_k=6)
-    lazy_cfg = dataclasses.replace(full_cfg, full_sampling=False)
     model, tok = load_model(ModelSpec(source=str(model_dir)))
     # Unseen facts, half of them given as gold an answer the model samples but never answers greedily
     # (WeaklyKnown), besides the memorised ones (HighlyKnown). Same ids: same exemplars, same samples.
@@ -191,26 +205,22 @@ def test_lazy_sampling_gives_the_categories_of_full_sampling(memorised):
         if others and k % 2 == 0:
             unseen[k] = dataclasses.replace(it, answer=others[-1], aliases=())
     probed = facts + unseen
-    full_engine, lazy_engine = (CountingEngine(make_engine(model, tok, c)) for c in (full_cfg, lazy_cfg))
+    full_engine = CountingEngine(make_engine(model, tok, full_cfg))
     full = probe_items(full_engine, probed, pool, full_cfg)
-    lazy = probe_items(lazy_engine, probed, pool, lazy_cfg)
     assert len({r["category"] for r in full}) >= 3  # a mix, so the equality means something
-    assert [r["category"] for r in lazy] == [r["category"] for r in full]
-    assert [r["greedy_answers"] for r in lazy] == [r["greedy_answers"] for r in full]
-    for f, z in zip(full, lazy):
-        assert z["sampling"] == "lazy" and f["sampling"] == "full" and z["p_sample"] <= f["p_sample"]
-        assert f["sample_indices"] == [list(range(6))] * 3
-        for full_samples, lazy_samples, indices in zip(f["sampled_answers"], z["sampled_answers"], z["sample_indices"]):
-            assert lazy_samples == [full_samples[j] for j in indices]  # keyed: sample j is sample j
-        if z["category"] == "WeaklyKnown":
-            assert z["sample_correct"] >= 1
-        if z["category"] == "Unknown":
-            assert z["num_samples"] == f["num_samples"]  # every sample was needed
-    assert sum(r["num_samples"] for r in lazy) < sum(r["num_samples"] for r in full)
-    full_stats, lazy_stats = full_engine.last_stats, lazy_engine.last_stats
-    assert full_engine.calls == lazy_engine.calls == 1
-    assert lazy_stats["prefill_padded_tokens"] == full_stats["prefill_padded_tokens"]
-    assert lazy_stats["decode_rows"] <= full_stats["decode_rows"] and lazy_stats["settled_rows"] > 0
+    assert all(f["sample_indices"] == [list(range(6))] * 3 for f in full)
+    for mode in LAZY_MODES:
+        lazy_cfg = dataclasses.replace(full_cfg, full_sampling=False, lazy=mode)
+        lazy_engine = CountingEngine(make_engine(model, tok, lazy_cfg))
+        lazy = probe_items(lazy_engine, probed, pool, lazy_cfg)
+        assert_lazy_rows_are_full_rows_cut_short(full, lazy)
+        assert sum(r["num_samples"] for r in lazy) < sum(r["num_samples"] for r in full)
+        full_stats, lazy_stats = full_engine.last_stats, lazy_engine.last_stats
+        assert full_engine.calls == lazy_engine.calls == 1
+        for key in ("prefills", "prefilled_prompts", "prefill_padded_tokens"):  # each prompt prefilled once
+            assert lazy_stats[key] == full_stats[key], (mode, key)
+        assert lazy_stats["decode_rows"] <= full_stats["decode_rows"] and lazy_stats["settled_rows"] > 0
+        assert (lazy_stats["phase2_rows"] > 0) == (mode == "two_phase")
 
 
 def test_settled_rule_waits_for_every_greedy_answer_and_one_right_answer():
@@ -233,7 +243,7 @@ def test_lazy_sampling_falls_back_to_full_with_an_engine_whose_samples_depend_on
     assert all(r["sampling"] == "full" and r["num_samples"] == 12 for r in rows)
 
 
-@pytest.mark.slow  # the real SmolLM2 on 100 real facts, both ways (1-2 min)
+@pytest.mark.slow  # the real SmolLM2 on 100 real facts, full sampling and both lazy modes (1-2 min)
 def test_lazy_and_full_sampling_agree_on_the_real_smollm2(smollm2):
     from toolkit.data.facts import load_builtin_items
     from toolkit.data.subset import balanced_subset
@@ -243,16 +253,21 @@ def test_lazy_and_full_sampling_agree_on_the_real_smollm2(smollm2):
     items = load_builtin_items(seed=0)
     train = balanced_subset([it for it in items if it.split == "train"], 100, seed=0)
     pool = ExemplarPool([it for it in items if it.split == "dev"])
-    full_cfg = ProbeConfig(num_exemplar_sets=2, shots=2, samples=4, max_new_tokens=8, full_sampling=True)
-    lazy_cfg = dataclasses.replace(full_cfg, full_sampling=False)
-    full_engine, lazy_engine = FastEngine(model, tok, full_cfg), FastEngine(model, tok, lazy_cfg)
+    full_cfg = ProbeConfig(num_exemplar_sets=2, shots=2, samples=4, max_new_tokens=8, full_sampling=True,
+                           keep_samples=True)
+    full_engine = FastEngine(model, tok, full_cfg)
     full = probe_items(full_engine, train, pool, full_cfg)
-    lazy = probe_items(lazy_engine, train, pool, lazy_cfg)
     assert {"HighlyKnown", "Unknown"} <= {r["category"] for r in full}  # a real spread
-    assert [r["category"] for r in lazy] == [r["category"] for r in full]
     asked = lambda rows: sum(r["num_prompts"] + r["num_samples"] for r in rows)  # noqa: E731
-    assert asked(lazy) < asked(full) == 100 * 2 * 5
-    assert asked(lazy) + lazy_engine.last_stats["settled_rows"] == asked(full)
-    # never more work than full sampling: the same prefill, fewer decode rows
-    assert lazy_engine.last_stats["prefill_padded_tokens"] == full_engine.last_stats["prefill_padded_tokens"]
-    assert lazy_engine.last_stats["decode_rows"] < full_engine.last_stats["decode_rows"]
+    for mode in LAZY_MODES:
+        lazy_cfg = dataclasses.replace(full_cfg, full_sampling=False, lazy=mode)
+        lazy_engine = FastEngine(model, tok, lazy_cfg)
+        lazy = probe_items(lazy_engine, train, pool, lazy_cfg)
+        assert_lazy_rows_are_full_rows_cut_short(full, lazy)
+        assert asked(lazy) < asked(full) == 100 * 2 * 5
+        assert asked(lazy) + lazy_engine.last_stats["settled_rows"] == asked(full)
+        assert lazy_engine.last_stats["answers_saved"] == pytest.approx(1 - asked(lazy) / asked(full))
+        # never more work than full sampling: the same prefill, fewer decode rows
+        for key in ("prefills", "prefilled_prompts", "prefill_padded_tokens"):
+            assert lazy_engine.last_stats[key] == full_engine.last_stats[key], (mode, key)
+        assert lazy_engine.last_stats["decode_rows"] < full_engine.last_stats["decode_rows"]

@@ -12,9 +12,13 @@ from .schema import DataError, QAItem
 SFT_INSTRUCTION = "Answer the following question. "
 
 
+def exemplar_block(exemplars: Sequence[QAItem]) -> str:
+    """The few-shot part of a probe prompt: the text every prompt with these exemplars starts with."""
+    return "".join(f"Q: {ex.question}\nA: {ex.answer}\n\n" for ex in exemplars)
+
+
 def probe_prompt(exemplars: Sequence[QAItem], question: str) -> str:
-    shots = "".join(f"Q: {ex.question}\nA: {ex.answer}\n\n" for ex in exemplars)
-    return f"{shots}Q: {question}\nA:"
+    return f"{exemplar_block(exemplars)}Q: {question}\nA:"
 
 
 def sft_prompt(question: str) -> str:
@@ -41,6 +45,7 @@ class ExemplarPool:
         for it in items:
             by_relation[it.relation].append(it)
         self.by_relation = {rel: sorted(its, key=lambda it: it.id) for rel, its in by_relation.items()}
+        self._orders: dict[tuple[str, int, int], list[QAItem]] = {}  # per_relation sets (relation_order)
 
     def check_covers(self, items: Sequence[QAItem], shots: int) -> None:
         """Fail early, naming the relation, if some question cannot get `shots` exemplars."""
@@ -53,17 +58,45 @@ class ExemplarPool:
                     f"fewer than shots={shots}", field_name="relation")
 
     def _candidates(self, item: QAItem) -> list[QAItem]:
-        question = normalize_answer(item.question)
-        return [ex for ex in self.by_relation.get(item.relation, ())
-                if ex.id != item.id and normalize_answer(ex.question) != question]
+        return list(filter(usable_with(item), self.by_relation.get(item.relation, ())))
 
-    def select(self, item: QAItem, num_sets: int, shots: int, seed: int) -> list[list[QAItem]]:
-        """`num_sets` lists of `shots` exemplars for `item`, fixed by (seed, item id)."""
+    def select(self, item: QAItem, num_sets: int, shots: int, seed: int,
+               mode: str = "per_item") -> list[list[QAItem]]:
+        """`num_sets` lists of `shots` exemplars for `item`. per_item: fixed by (seed, item id);
+        per_relation: the relation's shared sets (relation_order), fixed by (seed, relation)."""
         candidates = self._candidates(item)
         if len(candidates) < shots:
             self.check_covers([item], shots)
+        if mode == "per_relation":
+            return [swap_out(self.relation_order(item.relation, seed, s), item, shots) for s in range(num_sets)]
         rng = random.Random(stable_seed("exemplars", seed, item.id))
         return [rng.sample(candidates, shots) for _ in range(num_sets)]
+
+    def relation_order(self, relation: str, seed: int, set_index: int) -> list[QAItem]:
+        """Exemplar set `set_index` of a relation and its spares: the relation's exemplars in an order
+        fixed by (seed, relation, set index); the set is its first `shots`, the rest its spares in turn.
+        Computed once per set (a relation's pool is shuffled once, not once per question)."""
+        key = (relation, seed, set_index)
+        if key not in self._orders:
+            rng = random.Random(stable_seed("relation exemplars", seed, relation, set_index))
+            pool = self.by_relation.get(relation, [])
+            self._orders[key] = rng.sample(pool, len(pool))
+        return self._orders[key]
+
+
+def usable_with(item: QAItem):
+    """The test of an exemplar that may be shown with `item`'s question: never the item itself, nor
+    its question."""
+    question = normalize_answer(item.question)
+    return lambda exemplar: exemplar.id != item.id and normalize_answer(exemplar.question) != question
+
+
+def swap_out(order: Sequence[QAItem], item: QAItem, shots: int) -> list[QAItem]:
+    """The first `shots` exemplars of `order`, each one that `item` may not be shown with swapped, in
+    place, for the next usable spare after them: a question of the set keeps the set's other exemplars."""
+    usable = usable_with(item)
+    spares = filter(usable, order[shots:])
+    return [ex if usable(ex) else next(spares) for ex in order[:shots]]
 
 
 def token_counts(tokenizer, texts: Sequence[str]) -> list[int]:

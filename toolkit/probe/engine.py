@@ -1,17 +1,21 @@
 """The fast sampling engine: the SliCK probe's hot loop (design.md section 2).
 
-Per batch of prompts: one left-padded prefill per prompt, its KV cache fanned out to the prompt's
-1 + n decode streams (greedy row + n sampled rows), then ONE batched decode step for all streams of
-all prompts, repeated until every row has stopped (newline / EOS) or max_new_tokens is reached.
-Finished rows are compacted away so that late steps only pay for live rows.
+Per batch of prompts: one left-padded prefill per prompt (prefill.py), its KV cache fanned out to the
+prompt's 1 + n decode streams (greedy row + n sampled rows), then ONE batched decode step for all
+streams of all prompts, repeated until every row has stopped (newline / EOS) or max_new_tokens is
+reached. Finished rows are compacted away so that late steps only pay for live rows.
 
-Sampling is Gumbel-max with counter-based noise: the noise for (row key, step, token id) is a pure
-integer hash, with row key = stable_seed(seed, question_id, prompt_index, sample_index). A sampled
-answer therefore depends only on its key and the model's logits, never on batch composition,
-bucketing, compaction or the process that ran it (up to floating-point ties in the logits).
+Sampling is Gumbel-max with counter-based noise (gumbel.py): the noise for (row key, step, token id)
+is a pure integer hash, with row key = stable_seed(seed, question_id, prompt_index, sample_index). A
+sampled answer therefore depends only on its key and the model's logits, never on batch composition,
+bucketing, compaction, phases or the process that ran it (up to floating-point ties in the logits).
 
-Lazy probing runs in the same single pass: with a `settled` callback, the rows of a question that the
-caller declares settled stop early (settling.py), so prompts are prefilled once either way.
+Lazy probing (a `settled` callback), `probe.lazy`:
+* one_pass: greedy and sampled rows decode together; the rows of a question the caller declares
+  settled stop early (settling.py).
+* two_phase: the batch's greedy rows decode first while the prompts' KV is kept; then the kept KV is
+  fanned out to the sample rows of only the prompts whose questions are not settled (which still stop
+  at their question's first right answer), and let go. Either way each prompt is prefilled once.
 """
 from __future__ import annotations
 
@@ -31,33 +35,15 @@ from toolkit.models import encode_prompts
 
 from .answers import AnswerDecoder, answer_streams, requested_samples
 from .attention import use_engine_attention
-from .memory import (CPU_BATCH_PROMPTS, MAX_BATCH_PROMPTS, batch_memory_budget, cache_length, kv_bytes_per_row,
-                     prompt_batch_size)
-from .settling import SettleBook, pack_groups, plan_batches, prompt_answers, question_groups
+from .memory import (CPU_BATCH_PROMPTS, MAX_BATCH_PROMPTS, batch_memory_budget, cache_length, kv_bytes,
+                     kv_bytes_per_row, prompt_batch_size)
+from .gumbel import gumbel_noise, to_int64
+from .prefill import Prefilled, prefill
+from .settling import (SettleBook, add_samples, pack_groups, plan_batches, prompt_answers, question_groups,
+                       unsettled_prompts)
 from .types import GREEDY_STREAM, PromptAnswers, PromptRequest, ProbeConfig, Settled
 
-# splitmix64 constants as signed int64: torch int64 arithmetic wraps around, i.e. it is uint64
-# arithmetic bit for bit, as long as right shifts are made logical (torch's >> is arithmetic).
-_GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
-_MUL1 = 0xBF58476D1CE4E5B9 - (1 << 64)
-_MUL2 = 0x94D049BB133111EB - (1 << 64)
 log = logging.getLogger("toolkit.probe.engine")
-
-
-def to_int64(u: int) -> int:
-    """A uint64 Python int as the int64 with the same bits."""
-    return u - (1 << 64) if u >= 1 << 63 else u
-
-
-def _shr(x: torch.Tensor, s: int) -> torch.Tensor:
-    return (x >> s) & ((1 << (64 - s)) - 1)
-
-
-def mix64(x: torch.Tensor) -> torch.Tensor:
-    """splitmix64's output function on int64 tensors (same bits as the uint64 reference)."""
-    x = (x ^ _shr(x, 30)) * _MUL1
-    x = (x ^ _shr(x, 27)) * _MUL2
-    return x ^ _shr(x, 31)
 
 
 def cache_argument(model) -> str:
@@ -73,21 +59,11 @@ def graph_rows(live: int, batch_rows: int) -> int:
     return min(batch_rows, 1 << (live - 1).bit_length())
 
 
-def gumbel_noise(row_keys: torch.Tensor, step: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
-    """Gumbel(0, 1) noise (float64) for each row's candidate tokens, a pure function of
-    (row key, step, token id): the step-th output of the row's splitmix64 stream seeds a second
-    stream indexed by token id. Keying by token id (not by top-k rank) keeps it order-free."""
-    stream = mix64(row_keys + (step + 1) * _GOLDEN)
-    bits = mix64(stream[:, None] + (token_ids + 1) * _GOLDEN)
-    uniform = (_shr(bits, 11).double() + 0.5) * 2.0 ** -53  # 53 bits -> (0, 1), never 0 or 1
-    return -torch.log(-torch.log(uniform))
-
-
 class FastEngine:
     """Engine protocol implementation; the feature flags exist so the benchmark can switch the
     optimisations off one at a time. Answers are identical under every flag combination."""
 
-    settles_questions = True  # generate() takes `settled`: lazy probing in one pass
+    settles_questions = True  # generate() takes `settled`: lazy probing (one pass or two phases)
 
     def __init__(self, model, tokenizer, config: ProbeConfig, max_batch_prompts: int | None = None, *,
                  memory_share: float = 1.0, fan_out_kv: bool = True, bucket_by_length: bool = True,
@@ -135,9 +111,10 @@ class FastEngine:
         if not stream_keys:
             raise ValueError("generate() asked for no answer (greedy=False and no sample index)")
         streams = len(stream_keys)
-        self.last_stats = dict(prompts=len(requests), answers=0, batches=0, prefill_tokens=0,
-                               prefill_padded_tokens=0, generated_tokens=0, decode_steps=0, decode_rows=0,
-                               compactions=0, settled_rows=0, oom_retries=0)
+        self.last_stats = dict(prompts=len(requests), answers=0, batches=0, prefills=0, prefilled_prompts=0,
+                               prefill_tokens=0, prefill_padded_tokens=0, generated_tokens=0, decode_steps=0,
+                               decode_rows=0, compactions=0, settled_rows=0, phase2_rows=0, kept_kv_bytes=0,
+                               oom_retries=0, answers_full=len(requests) * streams, answers_saved=0.0)
         if not requests:
             return []
         # read per call: a benchmark replaces `answers` to force full-length answers
@@ -163,7 +140,8 @@ class FastEngine:
                 continue
             for i, answers in zip(chunk, batch):
                 results[i] = answers
-        self.last_stats["answers"] = sum((a.greedy is not None) + len(a.samples) for a in results)
+        self.last_stats["answers"] = answers = sum((a.greedy is not None) + len(a.samples) for a in results)
+        self.last_stats["answers_saved"] = 1 - answers / self.last_stats["answers_full"]
         self.last_stats["generated_tokens"] = sum(a.total_tokens for a in results)
         self.last_stats["seconds"] = time.perf_counter() - start
         return results
@@ -184,7 +162,8 @@ class FastEngine:
                                      self._cache_bytes())
         dtype_bytes = next(self.model.parameters()).element_size()
         row = kv_bytes_per_row(self.model.config, cache_length(length), dtype_bytes)
-        return prompt_batch_size(budget, row, streams, cap=cap)
+        kept = kv_bytes(self.model.config, length - self.config.max_new_tokens, dtype_bytes)  # the prompt's own KV
+        return prompt_batch_size(budget, row, streams, cap=cap, kept_bytes=kept)
 
     def _cache_bytes(self) -> int:
         """Device bytes of the static cache this engine holds (K and V of every layer)."""
@@ -233,32 +212,65 @@ class FastEngine:
 
     def _run_batch(self, reqs: list[PromptRequest], ids: list[list[int]], capacity: tuple[int, int],
                    stream_keys: list[int], book: SettleBook | None) -> list[PromptAnswers]:
+        """Prefill each prompt once, then decode its streams from the kept KV: all together (one pass),
+        or the greedy rows first and the samples of the unsettled questions after (two phases)."""
+        self.last_stats["batches"] += 1
+        streams = len(stream_keys)
+        if not self.fan_out_kv:  # every stream prefilled on its own, as generate(num_return_sequences) does
+            prompts = self._prefill([x for x in ids for _ in stream_keys])
+            return self._decode(reqs, prompts, torch.arange(len(reqs) * streams, device=self.device), stream_keys,
+                                capacity, book)
+        prompts = self._prefill(ids)
+        everyone = torch.arange(len(reqs), device=self.device)
+        if self._two_phases(stream_keys, book):
+            return self._greedy_then_samples(reqs, prompts, stream_keys, capacity, book)
+        return self._decode(reqs, prompts, everyone.repeat_interleave(streams), stream_keys, capacity, book)
+
+    def _two_phases(self, stream_keys: list[int], book: SettleBook | None) -> bool:
+        """Whether this call probes lazily in two phases (greedy rows, then samples; `probe.lazy`)."""
+        has_samples = any(j != GREEDY_STREAM for j in stream_keys)
+        return (self.config.lazy == "two_phase" and book is not None and GREEDY_STREAM in stream_keys
+                and has_samples)
+
+    def _greedy_then_samples(self, reqs: list[PromptRequest], prompts: Prefilled, stream_keys: list[int],
+                             capacity: tuple[int, int], book: SettleBook) -> list[PromptAnswers]:
+        """Phase 1 decodes the greedy rows; the questions they settle are done. Phase 2 fans the kept
+        prompt KV out to the sample rows of the other questions' prompts, which still stop at their
+        question's first right answer. No prompt is prefilled again; every answer is its key's."""
+        stats = self.last_stats
+        answers = self._decode(reqs, prompts, torch.arange(len(reqs), device=self.device), [GREEDY_STREAM],
+                               capacity, book)
+        samples = [j for j in stream_keys if j != GREEDY_STREAM]
+        pending = unsettled_prompts(reqs, book)
+        stats["settled_rows"] += (len(reqs) - len(pending)) * len(samples)  # sample rows never started
+        stats["phase2_rows"] += len(pending) * len(samples)
+        stats["kept_kv_bytes"] = max(stats["kept_kv_bytes"], prompts.kv_bytes())
+        if pending:
+            src = torch.tensor(pending, device=self.device).repeat_interleave(len(samples))
+            more = self._decode([reqs[i] for i in pending], prompts, src, samples, capacity, book)
+            add_samples(answers, pending, more)
+        return answers
+
+    def _decode(self, reqs: list[PromptRequest], prompts: Prefilled, src: torch.Tensor, stream_keys: list[int],
+                capacity: tuple[int, int], book: SettleBook | None) -> list[PromptAnswers]:
+        """Decode the streams `stream_keys` of each of `reqs` (rows prompt-major); decode row r starts from
+        prefilled row src[r]. With a book, rows of the questions it settles stop early."""
         cfg, dev, stats = self.config, self.device, self.last_stats
         streams, n_prompts = len(stream_keys), len(reqs)
-        rows = n_prompts * streams  # prompt-major: a prompt's streams in stream_keys order (-1: greedy)
-        prompt_of = torch.arange(n_prompts, device=dev).repeat_interleave(streams)
+        rows = n_prompts * streams
         greedy = torch.tensor([j == GREEDY_STREAM for j in stream_keys], device=dev).repeat(n_prompts)
         sampling = any(j >= 0 for j in stream_keys)
         keys = torch.tensor([to_int64(stable_seed(cfg.seed, r.question_id, r.prompt_index, j))
                              for r in reqs for j in stream_keys], device=dev)
-        lengths = torch.tensor([len(x) for x in ids], device=dev)[prompt_of]
-        plen = max(map(len, ids))
-
-        # Prefill each prompt once, then copy its KV into every one of its streams' cache rows.
-        # With fan-out off every stream is prefilled on its own, as generate(num_return_sequences) does.
-        prefill_of = prompt_of.tolist() if not self.fan_out_kv else list(range(n_prompts))
-        logits, prompt_cache, mask = self._prefill([ids[i] for i in prefill_of], plen)
-        src = prompt_of if self.fan_out_kv else torch.arange(rows, device=dev)
-        self._load_cache(prompt_cache, src, plen, capacity)
+        lengths, plen = prompts.lengths[src], prompts.width
+        self._load_cache(prompts.cache, src, plen, capacity)
         kv_mask = torch.zeros(rows, self._cache.get_max_length(), dtype=torch.bool, device=dev)
-        kv_mask[:, :plen] = mask[src]
-        stats["batches"] += 1
-        stats["prefill_tokens"] += int(mask.sum())
-        stats["prefill_padded_tokens"] += mask.numel()
+        kv_mask[:, :plen] = prompts.mask[src]
 
         out = torch.full((rows, cfg.max_new_tokens), self.tokenizer.pad_token_id, device=dev)
         row_ids = torch.arange(rows, device=dev)  # original row of each live batch row
-        tokens = self._pick(logits[src], keys, greedy, torch.zeros((), dtype=torch.long, device=dev), sampling)
+        zero = torch.zeros((), dtype=torch.long, device=dev)
+        tokens = self._pick(prompts.logits[src], keys, greedy, zero, sampling)
         out[:, 0] = tokens
         alive = ~torch.isin(tokens, self._stop_tensor)
         if book is not None:
@@ -331,16 +343,15 @@ class FastEngine:
 
     # ------------------------------------------------------------------ prefill and KV cache
 
-    def _prefill(self, prompts: list[list[int]], plen: int):
-        """Left-padded forward of the prompts into a dynamic cache; last-position logits."""
-        pad = self.tokenizer.pad_token_id
-        input_ids = torch.tensor([[pad] * (plen - len(p)) + p for p in prompts], device=self.device)
-        mask = torch.tensor([[0] * (plen - len(p)) + [1] * len(p) for p in prompts], device=self.device)
-        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # as generate() does
-        cache = DynamicCache(config=self.model.config)
-        logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                            **{self._cache_arg: cache}, use_cache=True, logits_to_keep=1).logits[:, -1]
-        return logits, cache, mask.bool()
+    def _prefill(self, prompts: list[list[int]]) -> Prefilled:
+        """The prompts' KV and last logits, counted: a prompt is prefilled once per batch it is in."""
+        stats = self.last_stats
+        prefilled = prefill(self.model, self._cache_arg, prompts, self.tokenizer.pad_token_id)
+        stats["prefills"] += 1
+        stats["prefilled_prompts"] += len(prompts)
+        stats["prefill_tokens"] += int(prefilled.mask.sum())
+        stats["prefill_padded_tokens"] += prefilled.mask.numel()
+        return prefilled
 
     def _load_cache(self, prompt_cache: DynamicCache, src: torch.Tensor, plen: int,
                     capacity: tuple[int, int]) -> None:
@@ -348,11 +359,13 @@ class FastEngine:
         through the cache's own update(): it writes slots [0, plen) and leaves the write position at
         plen, where decoding continues."""
         rows, length = capacity
+        fill = src
         if self._cache is None or self._buffers[0][0].shape[0] < rows or self._cache.get_max_length() < length:
             # Allocated once, rounded up (cache_length) so later calls can reuse it: a decode step over
             # fixed buffers is what CUDA graphs can capture. The buffers are allocated lazily by the first
-            # update() below, with that batch's row count: the first batch of a call is its largest.
-            assert len(src) == rows, (len(src), rows)
+            # update() below, for the batch's `rows` (the first batch of a call is its largest; its first
+            # phase may run fewer rows: the spare ones are filled with copies, then left out of use).
+            fill = src.repeat(-(-rows // len(src)))[:rows]
             self._cache = StaticCache(config=self.model.config, max_cache_len=cache_length(length))
             if any(self._cache.is_sliding):  # the row/slot bookkeeping assumes full attention layers
                 raise ValueError("FastEngine needs a full-attention model (no sliding-window layers)")
@@ -361,9 +374,11 @@ class FastEngine:
             self._use_rows(len(src))
             self._cache.reset()  # write position back to 0 (and the rows in use zeroed)
         for index, (keys, values) in enumerate(cache_tensors(prompt_cache)):
-            self._cache.update(keys.index_select(0, src), values.index_select(0, src), index)
+            self._cache.update(keys.index_select(0, fill), values.index_select(0, fill), index)
         if not self._buffers:
             self._buffers = cache_tensors(self._cache)
+            if len(src) < rows:
+                self._use_rows(len(src))
 
     def _rows_to_keep(self, alive: torch.Tensor) -> torch.Tensor:
         keep = alive.nonzero().squeeze(1)

@@ -7,7 +7,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from toolkit.config import to_dict
+from toolkit.config import config_fields, to_dict
 from toolkit.models import EMBEDDED_MODEL
 
 from .shards import ShardPlan, data_hash
@@ -37,7 +37,8 @@ def check_manifest(out: Path, manifest: dict, plan: ShardPlan) -> str | None:
                                    f"use another --out")
         return None
     old = json.loads(path.read_text(encoding="utf-8"))
-    diffs = [f"{k} was {old.get(k)!r}, now {v!r}" for k, v in manifest.items() if k != "dtype" and old.get(k) != v]
+    diffs = [f"{k} was {recorded(old, k)!r}, now {v!r}" for k, v in manifest.items()
+             if k != "dtype" and recorded(old, k) != v]
     written = written_dtype(out, plan, old["dtype"])
     if written and manifest["dtype"] not in ("auto", written):
         diffs.append(f"dtype was {written!r}, now {manifest['dtype']!r}")
@@ -45,6 +46,13 @@ def check_manifest(out: Path, manifest: dict, plan: ShardPlan) -> str | None:
         raise ProbeConfigError(f"{out} holds a probe run with different arguments: {'; '.join(diffs)} "
                                f"(use another --out, or delete it to start over)")
     return written
+
+
+def recorded(manifest: dict, key: str):
+    """A manifest's value of `key`; a probe setting added after the manifest was written (lazy,
+    exemplars) had its default then, so a probe of an older toolkit resumes with the defaults."""
+    defaults = {f.name: f.default for f in config_fields(ProbeConfig)}
+    return manifest.get(key, defaults.get(key))
 
 
 def written_dtype(out: Path, plan: ShardPlan, manifest_dtype: str) -> str | None:

@@ -29,15 +29,19 @@ def cache_length(length: int) -> int:
     return -(-length // CACHE_ROUNDING) * CACHE_ROUNDING
 
 
+def kv_bytes(model_config, length: int, dtype_bytes: int) -> int:
+    """Device bytes of one sequence's K and V for `length` positions in every layer."""
+    heads = model_config.num_attention_heads
+    kv_heads = getattr(model_config, "num_key_value_heads", None) or heads
+    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // heads
+    return 2 * model_config.num_hidden_layers * kv_heads * head_dim * length * dtype_bytes
+
+
 def kv_bytes_per_row(model_config, length: int, dtype_bytes: int) -> int:
     """Device bytes one decode row needs: its K and V for `length` positions in every layer, plus the
     fp32 logits of a step and their top-k work (a vocabulary-sized row, twice). Pass the cache's
     allocated length (cache_length), not the sequence length."""
-    heads = model_config.num_attention_heads
-    kv_heads = getattr(model_config, "num_key_value_heads", None) or heads
-    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // heads
-    kv = 2 * model_config.num_hidden_layers * kv_heads * head_dim * length * dtype_bytes
-    return kv + 2 * 4 * model_config.vocab_size
+    return kv_bytes(model_config, length, dtype_bytes) + 2 * 4 * model_config.vocab_size
 
 
 def batch_memory_budget(share: float, total_bytes: int, held_bytes: int, own_cache_bytes: int = 0,
@@ -48,9 +52,12 @@ def batch_memory_budget(share: float, total_bytes: int, held_bytes: int, own_cac
     return max(0, int((share * total_bytes - held_bytes + own_cache_bytes) * safety))
 
 
-def prompt_batch_size(budget_bytes: int, row_bytes: int, streams: int, cap: int = MAX_BATCH_PROMPTS) -> int:
-    """Prompts per batch whose rows (`streams` per prompt, `row_bytes` each) fit `budget_bytes`: at
+def prompt_batch_size(budget_bytes: int, row_bytes: int, streams: int, cap: int = MAX_BATCH_PROMPTS,
+                      kept_bytes: int = 0) -> int:
+    """Prompts per batch whose rows (`streams` per prompt, `row_bytes` each) and kept prompt KV
+    (`kept_bytes` per prompt: kv_bytes of its prefill, which the engine holds while the rows decode:
+    through the fan-out, and through both phases of two-phase lazy probing) fit `budget_bytes`: at
     least 1 (a prompt that does not fit fails as an out-of-memory error, which the engine reports),
     at most `cap`."""
-    rows = budget_bytes // max(1, row_bytes)
-    return max(1, min(cap, rows // max(1, streams)))
+    per_prompt = max(1, streams * row_bytes + kept_bytes)
+    return max(1, min(cap, budget_bytes // per_prompt))

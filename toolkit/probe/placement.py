@@ -20,7 +20,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from .memory import (CPU_BATCH_PROMPTS, batch_memory_budget, cache_length, kv_bytes_per_row,
+from .memory import (CPU_BATCH_PROMPTS, batch_memory_budget, cache_length, kv_bytes, kv_bytes_per_row,
                      prompt_batch_size)
 from .pool import Placement
 from .vllm_engine import (TENSOR_PARALLEL_SIZES, Refusal, head_split_error, head_split_reason, tensor_parallel_error,
@@ -311,7 +311,7 @@ def describe_batches(plan: PlacementPlan, shape: ModelShape, dtype: str, streams
     budget = batch_memory_budget(share, memory, weights)
     length = cache_length(prompt_tokens + max_new_tokens)
     row = kv_bytes_per_row(shape.config, length, dtype_bytes)
-    prompts = prompt_batch_size(budget, row, streams)
+    prompts = prompt_batch_size(budget, row, streams, kept_bytes=kv_bytes(shape.config, prompt_tokens, dtype_bytes))
     return (f"batch budget per actor: {gib(budget)} ({budget} bytes) of {share:g} x {gib(memory)} less "
             f"{gib(weights)} of weights: {prompts} prompt(s) x {streams} answers per batch for the longest "
             f"prompt ({prompt_tokens} + {max_new_tokens} tokens, cache {length})")

@@ -1,9 +1,10 @@
-"""Dropping the rows of settled questions while a batch decodes (lazy probing in one pass).
+"""Dropping the rows of settled questions while a batch decodes (lazy probing).
 
-The engine decodes every stream of a question together. Each time some of a question's rows finish,
-the caller's `settled` callback sees all of that question's finished answers so far; once it says
-True, the question's still-running rows are dropped and their answers are never produced. Which
-rule settles a question is the caller's (SliCK's lives in slick.py); this module only keeps the books:
+In one pass the engine decodes every stream of a question together; in two phases (the own engine's
+`probe.lazy: two_phase`, vLLM's lazy probing) the greedy rows first, then the sample rows of only the
+questions they left unsettled. Each time some of a question's rows finish, the caller's `settled`
+callback sees all of that question's finished answers so far; once it says True, the question's
+still-running rows are dropped and their answers are never produced. Which rule settles a question is the caller's (SliCK's lives in slick.py); this module only keeps the books:
 which prompts share a batch, which rows still run, and the answers of the rows that were produced.
 """
 from __future__ import annotations
@@ -116,3 +117,21 @@ def prompt_answers(decoded: dict[int, tuple[str, int]], n_prompts: int,
                                      sample_tokens=[used for _, (_, used) in samples],
                                      sample_indices=[j for j, _ in samples]))
     return answers
+
+
+# ---------------------------------------------------------------- two phases (the own engine's and vLLM's)
+
+
+def unsettled_prompts(requests: Sequence[PromptRequest], book: SettleBook) -> list[int]:
+    """After the greedy phase, whose rows (one per request, as started in `book`) are all recorded: the
+    requests whose question is not settled, whose samples are still needed. The rule is asked about
+    every question once more: a greedy row that ran to max_new_tokens finished without asking."""
+    book.rows_to_drop(range(len(requests)))
+    return [i for i, request in enumerate(requests) if request.question_id not in book.closed]
+
+
+def add_samples(answers: list[PromptAnswers], pending: Sequence[int], more: Sequence[PromptAnswers]) -> None:
+    """The sample phase's answers (`more`, one per index of `pending`) into the greedy phase's, in place."""
+    for i, sampled in zip(pending, more):
+        answers[i].samples, answers[i].sample_tokens, answers[i].sample_indices = (
+            sampled.samples, sampled.sample_tokens, sampled.sample_indices)

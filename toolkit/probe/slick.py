@@ -6,7 +6,7 @@ from typing import Sequence
 
 from toolkit.config import ConfigError
 from toolkit.data.matching import is_correct
-from toolkit.data.prompts import ExemplarPool, probe_prompt
+from toolkit.data.prompts import ExemplarPool, exemplar_block, probe_prompt
 from toolkit.data.schema import QAItem
 
 from .types import ENGINES, GREEDY_STREAM, Engine, FinishedAnswer, ProbeConfig, PromptAnswers, PromptRequest
@@ -48,10 +48,11 @@ def category(p_greedy: float, p_sample: float) -> str:
 
 
 def build_requests(item: QAItem, pool: ExemplarPool, config: ProbeConfig) -> list[PromptRequest]:
-    """The item's N_ex few-shot prompts; exemplar sets are fixed by (seed, item id)."""
-    sets = pool.select(item, config.num_exemplar_sets, config.shots, config.seed)
-    return [PromptRequest(question_id=item.id, prompt_index=i, text=probe_prompt(exemplars, item.question))
-            for i, exemplars in enumerate(sets)]
+    """The item's N_ex few-shot prompts; exemplar sets are fixed by (seed, item id), or shared by the
+    relation's items (`exemplars: per_relation`), whose prompts then share their exemplar block."""
+    sets = pool.select(item, config.num_exemplar_sets, config.shots, config.seed, config.exemplars)
+    return [PromptRequest(question_id=item.id, prompt_index=i, text=probe_prompt(exemplars, item.question),
+                          prefix=exemplar_block(exemplars)) for i, exemplars in enumerate(sets)]
 
 
 def score_item(item: QAItem, answers: Sequence[PromptAnswers], config: ProbeConfig, lazy: bool = False) -> dict:

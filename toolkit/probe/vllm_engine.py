@@ -24,7 +24,7 @@ from toolkit.data.prompts import stable_seed
 from toolkit.models import encode_prompts
 
 from .answers import AnswerDecoder, answer_streams, requested_samples
-from .settling import SettleBook, prompt_answers
+from .settling import SettleBook, add_samples, prompt_answers, unsettled_prompts
 from .slick import ProbeConfigError
 from .types import GREEDY_STREAM, PromptAnswers, PromptRequest, ProbeConfig, Settled
 
@@ -258,11 +258,8 @@ class VLLMEngine:
         book = SettleBook(settled)
         book.start_batch(requests, [GREEDY_STREAM])
         book.record(range(len(requests)), [(a.greedy, a.greedy_tokens) for a in answers])
-        book.rows_to_drop(range(len(requests)))
-        pending = [i for i, request in enumerate(requests) if request.question_id not in book.closed]
-        for i, more in zip(pending, self._generate([requests[i] for i in pending], indices, greedy=False)):
-            answers[i].samples, answers[i].sample_tokens, answers[i].sample_indices = (
-                more.samples, more.sample_tokens, more.sample_indices)
+        pending = unsettled_prompts(requests, book)
+        add_samples(answers, pending, self._generate([requests[i] for i in pending], indices, greedy=False))
         self.last_stats = dict(settled_rows=(len(requests) - len(pending)) * len(indices))  # samples never asked
         return answers
 
