@@ -9,8 +9,8 @@ from toolkit.io import write_json
 from toolkit.report.collect import json_safe
 from toolkit.report.metrics import (DIFFERENCE, PROPORTION, accuracy, accuracy_by_category, bootstrap_ci,
                                     category_counts, forgetting, knowledge, knowledge_acquired,
-                                    knowledge_difference, mean_over_seeds, paired_difference, transition_matrix,
-                                    wilson_interval)
+                                    knowledge_difference, mean_over_seeds, noise_floor, paired_difference,
+                                    transition_matrix, wilson_interval)
 
 H, M, W, U = "HighlyKnown", "MaybeKnown", "WeaklyKnown", "Unknown"
 C0 = {"a": H, "b": H, "c": M, "d": W, "e": U, "f": U}
@@ -58,6 +58,23 @@ def test_forgetting_counts_base_highly_known_that_dropped():
     assert f["dropped_to"] == {M: 1, W: 0, U: 0}
     assert forgetting(C0, C2)["dropped"] == 0
     assert forgetting({"x": U}, {"x": U})["fraction"] is None  # nothing HighlyKnown to forget
+
+
+def test_noise_floor_counts_what_re_probing_alone_moves_and_sets_each_model_above_it():
+    base = {"a": H, "b": H, "c": M, "d": W, "e": U, "f": U, "g": U}
+    reprobe = {"a": H, "b": M, "c": M, "d": M, "e": U, "f": W, "g": U}  # d upgraded, b forgotten, f moved
+    m2 = {"a": H, "b": H, "c": H, "d": H, "e": M, "f": H, "g": U}  # d, e, f upgraded; nothing forgotten
+    m1 = {"a": M, "b": M, "c": H, "d": U, "e": U, "f": U, "g": U}  # nothing upgraded; a, b forgotten
+    floor = noise_floor(base, reprobe, {"M1": m1, "M2": m2}, (W, U), (H, M))
+    assert {k: floor["reprobe"][k] for k in ("upgraded", "forgotten", "changed", "items")} == {
+        "upgraded": 1, "forgotten": 1, "changed": 3, "items": 7}
+    assert floor["reprobe"]["transitions"][W][M] == 1 and floor["reprobe"]["transitions"][U][W] == 1
+    assert floor["models"]["M2"] == {"upgraded": 3, "forgotten": 0, "upgraded_above_floor": 2,
+                                     "forgotten_above_floor": -1}
+    assert floor["models"]["M1"] == {"upgraded": 0, "forgotten": 2, "upgraded_above_floor": -1,
+                                     "forgotten_above_floor": 1}
+    # the upgrade rule is the run's: from Unknown only, d's move is no upgrade
+    assert noise_floor(base, reprobe, {}, (U,), (H, M))["reprobe"]["upgraded"] == 0
 
 
 def test_wilson_interval_by_hand():

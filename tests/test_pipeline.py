@@ -35,6 +35,7 @@ ITEMS = tiny.synthetic_items(per_relation=16)  # 24 train, 12 dev, 12 test
 TRAIN = [it for it in ITEMS if it.split == "train"]
 MEMORISED = {it.id for it in TRAIN[::2]}  # the base model learns these in the probe format
 TEST_ITEMS = 12
+BASELINES = ("known_only", "one_stage_longer", "random_stage2", "random_same_pool", "one_stage_union")
 # The paper's stage-2 rule as shipped, written out: Weakly/Unknown under C0, MaybeKnown or better under C1.
 UPGRADED_FROM, UPGRADED_TO = {"WeaklyKnown", "Unknown"}, {"HighlyKnown", "MaybeKnown"}
 
@@ -72,12 +73,13 @@ def seeded_rng(*parts) -> random.Random:
 
 def pipeline_config(model_dir, data_dir) -> dict:
     return {
-        "preset": "test", "model": str(model_dir), "baselines": ["known_only", "one_stage_longer", "random_stage2"],
+        "preset": "test", "model": str(model_dir), "noise_floor": True, "baselines": list(BASELINES),
         "data": {"path": str(data_dir), "test_items": TEST_ITEMS},
         "probe": {**PROBE, "shard_size": 8, "splits": ["train", "test"],
                   "placement": {"num_actors": 1, "cpus_per_actor": 1}},
-        # stage 1 on every item the base model does not know; stage 2 by the shipped rule
-        "selection": {"stage1_categories": ["MaybeKnown", "WeaklyKnown", "Unknown"], "replay_ratio": 0.5},
+        # stage 1 on the items the base model partly knows; stage 2 by the shipped rule (its upgraded items
+        # come from the Unknown ones, the same-pool control's pool)
+        "selection": {"stage1_categories": ["MaybeKnown", "WeaklyKnown"], "replay_ratio": 0.5},
         "train": {"num_accelerators": 1,
                   "options": {"epochs": 20, "lr": 1.0e-2, "micro_batch_size": 4, "optimizer": "adamw",
                               "patience": 0, "max_len": 48, "eval_batch_size": 32, "progress": False}},
@@ -98,12 +100,12 @@ def setup(tmp_path_factory):
                          steps=200)
     config = root / "config.yaml"
     config.write_text(yaml.safe_dump(pipeline_config(model, data)))
-    return root, config, MEMORISED
+    return root, config, MEMORISED, model
 
 
 @pytest.fixture(scope="module")
 def finished_run(setup):
-    root, config, _ = setup
+    root, config = setup[:2]
     run_dir = root / "run-a"
     record_m1_probe(run_dir, constructed_c1())
     metrics = Pipeline(load_pipeline_config(config), run_dir, echo=lambda line: None).run()
@@ -143,17 +145,18 @@ def test_every_step_wrote_real_content(finished_run, setup):
     assert c1 == constructed_c1()  # the recorded step was skipped, not re-run
     base_known = {i for i, c in c0.items() if c == "HighlyKnown"}
     assert len(base_known & memorised) >= 0.75 * len(memorised)  # the base model knows what it memorised
-    # stage 1: the items the base model did not know
-    stage1 = sorted(i for i in c0 if c0[i] != "HighlyKnown")
+    # stage 1: the items the base model partly knew
+    stage1 = sorted(i for i in c0 if c0[i] in ("MaybeKnown", "WeaklyKnown"))
+    assert stage1
     assert [r["id"] for r in read_jsonl(sd / "stage1" / "data" / "train.jsonl")] == stage1
     known_only = [r["id"] for r in read_jsonl(sd / "baseline-known_only" / "data" / "train.jsonl")]
     assert known_only == sorted(i for i in c0 if c0[i] != "Unknown")  # SliCK's filter, from M0
-    for stage in ("stage1", "stage2", "baseline-known_only", "baseline-one_stage_longer", "baseline-random_stage2"):
+    for stage in ("stage1", "stage2", *(f"baseline-{b}" for b in BASELINES)):
         summary = json.loads((sd / stage / "train" / "train_summary.json").read_text())
         assert Path(summary["model_dir"], "config.json").exists() and summary["global_step"] > 0
         # the stage's DeepSpeed checkpoints went once its model was exported (train.keep_checkpoints: false)
         assert not (sd / stage / "train" / "checkpoints").exists()
-    for model in ("M0", "M1", "M2", "known_only", "one_stage_longer", "random_stage2"):
+    for model in ("M0", "M1", "M2", *BASELINES):
         assert len(read_jsonl(sd / "eval" / f"{model}.jsonl")) == TEST_ITEMS
     # the metrics agree with the files they come from
     m = metrics["seeds"]["0"]
@@ -228,8 +231,26 @@ def test_the_controls_match_stage_2_in_compute_and_in_data(finished_run, setup):
     drawn = seeded_rng("random_stage2", 0).sample(pool, len(upgraded))
     assert random_ids == set(drawn) | set(replay)
 
+    # random_same_pool: from M1 at stage 2's lr for its steps, as many items as it upgraded, drawn from
+    # where they came from (Weakly/Unknown under C0, not in stage 1, not replayed), the same replay
+    same_dir = "baseline-random_same_pool"
+    stage1_ids = ids(sd / "stage1" / "data" / "train.jsonl")
+    pool = sorted(i for i in c0 if c0[i] in UPGRADED_FROM and i not in stage1_ids and i not in replay)
+    assert len(pool) > len(upgraded)  # a draw that can differ from the upgraded set
+    drawn = seeded_rng("random_same_pool", 0).sample(pool, len(upgraded))
+    assert set(ids(sd / same_dir / "data" / "train.jsonl")) == set(drawn) | set(replay)
+    assert json.loads((sd / same_dir / "data" / "parts.json").read_text()) == {
+        "random (same pool)": sorted(drawn), "replay": replay}
+    assert summary(same_dir)["global_step"] == stage2_steps
+    assert resolved(same_dir)["lr"] == resolved("stage2")["lr"] and resolved(same_dir)["model"] == summary("stage1")["model_dir"]
+    # one_stage_union: from M0 at stage 1's lr, stage 1's items + stage 2's, both stages' steps in one
+    union_dir = "baseline-one_stage_union"
+    assert set(ids(sd / union_dir / "data" / "train.jsonl")) == set(stage1_ids) | stage2_ids
+    assert summary(union_dir)["global_step"] == summary("stage1")["global_step"] + stage2_steps
+    assert resolved(union_dir)["lr"] == resolved("stage1")["lr"] and resolved(union_dir)["model"] == str(setup[3])
+
     m = metrics["seeds"]["0"]
-    for name in ("known_only", "one_stage_longer", "random_stage2"):
+    for name in BASELINES:
         rows = read_jsonl(sd / "probe" / f"{name}-train" / "categories.jsonl")
         assert len(rows) == len(c0)
         highly = sum(r["category"] == "HighlyKnown" for r in rows)
@@ -238,6 +259,80 @@ def test_the_controls_match_stage_2_in_compute_and_in_data(finished_run, setup):
         assert f"M2 vs {name}" in m["item_comparisons"] and f"M2 vs {name}" in m["comparisons"]
     json.loads((run_dir / "metrics.json").read_text(),
                parse_constant=lambda name: pytest.fail(f"metrics.json holds {name}"))
+
+
+def test_the_noise_floor_re_probes_m0_under_another_seed_and_sets_each_model_beside_it(finished_run):
+    run_dir, metrics = finished_run
+    sd = run_dir / "seed-0"
+    reprobe_dir = sd / "probe" / "m0_reprobe-train"
+    assert json.loads((reprobe_dir / "manifest.json").read_text())["seed"] == 10_000  # seed 0 + offset
+    c0, again, c2 = (categories(sd / "probe" / name) for name in ("m0-train", "m0_reprobe-train", "m2-train"))
+    assert sorted(again) == sorted(c0)
+    upgraded = lambda after: sum(c0[i] in UPGRADED_FROM and after[i] in UPGRADED_TO for i in c0)  # noqa: E731
+    forgotten = lambda after: sum(c0[i] == "HighlyKnown" != after[i] for i in c0)  # noqa: E731
+    floor = metrics["seeds"]["0"]["noise_floor"]
+    assert floor["reprobe"]["upgraded"] == upgraded(again) and floor["reprobe"]["forgotten"] == forgotten(again)
+    assert floor["reprobe"]["changed"] == sum(again[i] != c0[i] for i in c0)
+    assert floor["models"]["M2"]["upgraded_above_floor"] == upgraded(c2) - upgraded(again)
+    assert floor["models"]["M2"]["forgotten_above_floor"] == forgotten(c2) - forgotten(again)
+    assert set(floor["models"]) == {"M1", "M2", *BASELINES}
+
+
+def test_the_per_item_files_recompute_metrics_json(finished_run, tmp_path):
+    """seed-<s>/items.jsonl.gz and stages.json hold every item's category, P_greedy, P_sample and test
+    answer per model, and each stage's exported step: `gradual report` on them alone (no probe, eval
+    or stage directory) writes the run's metrics.json again."""
+    from toolkit.cli import main
+
+    run_dir, metrics = finished_run
+    sd = run_dir / "seed-0"
+    rows = read_jsonl(sd / "items.jsonl.gz")
+    m2_train = {r["id"]: r for r in rows if r["model"] == "M2" and r["split"] == "train"}
+    probed = {r["id"]: r for r in read_jsonl(sd / "probe" / "m2-train" / "categories.jsonl")}
+    assert {i: (r["category"], r["p_greedy"], r["p_sample"]) for i, r in m2_train.items()} == {
+        i: (r["category"], r["p_greedy"], r["p_sample"]) for i, r in probed.items()}
+    answers = {r["id"]: (r["answer"], r["correct"]) for r in rows if r["model"] == "one_stage_union" and "answer" in r}
+    assert answers == {r["id"]: (r["answer"], r["correct"]) for r in read_jsonl(sd / "eval" / "one_stage_union.jsonl")}
+    stages = json.loads((sd / "stages.json").read_text())
+    stage2 = json.loads((sd / "stage2" / "train" / "train_summary.json").read_text())
+    assert stages["stages"]["stage2"]["exported_step"] == stage2["best_step"] is not None
+    assert metrics["seeds"]["0"]["training"]["stage2"]["exported_step"] == stage2["best_step"]
+
+    copy = tmp_path / "committed"
+    for name in ("items.jsonl.gz", "stages.json"):
+        (copy / "seed-0").mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(sd / name, copy / "seed-0" / name)
+    for name in ("config.json", "metrics.json"):
+        shutil.copyfile(run_dir / name, copy / name)
+    (copy / "metrics.json").write_text(json.dumps({"run": metrics["run"], "seeds": {}}))  # only its settings
+    assert main(["report", str(copy)]) == 0
+    assert json.loads((copy / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
+    assert (copy / "report" / "report.md").exists()
+
+
+def test_adding_a_seed_to_a_finished_run_redoes_nothing_of_the_old_seeds(finished_run, setup, tmp_path):
+    # seed 1 as a copy of seed 0 done up to its evaluations (the resume seam: its markers and outputs),
+    # so that only its evaluations and per-item files run; then `seeds: [1]` on the run of seed 0
+    run_dir = tmp_path / "run-c"
+    shutil.copytree(finished_run[0], run_dir)
+    shutil.copytree(run_dir / "seed-0", run_dir / "seed-1")
+    for marker in (run_dir / "state").glob("seed0.*.json"):
+        step = marker.stem.split(".", 1)[1]
+        if not step.startswith(("evaluate_", "provenance")):
+            state = json.loads(marker.read_text())
+            write_json(run_dir / "state" / f"seed1.{step}.json", {**state, "step": f"seed1.{step}"})
+    for done in [run_dir / "seed-1" / "eval", run_dir / "seed-1" / "items.jsonl.gz", run_dir / "seed-1" / "stages.json"]:
+        shutil.rmtree(done) if done.is_dir() else done.unlink()
+    lines: list[str] = []
+    metrics = Pipeline(load_pipeline_config(setup[1], ["seeds=1"]), run_dir, echo=lines.append).run()
+    ran = [line.split()[1] for line in lines if line.startswith("[step]")]
+    assert ran and all(step.startswith("seed1.") for step in ran), ran
+    assert {"seed1.evaluate_M2", "seed1.provenance"} <= set(ran)
+    assert json.loads((run_dir / "config.json").read_text())["seeds"] == [0, 1]
+    assert list(metrics["seeds"]) == ["0", "1"]
+    same = lambda m: {k: v for k, v in m.items() if k != "costs"}  # noqa: E731
+    assert same(metrics["seeds"]["1"]) == same(metrics["seeds"]["0"]) == same(finished_run[1]["seeds"]["0"])
+    assert metrics["aggregate"]["test accuracy M2"]["seeds"] == 2
 
 
 def test_report_renders(finished_run):
@@ -267,21 +362,20 @@ def test_rerun_with_another_config_is_refused(finished_run, setup):
 
 
 def test_killed_in_the_middle_of_a_step_resumes_to_the_same_metrics(finished_run, setup):
-    # A copy of the finished run rolled back to just before stage 2's training (what came before it
-    # was already checked to be skipped on a re-run), then killed in the middle of stage 2 and resumed.
-    root, config, _ = setup
+    # A copy of the finished run with stage 2 and what comes of M2 undone (what came before was already
+    # checked to be skipped on a re-run; the controls need only stage 2's step count, which the resumed
+    # stage reproduces, so they stay done), then killed in the middle of stage 2 and resumed.
+    root, config = setup[:2]
     run_dir = root / "run-b"
     shutil.copytree(finished_run[0], run_dir)
-    kept = {"data", "seed0.probe_m0_train", "seed0.probe_m0_test", "seed0.select_stage1", "seed0.train_stage1",
-            "seed0.probe_m1_train"}
-    for marker in (run_dir / "state").glob("*.json"):
-        if marker.stem not in kept:
-            marker.unlink()
+    undone = ("seed0.train_stage2", "seed0.probe_m2_train", "seed0.evaluate_M2", "seed0.provenance")
+    for marker in undone:
+        (run_dir / "state" / f"{marker}.json").unlink()
     sd = run_dir / "seed-0"
-    later_probes = [p for p in (sd / "probe").iterdir() if p.name not in ("m0-train", "m0-test", "m1-train")]
-    for later in [sd / "stage2", *later_probes, sd / "eval", run_dir / "report", *sd.glob("baseline-*")]:
+    for later in [sd / "stage2", sd / "probe" / "m2-train", run_dir / "report"]:
         shutil.rmtree(later)
-    (run_dir / "metrics.json").unlink()
+    for later in [sd / "eval" / "M2.jsonl", sd / "items.jsonl.gz", sd / "stages.json", run_dir / "metrics.json"]:
+        later.unlink()
 
     cmd = [sys.executable, "-m", "toolkit.cli", "run", str(config), "--out", str(run_dir)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from toolkit.io import write_json as toolkit_write_json
+from toolkit.report import provenance
 from toolkit.report.collect import MAIN_MODELS, collect_metrics
 from toolkit.report.render import PAPER_COMPARISON, ReportError, render_report
 
@@ -166,12 +167,13 @@ def build_run_dir(run_dir: Path, real: dict) -> None:
         write_json(run_dir / "state" / f"seed0.{step}.json", {"step": f"seed0.{step}", "wall_s": 2.5, "summary": summary})
     write_json(run_dir / "state" / "data.json", {"step": "data", "wall_s": 0.5,
                                                  "summary": {"items": {"train": len(train), "dev": 0, "test": 12}}})
+    provenance.write_seed(run_dir, 0, (), UPGRADE_RULE)  # the pipeline's last step of a seed
 
 
 def test_collect_writes_the_keys_of_the_real_run(tmp_path, real_metrics):
     build_run_dir(tmp_path, real_metrics)
     run_info = {k: v for k, v in real_metrics["run"].items() if k != "items (train/dev/test)"}
-    got = json.loads(json.dumps(collect_metrics(tmp_path, [0], (), run_info=run_info), allow_nan=False))
+    got = json.loads(json.dumps(collect_metrics(tmp_path, [0], run_info=run_info), allow_nan=False))
     # renamed on purpose (issue 23): knowledge_acquired is per model, its relative_gain is retained_ratio
     older = json.loads(json.dumps(real_metrics))
     old_acquired = older["seeds"]["0"].pop("knowledge_acquired")
@@ -296,6 +298,10 @@ def write_seed(run_dir: Path, seed: int, train_tables: dict[str, dict], test_cor
         write_jsonl(sd / "eval" / f"{model}.jsonl", [{"id": q, "answer": "x", "correct": n < k} for n, q in enumerate(TEST)])
 
 
+TWO_SEED_BASELINES = {0: ("one_stage_longer", "natural"), 1: ("one_stage_longer", "no_replay")}
+UPGRADE_RULE = {"from": ["WeaklyKnown", "Unknown"], "to": ["HighlyKnown", "MaybeKnown"]}
+
+
 @pytest.fixture
 def two_seed_run(tmp_path) -> Path:
     """Seed 0 trains one_stage_longer and natural; seed 1 one_stage_longer and no_replay, the latter
@@ -314,12 +320,13 @@ def two_seed_run(tmp_path) -> Path:
         {"step": e, "epoch": float(e), "dev": {"accuracy": 0.1, "count": 4, "by_category": {}},
          "train": {"accuracy": 0.5, "count": 8, "by_category": {"HighlyKnown": 0.5 + 0.25 * e, "Unknown": 0.1 * e}},
          "best_step": e} for e in (1, 2)])
+    for seed, baselines in TWO_SEED_BASELINES.items():
+        provenance.write_seed(tmp_path, seed, baselines, UPGRADE_RULE)
     return tmp_path
 
 
 def test_collect_two_seeds_with_baselines_that_differ_per_seed(two_seed_run):
-    baselines = {0: ("one_stage_longer", "natural"), 1: ("one_stage_longer", "no_replay")}
-    metrics = collect_metrics(two_seed_run, [0, 1], baselines)
+    metrics = collect_metrics(two_seed_run, [0, 1])
     s0, s1 = metrics["seeds"]["0"], metrics["seeds"]["1"]
 
     # per seed: baselines' train probes join the categories, forgetting and knowledge
@@ -393,7 +400,7 @@ def reject_constant(name):
 
 
 def test_metrics_json_is_strict_json_and_its_report_answers_the_question(two_seed_run):
-    metrics = collect_metrics(two_seed_run, [0, 1], {0: ("one_stage_longer", "natural"), 1: ("one_stage_longer",)})
+    metrics = collect_metrics(two_seed_run, [0, 1])
     # no test item is Unknown (an accuracy over 0 items) and natural has one seed (no t interval): null
     toolkit_write_json(two_seed_run / "metrics.json", metrics, strict=True)  # as the pipeline writes it
     text = (two_seed_run / "metrics.json").read_text()
@@ -465,3 +472,54 @@ def test_an_older_multi_seed_metrics_json_still_renders(tmp_path):
     header = next(line for line in md.splitlines() if line.startswith("| model | knowledge gain vs M1"))
     assert "acquired gain" not in header and PAPER_COMPARISON not in md
     assert "nan" not in md.lower()
+
+
+# ---------------------------------------------------------------- per-item files: recomputed, merged
+
+def copy_seed(run_dir: Path, seed: int, out: Path, config: dict) -> Path:
+    """A run directory holding only `seed`'s per-item files (as a run of that seed alone leaves them)."""
+    for name in (provenance.ITEMS_FILE, provenance.STAGES_FILE):
+        target = out / f"seed-{seed}" / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(run_dir / f"seed-{seed}" / name, target)
+    write_json(out / "config.json", {**config, "seeds": [seed]})
+    return out
+
+
+def test_merged_runs_equal_one_run_with_all_seeds(two_seed_run, tmp_path_factory):
+    from toolkit.gradual.merge import merge_runs
+
+    root = tmp_path_factory.mktemp("merge")
+    config = {"preset": "test", "probe": {"samples": 4}}
+    one = collect_metrics(two_seed_run, [0, 1])
+    a, b = (copy_seed(two_seed_run, seed, root / f"run-{seed}", config) for seed in (0, 1))
+    merged = merge_runs([a, b], root / "merged")
+    assert merged["seeds"] == one["seeds"]
+    assert merged["aggregate"] == one["aggregate"] and merged["aggregate_table"] == one["aggregate_table"]
+    assert json.loads((root / "merged" / "config.json").read_text())["seeds"] == [0, 1]
+    assert json.loads((root / "merged" / "metrics.json").read_text())["seeds"] == json.loads(json.dumps(one["seeds"]))
+
+
+@pytest.mark.parametrize("problem", ["other settings", "a seed twice", "no seed", "out not empty"])
+def test_merge_refuses_runs_it_cannot_combine_before_writing(two_seed_run, tmp_path_factory, problem):
+    from toolkit.config import ConfigError
+    from toolkit.gradual.merge import merge_runs
+
+    root = tmp_path_factory.mktemp("merge-refused")
+    config = {"preset": "test", "probe": {"samples": 4}}
+    a = copy_seed(two_seed_run, 0, root / "a", config)
+    b = copy_seed(two_seed_run, 1, root / "b", config)
+    out = root / "out"
+    if problem == "other settings":
+        write_json(b / "config.json", {**config, "probe": {"samples": 8}, "seeds": [1]})
+    elif problem == "a seed twice":
+        b = copy_seed(two_seed_run, 0, root / "b2", config)
+    elif problem == "no seed":
+        shutil.rmtree(b / "seed-1")
+    else:
+        write_json(out / "note.json", {})
+    match = {"other settings": "other settings", "a seed twice": "seed 0 is also in", "no seed": "no finished seed",
+             "out not empty": "not empty"}[problem]
+    with pytest.raises(ConfigError, match=match):
+        merge_runs([a, b], out)
+    assert not (out / "metrics.json").exists() and not list(out.glob("seed-*"))

@@ -1,8 +1,10 @@
 """Selection strategies on constructed category tables: each set is what its definition says."""
+from dataclasses import replace as dataclass_replace
+
 import pytest
 
-from toolkit.gradual.selection import (SelectionConfig, SelectionError, baseline_items, stage1_items,
-                                       stage2_items, upgraded_items)
+from toolkit.gradual.selection import (SelectionConfig, SelectionError, baseline_items, one_stage_union_items,
+                                       random_same_pool_items, stage1_items, stage2_items, upgraded_items)
 
 H, M, W, U = "HighlyKnown", "MaybeKnown", "WeaklyKnown", "Unknown"
 # id: (C0, C1)
@@ -39,6 +41,35 @@ def test_gradual_stage2_is_upgraded_plus_replay_at_the_ratio():
     assert stage2_items(C0, C1, SelectionConfig(replay_ratio=0.4))["replay"] == parts["replay"]
     draws = {tuple(stage2_items(C0, C1, SelectionConfig(replay_ratio=0.4, seed=s))["replay"]) for s in range(8)}
     assert len(draws) > 1
+
+
+def test_random_same_pool_draws_as_many_as_were_upgraded_from_their_source_pool():
+    # stage 1 holds the WeaklyKnown items too; upgraded: Weakly/Unknown -> HighlyKnown
+    cfg = SelectionConfig(stage1_categories=(M, W), upgraded_to=(H,), replay_ratio=0.5)
+    stage1 = stage1_items(C0, cfg)
+    parts = stage2_items(C0, C1, cfg)
+    assert parts["upgraded"] == ["u4", "w2"] and len(parts["replay"]) == 1
+    same = random_same_pool_items(C0, parts, stage1, cfg)
+    assert same["replay"] == parts["replay"]
+    # the pool: Weakly/Unknown under C0, not in stage 1 (no w*), not replayed: u1-u5, of which 2 drawn
+    assert len(same["random (same pool)"]) == 2 and set(same["random (same pool)"]) <= {"u1", "u2", "u3", "u4", "u5"}
+    draws = {tuple(random_same_pool_items(C0, parts, stage1, dataclass_replace(cfg, seed=s))["random (same pool)"])
+             for s in range(8)}
+    assert len(draws) > 1  # seeded: another seed, another draw from the 5
+    assert random_same_pool_items(C0, parts, stage1, cfg) == same  # the same seed, the same draw
+    # with the default stage 1 (MaybeKnown) every upgraded item comes from a pool of 8: w1-w3, u1-u5
+    default = random_same_pool_items(C0, stage2_items(C0, C1, SelectionConfig()), stage1_items(C0, SelectionConfig()),
+                                     SelectionConfig())
+    assert len(default["random (same pool)"]) == 5
+    assert {C0[i] for i in default["random (same pool)"]} <= {W, U}
+
+
+def test_one_stage_union_is_stage_1_with_every_part_of_stage_2():
+    stage1 = stage1_items(C0, SelectionConfig())
+    parts = stage2_items(C0, C1, SelectionConfig(replay_ratio=0.4))
+    union = one_stage_union_items(stage1, parts)
+    assert union == {"stage1": ["m1", "m2", "m3", "m4"], "stage2 upgraded": ["u1", "u4", "u5", "w1", "w2"],
+                     "stage2 replay": parts["replay"]}
 
 
 def test_replay_from_c1_uses_the_stage1_models_categories():

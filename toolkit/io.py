@@ -1,6 +1,7 @@
 """Atomic file writes: a reader (or a resumed run) never sees a half-written output."""
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import tempfile
@@ -42,13 +43,25 @@ def write_json(path, obj, strict: bool = False) -> None:
     write_text(path, text + "\n")
 
 
+def _gzipped(path) -> bool:
+    return str(path).endswith(".gz")
+
+
 def write_jsonl(path, rows: Iterable[dict]) -> None:
+    """One JSON object per line; a path ending in .gz is gzip-compressed (mtime 0: the same rows give
+    the same bytes)."""
     with atomic_path(path) as tmp:
+        if _gzipped(path):
+            with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as gz:
+                for row in rows:
+                    gz.write((json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8"))
+            return
         with open(tmp, "w", encoding="utf-8") as fh:
             for row in rows:
                 fh.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def read_jsonl(path) -> list[dict]:
-    with open(path, encoding="utf-8") as fh:
+    opener = gzip.open if _gzipped(path) else open
+    with opener(path, "rt", encoding="utf-8") as fh:
         return [json.loads(line) for line in fh if line.strip()]

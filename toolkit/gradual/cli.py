@@ -18,7 +18,8 @@ def add_run_parser(subparsers) -> None:
                    help="override a config key, e.g. --set probe.samples=8 --set train.options.lr=1e-5 "
                         "--set probe.placement.num_actors=4")
     p.add_argument("--out", type=Path, help="run directory (default: runs/<preset>)")
-    p.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2")
+    p.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2; on a finished run: seeds to add (the "
+                                   "run's own are kept and not redone)")
     p.add_argument("--baselines", help="'all' or a comma-separated list: natural, known_only, one_stage_longer, "
                                        "random_stage2 (controls), no_replay, upgraded_only, remained_maybe")
     p.add_argument("--dry-run", action="store_true", help="validate the config, print it resolved, and exit")
@@ -26,9 +27,15 @@ def add_run_parser(subparsers) -> None:
 
 
 def add_report_parser(subparsers) -> None:
-    p = subparsers.add_parser("report", help="render RUN_DIR/report (HTML + Markdown) from RUN_DIR/metrics.json, "
-                                             "or a training output directory's curves.png")
-    p.add_argument("run_dir", type=Path, help="a `gradual run` directory, or a `gradual train` output_dir")
+    p = subparsers.add_parser("report", help="recompute RUN_DIR/metrics.json from its per-item files and render "
+                                             "RUN_DIR/report (HTML + Markdown); or a training output's curves.png",
+                              description="A `gradual run` directory: metrics.json is recomputed from each seed's "
+                                          "items.jsonl.gz and stages.json (where they exist), then the report is "
+                                          "rendered. --merge combines runs of the same settings and other seeds.")
+    p.add_argument("run_dir", type=Path, nargs="?", help="a `gradual run` directory, or a `gradual train` output_dir")
+    p.add_argument("--merge", type=Path, nargs="+", metavar="RUN_DIR",
+                   help="runs with identical settings and different seeds, combined into --out")
+    p.add_argument("--out", type=Path, help="with --merge: the new run directory (must not exist or be empty)")
     p.set_defaults(func=cmd_report)
 
 
@@ -98,8 +105,23 @@ def cmd_run(args) -> int:
 
 
 def cmd_report(args) -> int:
+    from toolkit.cli import UsageError
+    from toolkit.io import write_json
+    from toolkit.report.collect import recollect, run_seeds
     from toolkit.report.render import render_report, render_training
 
+    if args.merge:
+        from .merge import merge_runs
+
+        if args.out is None or args.run_dir is not None:
+            raise UsageError("--merge RUN_DIR ... needs --out DIR (and no positional run_dir)")
+        metrics = merge_runs(args.merge, args.out)
+        args.run_dir = args.out
+        print(f"merged seeds {', '.join(metrics['seeds'])} into {args.out}")
+    elif args.run_dir is None:
+        raise UsageError("give a run directory, or --merge RUN_DIR ... --out DIR")
+    elif run_seeds(args.run_dir):  # the per-item files: metrics.json is recomputed from them
+        write_json(args.run_dir / "metrics.json", recollect(args.run_dir), strict=True)
     if (args.run_dir / "losses.jsonl").exists() and not (args.run_dir / "metrics.json").exists():
         summary = render_training(args.run_dir)
         print(f"training curves: {summary['figure']}; best dev accuracy {summary['best_dev_accuracy']} "

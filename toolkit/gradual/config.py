@@ -19,6 +19,7 @@ from toolkit.train.launch import LaunchConfig
 from .selection import BASELINES, CONTROLS, STAGE2_STRATEGIES, SelectionConfig
 
 PRESET_DIR = Path(__file__).resolve().parents[1] / "configs"
+REPROBE_SEED_OFFSET = 10_000
 ALL_BASELINES = tuple(b for b in BASELINES if b != "one_stage") + tuple(CONTROLS) + tuple(
     s for s in STAGE2_STRATEGIES if s != "gradual")
 
@@ -110,6 +111,8 @@ class PipelineConfig:
     baselines: tuple[str, ...] = knob((), "trained in every seed beside M1 and M2: natural, known_only, the "
                                           "controls, the stage-2 ablations; or all")
     first_seed_baselines: tuple[str, ...] = knob((), "trained in the first seed only (a costly one: natural's fit speed)")
+    noise_floor: bool = knob(False, "probe the base model on train again under another probe seed (seed + "
+                                    f"{REPROBE_SEED_OFFSET}): the 'upgrades' and 'forgetting' re-probing shows with no training")
     data: DataSettings = knob(factory=DataSettings, help="the QA data and its subset")
     probe: ProbeSettings = knob(factory=ProbeSettings, help="the SliCK probe and its Ray actors")
     selection: SelectionConfig = knob(factory=SelectionConfig, help="which items each stage trains on")
@@ -133,6 +136,11 @@ class PipelineConfig:
         # one answer length: the trainer's dev evaluation answers as the probe and the test evaluation do
         options = dataclasses.replace(self.train.options, max_new_tokens=self.probe.max_new_tokens)
         object.__setattr__(self, "train", dataclasses.replace(self.train, options=options))
+
+    @staticmethod
+    def reprobe_seed(seed: int) -> int:
+        """The probe seed of the noise floor's second probe of the base model."""
+        return seed + REPROBE_SEED_OFFSET
 
     def seed_baselines(self, seed: int) -> tuple[str, ...]:
         return self.baselines + (self.first_seed_baselines if seed == self.seeds[0] else ())

@@ -1,6 +1,8 @@
 """RUN_DIR/config.json: the config a run directory was started with. A re-run must compute the same
 thing: the settings that change only how a step runs may differ, and a run locked by an older toolkit
-still resumes (keys added since read as their defaults, keys removed since decide nothing now)."""
+still resumes (keys added since read as their defaults, keys removed since decide nothing now).
+The seed list is not locked: each seed is an independent repetition, so a re-run with other seeds
+adds them (the locked ones stay, first, and are not redone)."""
 from __future__ import annotations
 
 import dataclasses
@@ -28,12 +30,14 @@ EXECUTION_OPTIONS = ("progress", "keep_last_n", "collective_timeout_min", "gpu_w
 DERIVED_OPTIONS = ("max_new_tokens",)  # probe.max_new_tokens
 
 
-def lock_config(run_dir: Path, cfg: PipelineConfig) -> None:
-    """Write `cfg` to RUN_DIR/config.json, or refuse (one line) a directory locked with another config."""
+def lock_config(run_dir: Path, cfg: PipelineConfig) -> tuple[int, ...]:
+    """Write `cfg` to RUN_DIR/config.json, or refuse (one line) a directory locked with another config.
+    Returns the run's seeds: the locked ones, then those of `cfg` not among them."""
     path = run_dir / "config.json"
     current = cfglib.to_dict(cfg)
     if path.exists():
         written = json.loads(path.read_text(encoding="utf-8"))
+        current["seeds"] = list(dict.fromkeys([*written.get("seeds", []), *cfg.seeds]))
         new = comparable(current)
         old = _shared_keys(comparable(cfglib.deep_merge(cfglib.to_dict(PipelineConfig()), written)), new)
         if old != new:
@@ -41,6 +45,7 @@ def lock_config(run_dir: Path, cfg: PipelineConfig) -> None:
             raise ConfigError(f"{run_dir} holds a run with another config ({', '.join(diffs[:4])} "
                               f"differ); use another --out")
     write_json(path, current)
+    return tuple(current["seeds"])
 
 
 def comparable(config: dict) -> dict:
@@ -52,6 +57,7 @@ def comparable(config: dict) -> dict:
     for key in EXECUTION_OPTIONS + DERIVED_OPTIONS:
         out.get("train", {}).get("options", {}).pop(key, None)
     out.pop("notes", None)  # a preset's description, not a setting
+    out.pop("seeds", None)  # seeds are added, not changed (lock_config)
     return out
 
 

@@ -8,6 +8,8 @@ RUN_DIR/
   seed-<s>/<stage>/data/      the stage's training set (+ dev for early stopping, + base categories)
   seed-<s>/<stage>/train/     trainer output (DeepSpeed checkpoints resume an interrupted stage; model/)
   seed-<s>/eval/<model>.jsonl test answers and exact match per item
+  seed-<s>/items.jsonl.gz, seed-<s>/stages.json   the seed's per-item provenance (toolkit/report/
+                              provenance.py): metrics.json is computed from these two files alone
   metrics.json, report/       written last
 
 Pipeline.run is the schedule, top to bottom; beside it: the checks before anything is written
@@ -29,14 +31,15 @@ from toolkit.data.loading import load_qa
 from toolkit.data.subset import write_subset
 from toolkit.io import read_jsonl, write_json, write_jsonl
 from toolkit.models import EMBEDDED_MODEL
+from toolkit.report.provenance import write_seed
 from toolkit.train.config import TrainConfig
 
 from .config import PipelineConfig
 from .lock import lock_config
 from .preflight import preflight
 from .processes import PipelineError, free_device_memory, release_ray, run_logged
-from .selection import (BASELINES, SelectionConfig, baseline_items, random_stage2_items, stage1_items,
-                        stage2_items)
+from .selection import (BASELINES, SelectionConfig, baseline_items, one_stage_union_items, random_same_pool_items,
+                        random_stage2_items, stage1_items, stage2_items)
 
 __all__ = ["Pipeline", "PipelineError", "preflight", "read_categories"]
 
@@ -61,15 +64,14 @@ class Pipeline:
 
         preflight(self.cfg)  # nothing is written before the config and the inputs are known to be good
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._lock_config()
+        self._lock_config()  # a finished run's seeds join the requested ones
         if self.cfg.notes:
             self.echo(f"[preset {self.cfg.preset}] {self.cfg.notes}")
         self.step("data", self.prepare_data)
         for seed in self.cfg.seeds:
             self.run_seed(seed)
         release_ray()
-        baselines = {seed: self.cfg.seed_baselines(seed) for seed in self.cfg.seeds}
-        metrics = collect_metrics(self.run_dir, self.cfg.seeds, baselines, run_info=self._run_info())
+        metrics = collect_metrics(self.run_dir, self.cfg.seeds, run_info=self._run_info())
         write_json(self.run_dir / "metrics.json", metrics, strict=True)
         render_report(self.run_dir)
         return metrics
@@ -82,12 +84,16 @@ class Pipeline:
         s = f"seed{seed}"
         for split in cfg.probe.splits:
             self.step(f"{s}.probe_m0_{split}", lambda split=split: self.probe(sd, "m0", cfg.model, split, seed))
+        if cfg.noise_floor:  # the same model, another probe seed: what re-probing alone moves
+            self.step(f"{s}.probe_m0_reprobe_train", lambda: self.probe(
+                sd, "m0_reprobe", cfg.model, "train", cfg.reprobe_seed(seed)))
         c0 = read_categories(sd / "probe" / "m0-train")
 
         stage1 = stage1_items(c0, sel)
         self.step(f"{s}.select_stage1", lambda: self.select(sd / "stage1", c0, {"stage1": stage1}))
-        m1 = self.train_step(f"{s}.train_stage1", sd / "stage1",
-                             lambda: self.train(sd / "stage1", base, stage1, seed))["model_dir"]
+        trained1 = self.train_step(f"{s}.train_stage1", sd / "stage1",
+                                   lambda: self.train(sd / "stage1", base, stage1, seed))
+        m1 = trained1["model_dir"]
         self.step(f"{s}.probe_m1_train", lambda: self.probe(sd, "m1", m1, "train", seed))
         c1 = read_categories(sd / "probe" / "m1-train")
 
@@ -100,7 +106,8 @@ class Pipeline:
         self.step(f"{s}.probe_m2_train", lambda: self.probe(sd, "m2", m2, "train", seed))
 
         models = {"M0": cfg.model, "M1": m1, "M2": m2}
-        stage2_run = _Stage2Run(parts=parts, steps=trained2.get("global_step", 0), m1=m1)
+        stage2_run = _Stage2Run(parts=parts, steps=trained2.get("global_step", 0), m1=m1, stage1=stage1,
+                                stage1_steps=trained1.get("global_step", 0))
         for name in cfg.seed_baselines(seed):
             models[name] = self.train_step(f"{s}.baseline_{name}", sd / f"baseline-{name}", lambda name=name: self._baseline(
                 sd, name, c0, c1, base, stage2_run, seed, sel))["model_dir"]
@@ -108,6 +115,8 @@ class Pipeline:
             self.step(f"{s}.probe_{name}_train", lambda name=name: self.probe(sd, name, models[name], "train", seed))
         for name, model in models.items():
             self.step(f"{s}.evaluate_{name}", lambda name=name, model=model: self.evaluate(sd, name, model))
+        rule = {"from": list(sel.upgraded_from), "to": list(sel.upgraded_to)}
+        self.step(f"{s}.provenance", lambda: write_seed(self.run_dir, seed, cfg.seed_baselines(seed), rule))
 
     def _baseline(self, sd: Path, name: str, c0, c1, base: str, stage2: "_Stage2Run", seed: int,
                   sel: SelectionConfig) -> dict:
@@ -117,13 +126,15 @@ class Pipeline:
             ids = baseline_items(name, c0, sel)
             self.select(stage_dir, c0, {name: ids})
             return self.train(stage_dir, base, ids, seed)
-        if name == "one_stage_longer":
-            # stage 1's items again, from M1, for exactly stage 2's optimizer steps (one epoch holds >= 1
-            # step, so `steps` epochs always reach max_steps); no early stop, so no step is left out
-            ids = stage1_items(c0, sel) if stage2.steps else []
-            self.select(stage_dir, c0, {"stage1 (compute-matched)": ids})
-            return self.train(stage_dir, stage2.m1, ids, seed, lr_factor, epochs=max(stage2.steps, 1),
-                              max_steps=stage2.steps, patience=0)
+        if name == "one_stage_longer":  # stage 1's items again, from M1, for stage 2's steps at its lr
+            parts = {"stage1 (compute-matched)": stage2.stage1}
+            return self._fixed_steps(stage_dir, c0, parts, stage2.m1, stage2.steps, seed, lr_factor)
+        if name == "random_same_pool":  # stage 2's start, lr and steps; its own draw from the upgraded pool
+            parts = random_same_pool_items(c0, stage2.parts, stage2.stage1, sel)
+            return self._fixed_steps(stage_dir, c0, parts, stage2.m1, stage2.steps, seed, lr_factor)
+        if name == "one_stage_union":  # from M0 at stage 1's lr, both stages' steps in one
+            parts = one_stage_union_items(stage2.stage1, stage2.parts)
+            return self._fixed_steps(stage_dir, c0, parts, base, stage2.stage1_steps + stage2.steps, seed)
         if name == "random_stage2":
             parts = random_stage2_items(c0, stage2.parts, sel)
         else:  # a stage-2 ablation, from M1
@@ -132,10 +143,24 @@ class Pipeline:
         ids = sorted({i for v in parts.values() for i in v})
         return self.train(stage_dir, stage2.m1, ids, seed, lr_factor)
 
+    def _fixed_steps(self, stage_dir: Path, c0, parts: dict[str, list[str]], model: str, steps: int, seed: int,
+                     lr_factor: float = 1.0) -> dict:
+        """A control trained for exactly `steps` optimizer steps (one epoch holds >= 1 step, so `steps`
+        epochs always reach them; no early stop, so no step is left out); none: skipped like stage 2."""
+        if not steps:
+            parts = {part: [] for part in parts}
+        self.select(stage_dir, c0, parts)
+        ids = sorted({i for v in parts.values() for i in v})
+        return self.train(stage_dir, model, ids, seed, lr_factor, epochs=max(steps, 1), max_steps=steps, patience=0)
+
     # ------------------------------------------------------------ bookkeeping
 
     def _lock_config(self) -> None:
-        lock_config(self.run_dir, self.cfg)
+        seeds = lock_config(self.run_dir, self.cfg)
+        if seeds != self.cfg.seeds:
+            self.echo(f"[seeds] the run's seeds are {', '.join(map(str, seeds))} (locked ones first; "
+                      f"those done are skipped)")
+            self.cfg = dataclasses.replace(self.cfg, seeds=seeds)
 
     def step(self, name: str, fn: Callable[[], dict]) -> dict:
         """Run `fn` unless its completion marker exists; record wall time and its summary."""
@@ -188,6 +213,7 @@ class Pipeline:
         write_jsonl(data_dir / "dev.jsonl", [it.to_dict() for it in dev])
         write_json(data_dir / "categories.json", {i: c0[i] for i in train_ids})
         sizes = {k: len(v) for k, v in parts.items()}
+        write_json(data_dir / "parts.json", {k: sorted(v) for k, v in parts.items()})
         write_json(data_dir / "selection.json", sizes)
         return sizes
 
@@ -274,7 +300,10 @@ class Pipeline:
 
 @dataclasses.dataclass(frozen=True)
 class _Stage2Run:
-    """What the controls copy from a seed's stage 2: its item sets, its optimizer steps, its start (M1)."""
+    """What the controls copy from a seed's stages: stage 2's item sets, optimizer steps and start (M1);
+    stage 1's items and optimizer steps."""
     parts: dict[str, list[str]]
     steps: int
     m1: str
+    stage1: list[str]
+    stage1_steps: int

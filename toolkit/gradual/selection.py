@@ -34,6 +34,11 @@ CONTROLS = {
                         "steps as stage 2 took (compute-matched one stage)",
     "random_stage2": "stage 2 with as many items as the stage-2 set before replay, drawn at random from the items "
                      "not HighlyKnown under C0, plus the same replay (data-matched)",
+    "random_same_pool": "stage 2 from M1 with as many items as the upgraded set, drawn at random from the upgraded "
+                        "items' source pool (Weakly/Unknown under C0, not in stage 1), the same replay, lr and "
+                        "optimizer steps (data-matched: was it the upgrade, or any item of that pool?)",
+    "one_stage_union": "one stage from M0 on the stage-1 items + the upgraded items + the replay, for the summed "
+                       "optimizer steps of stages 1 and 2 (order control: was it the staging?)",
 }
 
 
@@ -138,3 +143,21 @@ def random_stage2_items(c0: Categories, stage2_parts: Mapping[str, list[str]], c
     pool = sorted(i for i, c in c0.items() if c != HIGHLY_KNOWN and i not in set(replay))
     drawn = random.Random(stable_seed("random_stage2", cfg.seed)).sample(pool, min(size, len(pool)))
     return {"random": sorted(drawn), "replay": replay}
+
+
+def random_same_pool_items(c0: Categories, stage2_parts: Mapping[str, list[str]], stage1: list[str],
+                           cfg: SelectionConfig) -> dict[str, list[str]]:
+    """The same-pool control of a stage-2 set: as many random items (seeded) as it upgraded, from the
+    pool the upgraded items come from (the `upgraded_from` categories under C0, not in stage 1 and
+    not replayed), plus its replay items unchanged."""
+    replay = list(stage2_parts.get("replay", ()))
+    excluded = set(stage1) | set(replay)
+    pool = sorted(i for i in _ids_where(c0, cfg.upgraded_from) if i not in excluded)
+    size = len(stage2_parts.get("upgraded", ()))
+    drawn = random.Random(stable_seed("random_same_pool", cfg.seed)).sample(pool, min(size, len(pool)))
+    return {"random (same pool)": sorted(drawn), "replay": replay}
+
+
+def one_stage_union_items(stage1: list[str], stage2_parts: Mapping[str, list[str]]) -> dict[str, list[str]]:
+    """The order control's one set: the stage-1 items and every part of the stage-2 set together."""
+    return {"stage1": list(stage1), **{f"stage2 {part}": list(ids) for part, ids in stage2_parts.items()}}

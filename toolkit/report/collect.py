@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import numpy as np
 
-from toolkit.io import read_jsonl
-
 from . import metrics as M
+from .provenance import ITEMS_FILE, REPROBE, STAGES_FILE, SeedRecord, has_provenance, read_seed
 
 MAIN_MODELS = ("M0", "M1", "M2")
 # The headline table's columns, each a mean over seeds: (where its interval may lie, readable name
@@ -25,7 +24,13 @@ HEADLINE = {
     # ratios of counts minus 1: no bound
     "acquired_gain": (None, "acquired gain {m}: (HK - HK(M0)) / (HK(M1) - HK(M0)) - 1 on train items"),
     "retained_ratio": (None, "retained ratio {m}: HK / HK(M1) - 1 on train items"),
+    # counts of train items: the re-probed base model's upgrades are the floor (noise_floor)
+    "upgraded_above_floor": (None, "upgraded above the probe-noise floor {m} (train items)"),
 }
+# the floor itself (M0 re-probed under another probe seed), averaged over seeds in `aggregate`
+FLOOR_AGGREGATE = {"upgraded": "noise floor: items upgraded by re-probing M0 alone",
+                   "forgotten": "noise floor: base HighlyKnown items forgotten by re-probing M0 alone",
+                   "changed": "noise floor: items whose category re-probing M0 changed"}
 # Which interval each kind of number carries (metrics.py: wilson_interval, paired_difference,
 # mean_over_seeds); the report names them. Files without this key gave proportions a bootstrap.
 INTERVALS = {"proportion": "Wilson", "paired difference": "paired bootstrap", "across seeds": "Student t"}
@@ -47,52 +52,28 @@ def json_safe(obj):
     return obj
 
 
-def baselines_of_seed(baselines: Sequence[str] | Mapping[int, Sequence[str]], seed: int) -> tuple[str, ...]:
-    """`baselines` is one list for every seed, or a list per seed (a costly one may run in one seed)."""
-    if isinstance(baselines, Mapping):
-        # a mapping read back from JSON has string keys
-        return tuple(baselines.get(seed, baselines.get(str(seed), ())))
-    return tuple(baselines)
-
-
-def _categories(probe_dir: Path) -> dict[str, str]:
-    return {row["id"]: row["category"] for row in read_jsonl(probe_dir / "categories.jsonl")}
-
-
 def _state(run_dir: Path, name: str) -> dict | None:
     path = run_dir / "state" / f"{name}.json"
     return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
 
 
-def _fit_speed(train_dir: Path) -> list[dict]:
-    evals = train_dir / "evals.jsonl"
-    if not evals.exists():
-        return []
-    return [{"epoch": round(row["epoch"], 3), "accuracy_by_category": row["train"]["by_category"]}
-            for row in read_jsonl(evals) if row.get("train")]
+def per_relation_fractions(categories: dict[str, str], relations: dict[str, str]) -> dict[str, dict[str, float]]:
+    """Category fractions per relation (the base model's train probe, as its summary.json has them)."""
+    by_relation: dict[str, list[str]] = {}
+    for item_id, category in categories.items():
+        by_relation.setdefault(relations[item_id], []).append(category)
+    return {rel: {c: n / len(cats) for c, n in M.category_counts(dict(enumerate(cats))).items()}
+            for rel, cats in sorted(by_relation.items())}
 
 
-def _train_costs(train_dir: Path) -> dict | None:
-    summary_path = train_dir / "train_summary.json"
-    if not summary_path.exists():
-        return None
-    summary = json.loads(summary_path.read_text(encoding="utf-8"))
-    rates = [row["tokens_per_s"] for row in read_jsonl(train_dir / "losses.jsonl") if row.get("tokens_per_s")]
-    return {"tokens_per_s": sum(rates) / len(rates) if rates else 0.0, "steps": summary["global_step"],
-            "wall_s": summary["seconds"], "best_dev_accuracy": summary["best_dev_accuracy"]}
-
-
-def seed_metrics(run_dir: Path, seed: int, baselines: Sequence[str]) -> dict:
-    sd = run_dir / f"seed-{seed}"
-    c0, c1, c2 = (_categories(sd / "probe" / f"{m}-train") for m in ("m0", "m1", "m2"))
-    test_c0 = _categories(sd / "probe" / "m0-test")
-    correct = {}
-    for name in (*MAIN_MODELS, *baselines):
-        correct[name] = {r["id"]: r["correct"] for r in read_jsonl(sd / "eval" / f"{name}.jsonl")}
-    relations = json.loads((sd / "probe" / "m0-train" / "summary.json").read_text(encoding="utf-8"))["relations"]
+def seed_metrics(record: SeedRecord) -> dict:
+    """One seed's metrics from its provenance (provenance.py): nothing else of the run is read."""
+    baselines = record.stages["baselines"]
+    c0, c1, c2 = (record.table(m) for m in MAIN_MODELS)
+    test_c0 = record.table("M0", "test")
+    correct = {name: record.correct[name] for name in (*MAIN_MODELS, *baselines)}
     # runs from before baselines were probed have no train probe for them: test accuracy only
-    probed = {b: _categories(sd / "probe" / f"{b}-train") for b in baselines
-              if (sd / "probe" / f"{b}-train" / "categories.jsonl").exists()}
+    probed = {b: record.table(b) for b in baselines if record.table(b) is not None}
     train_tables = {"M1": c1, "M2": c2, **probed}
     # M1 against itself is 0 by definition: M2 and the baselines only
     acquired = {name: M.knowledge_acquired(c0, c1, table) for name, table in train_tables.items() if name != "M1"}
@@ -104,30 +85,16 @@ def seed_metrics(run_dir: Path, seed: int, baselines: Sequence[str]) -> dict:
     item_comparisons = {f"M2 vs {name}": M.knowledge_difference(c2, table)
                         for name, table in train_tables.items() if name != "M2"}
 
-    stage_dirs = {"stage1": sd / "stage1", "stage2": sd / "stage2",
-                  **{f"baseline {b}": sd / f"baseline-{b}" for b in baselines}}
-    selection = {}
-    for stage, d in stage_dirs.items():
-        sel = d / "data" / "selection.json"
-        if sel.exists():
-            for part, n in json.loads(sel.read_text(encoding="utf-8")).items():
-                selection[f"{stage}: {part}"] = n
-    costs = {"steps": {}, "probe": {}, "train": {}}
-    for marker in sorted((run_dir / "state").glob(f"seed{seed}.*.json")):
-        state = json.loads(marker.read_text(encoding="utf-8"))
-        step = state["step"].split(".", 1)[1]
-        costs["steps"][step] = state["wall_s"]
-        if step.startswith("probe_") and "answers_per_s" in state["summary"]:
-            costs["probe"][step[len("probe_"):]] = state["summary"]
-    for stage, d in stage_dirs.items():
-        if (c := _train_costs(d / "train")) is not None:
-            costs["train"][stage] = c
-
-    return {
+    stages = record.stages["stages"]
+    selection = {f"{stage}: {part}": n for stage, s in stages.items() for part, n in s["sizes"].items()}
+    costs = {**record.stages["costs"], "train": {stage: s["costs"] for stage, s in stages.items() if s["costs"]}}
+    training = {stage: {k: s[k] for k in ("steps", "exported_step", "best_dev_accuracy", "skipped")}
+                for stage, s in stages.items()}
+    out = {
         "categories": {"M0 train": M.category_counts(c0), "M1 train": M.category_counts(c1),
                        "M2 train": M.category_counts(c2), "M0 test": M.category_counts(test_c0),
                        **{f"{b} train": M.category_counts(table) for b, table in probed.items()}},
-        "per_relation": {rel: r["fractions"] for rel, r in relations.items()},
+        "per_relation": per_relation_fractions(c0, record.relations),
         "transitions": {"C0 -> C1": M.transition_matrix(c0, c1), "C1 -> C2": M.transition_matrix(c1, c2),
                         "C0 -> C2": M.transition_matrix(c0, c2)},
         "knowledge_acquired": acquired,
@@ -136,10 +103,15 @@ def seed_metrics(run_dir: Path, seed: int, baselines: Sequence[str]) -> dict:
         "test_accuracy": {name: M.accuracy_by_category(c, test_c0) for name, c in correct.items()},
         "comparisons": comparisons,
         "item_comparisons": item_comparisons,
-        "fit_speed": {stage: _fit_speed(d / "train") for stage, d in stage_dirs.items()},
+        "fit_speed": {stage: s["fit_speed"] for stage, s in stages.items()},
         "selection": selection,
+        "training": training,
         "costs": costs,
     }
+    if (reprobe := record.table(REPROBE)) is not None:
+        rule = record.stages["upgrade_rule"]
+        out["noise_floor"] = M.noise_floor(c0, reprobe, train_tables, rule["from"], rule["to"])
+    return out
 
 
 def _lookup(tree: dict, path: Sequence[str]):
@@ -159,7 +131,8 @@ def headline_value(seed: dict, key: str, model: str):
              "vs_M2_knowledge": ("item_comparisons", f"M2 vs {model}", "difference"),
              "vs_M2_test": ("comparisons", test_comparison, "difference"),
              "acquired_gain": ("knowledge_acquired", model, "acquired_gain"),
-             "retained_ratio": ("knowledge_acquired", model, "retained_ratio")}
+             "retained_ratio": ("knowledge_acquired", model, "retained_ratio"),
+             "upgraded_above_floor": ("noise_floor", "models", model, "upgraded_above_floor")}
     return _lookup(seed, paths[key])
 
 
@@ -180,6 +153,10 @@ def aggregate_metrics(per_seed: dict[str, dict], models: Sequence[str]) -> tuple
         for key, (_, name) in HEADLINE.items():
             if stats[model][key] is not None:
                 aggregate[name.format(m=model)] = stats[model][key]
+    for key, name in FLOOR_AGGREGATE.items():
+        stat = M.mean_over_seeds([_lookup(m, ("noise_floor", "reprobe", key)) for m in per_seed.values()])
+        if stat["seeds"]:
+            aggregate[name] = stat
     table = [{"model": model, **stats[model]} for model in models if model != "M0"]
     return aggregate, table
 
@@ -195,14 +172,14 @@ def probe_dtype(run_dir: Path) -> str | None:
     return ", ".join(resolved) + ("" if requested == resolved else f" (requested {', '.join(requested)})")
 
 
-def collect_metrics(run_dir: str | Path, seeds: Sequence[int],
-                    baselines: Sequence[str] | Mapping[int, Sequence[str]] = (),
-                    run_info: dict | None = None) -> dict:
-    """metrics.json's content (json_safe: no NaN). `baselines`: the same names for every seed, or
-    a mapping seed -> names."""
+def collect_metrics(run_dir: str | Path, seeds: Sequence[int], run_info: dict | None = None) -> dict:
+    """metrics.json's content (json_safe: no NaN) from the per-item files of `seeds` (provenance.py);
+    `run_info`: the run's settings, completed from the run directory where it has them (the data
+    step's item counts, the dtype the probes resolved)."""
     run_dir = Path(run_dir)
-    per_seed = {str(s): seed_metrics(run_dir, s, baselines_of_seed(baselines, s)) for s in seeds}
-    all_baselines = list(dict.fromkeys(b for s in seeds for b in baselines_of_seed(baselines, s)))
+    records = {s: read_seed(run_dir / f"seed-{s}") for s in seeds}
+    per_seed = {str(s): seed_metrics(record) for s, record in records.items()}
+    all_baselines = list(dict.fromkeys(b for r in records.values() for b in r.stages["baselines"]))
     aggregate, table = aggregate_metrics(per_seed, [*MAIN_MODELS, *all_baselines])
     data_state = _state(run_dir, "data")
     info = dict(run_info or {})
@@ -212,3 +189,26 @@ def collect_metrics(run_dir: str | Path, seeds: Sequence[int],
         info["probe dtype"] = dtype
     return json_safe({"run": info, "intervals": INTERVALS, "seeds": per_seed, "aggregate": aggregate,
                       "aggregate_table": table})
+
+
+def run_seeds(run_dir: Path) -> list[int]:
+    """The seeds of a run directory whose provenance is written, in the order of its config.json's
+    `seeds` (seed directories it does not list follow, sorted)."""
+    config = run_dir / "config.json"
+    listed = json.loads(config.read_text(encoding="utf-8")).get("seeds", []) if config.exists() else []
+    found = sorted(int(d.name.split("-", 1)[1]) for d in run_dir.glob("seed-*") if has_provenance(d))
+    return [s for s in listed if s in found] + [s for s in found if s not in listed]
+
+
+def recollect(run_dir: str | Path) -> dict:
+    """metrics.json recomputed from the per-item files of every seed (`gradual report`): the run's
+    settings are kept from the metrics.json there, its seeds are the ones found."""
+    run_dir = Path(run_dir)
+    seeds = run_seeds(run_dir)
+    if not seeds:
+        raise FileNotFoundError(f"{run_dir}: no seed-<s>/{ITEMS_FILE} with {STAGES_FILE}")
+    old = run_dir / "metrics.json"
+    info = json.loads(old.read_text(encoding="utf-8")).get("run", {}) if old.exists() else {}
+    if "seeds" in info:
+        info["seeds"] = seeds
+    return collect_metrics(run_dir, seeds, run_info=info)

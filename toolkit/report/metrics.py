@@ -66,6 +66,29 @@ def forgetting(base: Categories, after: Categories) -> dict:
             "fraction": dropped / len(known) if known else None, "dropped_to": dropped_to}
 
 
+def upgraded(base: Categories, after: Categories, from_: Sequence[str], to: Sequence[str]) -> list[str]:
+    """Items in a `from_` category under the base model and a `to` category after (stage 2's rule)."""
+    return sorted(i for i, c in base.items() if c in from_ and after.get(i) in to)
+
+
+def noise_floor(base: Categories, reprobe: Categories, models: Mapping[str, Categories],
+                from_: Sequence[str], to: Sequence[str]) -> dict:
+    """What re-probing alone moves: the base model probed again under another probe seed (`reprobe`)
+    "upgrades" and "forgets" items with no training at all. Each model's upgrades (by stage 2's rule)
+    and forgetting are set beside that floor; above_floor = the model's count minus the floor's."""
+    def moves(table: Categories) -> dict:
+        return {"upgraded": len(upgraded(base, table, from_, to)), "forgotten": forgetting(base, table)["dropped"]}
+
+    floor = {**moves(reprobe), "changed": sum(reprobe.get(i) != c for i, c in base.items()), "items": len(base),
+             "transitions": transition_matrix(base, reprobe)}
+    per_model = {}
+    for name, table in models.items():
+        m = moves(table)
+        per_model[name] = {**m, "upgraded_above_floor": m["upgraded"] - floor["upgraded"],
+                           "forgotten_above_floor": m["forgotten"] - floor["forgotten"]}
+    return {"reprobe": floor, "models": per_model}
+
+
 def bootstrap_ci(values: Sequence[float], resamples: int = 1000, seed: int = 0,
                  level: float = 0.95) -> tuple[float | None, float | None]:
     """Percentile bootstrap interval of the mean (None, None for no values)."""

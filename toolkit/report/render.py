@@ -29,6 +29,11 @@ Per seed:
                     indicator on the same train items, paired bootstrap over items
   fit_speed         {stage: [{epoch, accuracy_by_category}]}   train exact match per epoch
   selection         {set name: size}
+  training          {stage: {steps, exported_step, best_dev_accuracy, skipped}}   exported_step: the
+                    optimizer step whose weights the stage exported (its best dev step)
+  noise_floor       (runs with noise_floor on) {"reprobe": {upgraded, forgotten, changed, items,
+                    transitions}, "models": {model: {upgraded, forgotten, upgraded_above_floor,
+                    forgotten_above_floor}}}   M0 re-probed under another probe seed (metrics.noise_floor)
   costs             {"steps": {step: seconds}, "probe": {name: {...}}, "train": {name: {...}}}
 
 aggregate_table has one row per model (M1, M2, then the baselines in the order they first ran);
@@ -42,6 +47,7 @@ forgetting):
   vs_M2_test        M2 minus this model: test accuracy (comparisons)
   acquired_gain     (HK - HK(M0)) / (HK(M1) - HK(M0)) - 1 (knowledge_acquired; absent in older files)
   retained_ratio    HK / HK(M1) - 1 (knowledge_acquired; absent in older files)
+  upgraded_above_floor  the model's upgraded train items minus the noise floor's (null without it)
 With one seed low and high are null (no t interval): the report prints "n/a (1 seed)". `aggregate`
 holds the same numbers under readable names ("test accuracy M2", "M2 minus natural: test accuracy")
 (older files: plus the mean relative gain of M2 over M1, today's retained ratio). Older metrics.json
@@ -103,6 +109,14 @@ def _signed_mean_cell(stat: dict | None) -> str:
     if missing(stat.get("low")) or missing(stat.get("high")):
         return f"{pct(stat['mean'], True)} [{_interval(stat)}]"
     return f"{pct(stat['mean'], True)} [{pct(stat['low'], True)}, {pct(stat['high'], True)}]"
+
+
+def _count_cell(stat: dict | None) -> str:
+    """A mean over seeds of a signed count of items (upgrades above the noise floor)."""
+    if stat is None:
+        return "n/a"
+    interval = _interval(stat, lambda x: f"{x:+.1f}")
+    return f"{stat['mean']:+.1f} {interval if interval.startswith('[') else f'[{interval}]'}"
 
 
 def _acc_cell(acc: dict) -> str:
@@ -186,6 +200,8 @@ def _seed_sections(seed: str, m: dict, fig_dir: Path, proportion_interval: str) 
         lines += _table(["comparison", "difference", "interval", "significant", "items"],
                         [[name, pct(d["difference"]), _interval(d), _significant(d), d["n"]]
                          for name, d in m["item_comparisons"].items()])
+    if m.get("noise_floor"):
+        lines += _noise_floor(m["noise_floor"])
     if m.get("forgetting"):
         lines += ["### Forgetting (base-model HighlyKnown items that dropped a category)", ""]
         lines += _table(["model", "base HighlyKnown", "dropped", "fraction"],
@@ -196,6 +212,11 @@ def _seed_sections(seed: str, m: dict, fig_dir: Path, proportion_interval: str) 
         lines += _fit_speed_table(stage, points)
     if m.get("selection"):
         lines += ["### Training sets", ""] + _table(["set", "items"], list(m["selection"].items()))
+    if m.get("training"):
+        lines += ["### Stages trained (the exported model is the best dev step's)", ""]
+        lines += _table(["stage", "optimizer steps", "exported step", "best dev accuracy"],
+                        [[stage, t["steps"], "–" if t["exported_step"] is None else t["exported_step"],
+                          pct(t["best_dev_accuracy"])] for stage, t in m["training"].items() if not t["skipped"]])
     costs = m.get("costs", {})
     if costs:
         lines += ["### Costs", ""]
@@ -210,6 +231,17 @@ def _seed_sections(seed: str, m: dict, fig_dir: Path, proportion_interval: str) 
                             [[n, f"{t['tokens_per_s']:.1f}", t["steps"], f"{t['wall_s']:.1f}"]
                              for n, t in costs["train"].items()])
     return lines, figures
+
+
+def _noise_floor(floor: dict) -> list[str]:
+    r = floor["reprobe"]
+    lines = ["### Probe-noise floor (the base model M0 probed again under another probe seed)", "",
+             f"With no training at all, re-probing changed the category of {r['changed']} of {r['items']} train "
+             f"items: {r['upgraded']} \"upgraded\" by stage 2's rule and {r['forgotten']} base HighlyKnown items "
+             "\"forgotten\". Each model's counts beside that floor:", ""]
+    return lines + _table(["model", "upgraded", "above the floor", "forgotten", "above the floor"],
+                          [[model, m["upgraded"], f"{m['upgraded_above_floor']:+d}", m["forgotten"],
+                            f"{m['forgotten_above_floor']:+d}"] for model, m in floor["models"].items()])
 
 
 def _fit_speed_table(stage: str, points: list[dict]) -> list[str]:
@@ -238,6 +270,11 @@ def _headline(table: list[dict]) -> list[str]:
     has_acquired = any(row.get("acquired_gain") for row in table)  # older metrics.json files: absent
     if has_acquired:
         lines += [PAPER_COMPARISON, ""]
+    has_floor = any(row.get("upgraded_above_floor") for row in table)  # runs with noise_floor on
+    if has_floor:
+        lines += ["Upgraded above the noise floor: items Weakly/Unknown under M0 that the model has MaybeKnown "
+                  "or better (stage 2's rule), minus the items re-probing M0 alone under another probe seed "
+                  "\"upgrades\" (items per seed).", ""]
     rows = []
     for row in table:
         stats = [row[k] for k in ("knowledge_gain", "test_accuracy", "forgetting", "vs_M2_knowledge", "vs_M2_test")]
@@ -246,10 +283,12 @@ def _headline(table: list[dict]) -> list[str]:
                                                          _mean_cell(row["vs_M2_test"]), _significant(row["vs_M2_test"])]
         seeds = max((s["seeds"] for s in stats if s), default=0)
         acquired = [_signed_mean_cell(row.get(k)) for k in ("acquired_gain", "retained_ratio")] if has_acquired else []
+        floor = [_count_cell(row.get("upgraded_above_floor"))] if has_floor else []
         rows.append([_MODEL_LABELS.get(row["model"], row["model"]), *(_mean_cell(s) for s in stats[:3]),
-                     *acquired, *versus, seeds])
+                     *acquired, *floor, *versus, seeds])
     return lines + _table(["model", "knowledge gain vs M1", "test accuracy", "forgetting",
                            *(["acquired gain", "retained ratio"] if has_acquired else []),
+                           *(["upgraded above the noise floor"] if has_floor else []),
                            "M2 − model: knowledge", "significant", "M2 − model: test", "significant", "seeds"], rows)
 
 
