@@ -67,7 +67,7 @@ def parse_args(argv, prog=None):
     p.add_argument("--ray-model", help="model of the Ray section (default: the first of --models)")
     p.add_argument("--shard-size", type=int, help="questions per Ray shard")
     p.add_argument("--dtype", help="float32 / bfloat16 (default: bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--probe-items", type=int, help="the probe's own loop on this many items: lazy vs full sampling "
+    p.add_argument("--probe-items", type=int, help="the probe's own loop on this many items: full vs lazy sampling (one pass, two phases) "
                    "per dtype, and vLLM when it is among --engines (0: skip)")
     p.add_argument("--probe-dtypes", nargs="*", help="dtypes of the probe-loop section (e.g. float32 bfloat16)")
     p.add_argument("--threads", type=int, help="torch CPU threads (1 is steadier on a busy machine)")

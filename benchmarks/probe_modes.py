@@ -1,8 +1,8 @@
 """The probe's own choices, measured as a probe runs them (toolkit.probe.slick.probe_items on real
-items, real stopping): lazy vs full sampling, bf16 vs fp32, for the own engine and for vLLM, all on
-the same items in one run.
+items, real stopping): lazy vs full sampling, bf16 vs fp32, for the own engine (full, lazy in one pass,
+lazy in two phases) and for vLLM (full, lazy: always two phases), all on the same items in one run.
 
-Per row: wall time, answers generated, questions/s; against full sampling of the same engine and dtype,
+Per row: wall time, answers generated, questions/s and answers/s; against full sampling of the same engine and dtype,
 the answers saved and whether the categories are identical; against the own engine's fp32 full
 sampling, the speed-up and how many greedy answers and categories agree (bf16 and another engine
 change some) and the largest difference in a category's count. vLLM's start-up is reported apart."""
@@ -15,6 +15,9 @@ import common
 
 from toolkit.probe.slick import CATEGORIES
 
+OWN_MODES = ("full", "one_pass", "two_phase")  # the own engine: full sampling, lazy in one pass or two phases
+VLLM_MODES = ("full", "two_phase")  # vLLM's lazy probing is two-phase
+
 
 def bench_probe_modes(source: str, items: list, pool, args) -> dict | None:
     if not args.probe_items or not args.probe_dtypes:
@@ -26,8 +29,8 @@ def bench_probe_modes(source: str, items: list, pool, args) -> dict | None:
     rows, loaded = [], {}
     for dtype in args.probe_dtypes:
         model, tokenizer = load_model(ModelSpec(source=source, tokenizer=args.tokenizer, dtype=dtype))
-        for mode in ("full", "lazy"):
-            cfg = probe_config(args, full_sampling=mode == "full")
+        for mode in OWN_MODES:
+            cfg = probe_config(args, mode)
             rows.append(probe_row(FastEngine(model, tokenizer, cfg, max_batch_prompts=args.batch_prompts),
                                   "toolkit", dtype, mode, items, pool, cfg))
         if "vllm" in args.engines:
@@ -36,20 +39,22 @@ def bench_probe_modes(source: str, items: list, pool, args) -> dict | None:
             del model
     # vLLM after every own-engine row: its CPU backend sets the process's threading when it starts
     for dtype, (model, tokenizer) in loaded.items():
-        engine = common.start_vllm(model, tokenizer, probe_config(args, full_sampling=True))
-        for mode in ("full", "lazy"):  # lazy: greedy answers first, then samples of the unsettled items
-            cfg = probe_config(args, full_sampling=mode == "full")
+        engine = common.start_vllm(model, tokenizer, probe_config(args, "full"))
+        for mode in VLLM_MODES:  # lazy: greedy answers first, then samples of the unsettled items
+            cfg = probe_config(args, mode)
             rows.append(probe_row(engine, "vllm", dtype, mode, items, pool, cfg))
         engine.close()  # its memory and processes, before the next engine
         common.free_memory()
     return dict(model=source, samples=args.samples, exemplar_sets=args.exemplar_sets, runs=compare(rows))
 
 
-def probe_config(args, full_sampling: bool):
+def probe_config(args, mode: str):
+    """The probe settings of a row: `mode` full, or lazy in one pass / two phases (vLLM's lazy: two phases)."""
     from toolkit.probe.types import ProbeConfig
 
     return ProbeConfig(num_exemplar_sets=args.exemplar_sets, shots=args.shots, samples=args.samples,
-                       max_new_tokens=args.max_new_tokens, full_sampling=full_sampling)
+                       max_new_tokens=args.max_new_tokens, full_sampling=mode == "full",
+                       lazy="one_pass" if mode == "one_pass" else "two_phase")
 
 
 def probe_row(engine, name: str, dtype: str, mode: str, items: list, pool, cfg) -> dict:
@@ -66,7 +71,9 @@ def probe_row(engine, name: str, dtype: str, mode: str, items: list, pool, cfg) 
     # rows dropped as settled: answers lazy probing stopped part-way (the work it saved)
     return dict(engine=name, dtype=dtype, sampling=mode, items=len(items), answers=answers, seconds=seconds,
                 start_s=getattr(engine, "start_s", None), settled_rows=stats.get("settled_rows", 0),
-                decode_rows=stats.get("decode_rows", 0), questions_per_s=len(items) / seconds,
+                decode_rows=stats.get("decode_rows", 0), prefills=stats.get("prefills"),
+                prefilled_prompts=stats.get("prefilled_prompts"), phase2_rows=stats.get("phase2_rows"),
+                questions_per_s=len(items) / seconds,
                 answers_per_s=answers / seconds, counts=dict(Counter(r["category"] for r in result)),
                 categories=[r["category"] for r in result],
                 greedy=[g for r in result for g in r["greedy_answers"]])

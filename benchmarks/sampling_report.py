@@ -69,12 +69,14 @@ def report(payload: dict, path: Path) -> None:
         parts.append(f"Lazy/full section failed: {modes['error']}")
     elif modes:
         parts.append(f"The probe's own loop on the same items ({modes['model']}, N_ex={modes['exemplar_sets']}, "
-                     f"n={modes['samples']}): engines, lazy vs full sampling, bf16 vs fp32; compared with the "
+                     f"n={modes['samples']}): engines, full sampling vs lazy (one pass, two phases), bf16 vs fp32; compared "
+                     "with the "
                      "toolkit engine's fp32 full sampling:\n\n"
                      + common.table(modes["runs"], [
                          ("engine", "engine"), ("dtype", "dtype"), ("sampling", "sampling"), ("items", "items"),
                          ("answers", "answers"), ("answers_saved", "saved vs full"), ("settled_rows", "rows settled"),
-                         ("questions_per_s", "questions/s"), ("x_fp32_full", "x fp32 full"),
+                         ("phase2_rows", "phase-2 rows"), ("questions_per_s", "questions/s"),
+                         ("answers_per_s", "answers/s"), ("x_fp32_full", "x fp32 full"),
                          ("categories_equal_to_full", "categories = full"),
                          ("greedy_agreement_vs_fp32", "greedy = fp32"),
                          ("category_agreement_vs_fp32", "categories = fp32"),

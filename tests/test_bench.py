@@ -49,8 +49,17 @@ def test_sampling_smoke_through_the_cli(tmp_path, capsys):
     assert rows["no-fanout"]["same_answers_as_toolkit"] and rows["no-bucketing"]["same_answers_as_toolkit"]
     assert result["extrapolation"][0]["hours_8"] == pytest.approx(result["extrapolation"][0]["hours_1"] / 8)
     modes = {r["sampling"]: r for r in result["probe_modes"]["runs"]}  # lazy vs full, the probe's own loop
-    assert set(modes) == {"full", "lazy"} and modes["full"]["answers"] == 3 * 1 * 3
-    assert modes["lazy"]["categories_equal_to_full"] and modes["lazy"]["answers"] <= modes["full"]["answers"]
+    assert set(modes) == {"full", "one_pass", "two_phase"} and modes["full"]["answers"] == 3 * 1 * 3
+    for lazy in (modes["one_pass"], modes["two_phase"]):
+        assert lazy["categories_equal_to_full"] and lazy["answers"] <= modes["full"]["answers"]
+        assert lazy["answers_saved"] == pytest.approx(1 - lazy["answers"] / modes["full"]["answers"])
+        assert lazy["prefilled_prompts"] == modes["full"]["prefilled_prompts"] == 3  # each prompt prefilled once
+    # phase 2: the 2 samples of each prompt whose greedy answer was wrong (N_ex 1: not HighlyKnown)
+    unsettled = 3 - modes["full"]["counts"].get("HighlyKnown", 0)
+    assert modes["one_pass"]["phase2_rows"] == 0 and modes["two_phase"]["phase2_rows"] == 2 * unsettled
+    for r in modes.values():
+        assert r["questions_per_s"] == pytest.approx(r["items"] / r["seconds"])
+        assert r["answers_per_s"] == pytest.approx(r["answers"] / r["seconds"])
     assert modes["full"]["answers_saved"] == 0 and modes["full"]["greedy_agreement_vs_fp32"] == 1
     out = capsys.readouterr().out
     assert "| toolkit" in out and "The probe's own loop" in out

@@ -144,7 +144,8 @@ def test_the_sampling_benchmark_measures_vllm_beside_the_own_engine(tmp_path, ca
     assert 0 < rows["vllm"]["start_s"] < elapsed  # the engine's start, within the command's run
     assert rows["vllm"]["greedy_agreement_vs_generate"] >= 2 / 3  # fp32 both: the same greedy answers, bar ties
     loop = {(r["engine"], r["sampling"]): r for r in result["probe_modes"]["runs"]}
-    assert set(loop) == {("toolkit", "full"), ("toolkit", "lazy"), ("vllm", "full"), ("vllm", "lazy")}
+    assert set(loop) == {("toolkit", "full"), ("toolkit", "one_pass"), ("toolkit", "two_phase"), ("vllm", "full"),
+                         ("vllm", "two_phase")}
     vllm, own = loop["vllm", "full"], loop["toolkit", "full"]
     assert vllm["answers"] == 4 * 4 and 0 < vllm["start_s"] < elapsed
     # One prompt per item (smoke: N_ex 1), fp32 both: the greedy answers agree (bar ties), and an item's
@@ -156,7 +157,7 @@ def test_the_sampling_benchmark_measures_vllm_beside_the_own_engine(tmp_path, ca
     assert abs(highly[0] - highly[1]) <= differing and vllm["counts"].get("MaybeKnown", 0) == 0
     assert vllm["max_count_difference_vs_fp32"] == max(abs(vllm["counts"].get(c, 0) - own["counts"].get(c, 0))
                                                       for c in ("HighlyKnown", "MaybeKnown", "WeaklyKnown", "Unknown"))
-    assert loop["vllm", "lazy"]["categories_equal_to_full"]
+    assert loop["vllm", "two_phase"]["categories_equal_to_full"]
     assert result["vllm_note"] is None and "| vllm" in capsys.readouterr().out
 
 
