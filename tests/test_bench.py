@@ -175,3 +175,32 @@ def test_train_smoke_zero0_and_zero1_on_one_rank(tmp_path):
         assert 0 < parts["forward"] < 1000 * v["step_s"]
     assert variants["zero0"]["x_zero0"] == 1
     assert len(result["memory_table"]) == 6
+
+
+def test_probe_loop_rows_are_compared_with_full_sampling_and_the_fp32_reference(monkeypatch):
+    """benchmarks/probe_modes.compare on made-up rows: answers saved against the same engine and dtype's
+    full sampling, agreement and the largest category-count difference against the own engine's fp32."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))  # modules import by name
+    from probe_modes import compare
+
+    def row(engine, dtype, sampling, answers, seconds, greedy, categories):
+        counts = {c: categories.count(c) for c in set(categories)}
+        return dict(engine=engine, dtype=dtype, sampling=sampling, answers=answers, seconds=seconds,
+                    greedy=greedy, categories=categories, counts=counts)
+
+    H, M, U = "HighlyKnown", "MaybeKnown", "Unknown"
+    rows = compare([
+        row("toolkit", "float32", "full", 100, 10.0, ["a", "b", "c", "d"], [H, H, M, U]),
+        row("toolkit", "float32", "lazy", 60, 5.0, ["a", "b", "c", "d"], [H, H, M, U]),
+        row("vllm", "bfloat16", "full", 100, 8.0, ["a", "x", "c", "y"], [H, M, U, U]),
+        row("vllm", "bfloat16", "lazy", 75, 4.0, ["a", "x", "c", "y"], [H, M, U, M]),
+    ])
+    own_lazy, vllm_full, vllm_lazy = rows[1], rows[2], rows[3]
+    assert own_lazy["answers_saved"] == pytest.approx(0.4) and own_lazy["categories_equal_to_full"]
+    assert own_lazy["x_fp32_full"] == 2.0 and own_lazy["max_count_difference_vs_fp32"] == 0
+    assert vllm_lazy["answers_saved"] == pytest.approx(0.25) and not vllm_lazy["categories_equal_to_full"]
+    assert vllm_full["greedy_agreement_vs_fp32"] == 0.5 and vllm_full["category_agreement_vs_fp32"] == 0.5
+    # counts H 1 / M 1 / U 2 against H 2 / M 1 / U 1: the largest difference is 1, their sum 2
+    assert vllm_full["max_count_difference_vs_fp32"] == 1
+    assert vllm_lazy["max_count_difference_vs_fp32"] == 1  # H 1 / M 2 / U 1
+    assert "greedy" not in vllm_full and "categories" not in vllm_full

@@ -330,6 +330,10 @@ def test_padded_rows_give_the_answers_of_unpadded_ones(stoppy_lm):
     batch_rows = 3 * 7
     assert {c for c in padded_counts if c != batch_rows} <= {1, 2, 4, 8, 16}
     assert any(c & (c - 1) for c in plain_counts if c != batch_rows)  # unpadded: counts such as 3, 5, 11
+    # step by step: unpadded, every step compacts to its live rows; padded, to the next power of two
+    # at most (graph_rows): never a row more than that
+    assert len(padded_counts) == len(plain_counts)
+    assert all(live <= rows < 2 * live for live, rows in zip(plain_counts, padded_counts)), (plain_counts, padded_counts)
     assert padded_stats["compactions"] > 0 and padded_stats["decode_rows"] > plain_stats["decode_rows"]
 
 
@@ -521,6 +525,49 @@ def test_out_of_memory_retry_of_a_two_phase_batch_gives_the_answers_of_smaller_b
     assert lazy == halves.generate(requests, settled=settled)
     for stat in ("settled_rows", "phase2_rows", "batches", "prefills", "decode_rows", "prefill_tokens"):
         assert engine.last_stats[stat] == halves.last_stats[stat], stat
+
+
+# ------------------------------------------------------------------ shared prefixes (per-relation exemplar sets)
+
+
+def test_a_shared_prefix_prefilled_once_gives_the_answers_of_whole_prompt_prefills(tiny_lm):
+    """Per-relation exemplar sets: a relation's prompts start with one of N_ex exemplar blocks. Its KV
+    computed once per batch, each prompt's suffix prefilled on top, gives (fp32, CPU) the answers of
+    prefilling every prompt whole: full sampling and two-phase lazy probing, a prompt whose set had an
+    exemplar swapped (a dev question probed itself: no shared prefix) and prompts without one alike."""
+    from toolkit.data.prompts import ExemplarPool
+    from toolkit.probe.slick import build_requests
+
+    model, tokenizer = tiny_lm
+    items = tiny.synthetic_items(per_relation=12)
+    pool = ExemplarPool([it for it in items if it.split == "dev"])
+    cfg = ProbeConfig(num_exemplar_sets=2, shots=2, samples=4, max_new_tokens=6, exemplars="per_relation",
+                      lazy="two_phase")
+    probed = [it for it in items if it.split in ("train", "dev")]
+    requests = [r for it in probed for r in build_requests(it, pool, cfg)] + tiny_requests(3)
+    assert len({r.prefix for r in requests if r.prefix}) > 6  # 3 relations x 2 sets, and swapped sets
+    whole, reused = (FastEngine(model, tokenizer, cfg, max_batch_prompts=8, reuse_prefix_kv=flag)
+                     for flag in (False, True))
+    assert reused.generate(requests) == whole.generate(requests)
+    stats, plain = reused.last_stats, whole.last_stats
+    assert plain["prefix_tokens_reused"] == 0 and stats["prefix_tokens_reused"] > 0
+    assert stats["prefill_tokens"] + stats["prefix_tokens_reused"] == plain["prefill_tokens"]
+    assert stats["prefilled_prompts"] == plain["prefilled_prompts"] == len(requests)
+    settled = settle_after_greedy({r.question_id for r in requests[::4]}, set(), prompts=2)
+    assert reused.generate(requests[:-3], settled=settled) == whole.generate(requests[:-3], settled=settled)
+    assert reused.last_stats["phase2_rows"] > 0 and reused.last_stats["prefix_tokens_reused"] > 0
+
+
+def test_shared_prefix_lengths_stop_where_the_tokens_differ_and_need_a_second_user():
+    from toolkit.probe.prefill import shared_prefix_lengths
+
+    prompts = [[1, 2, 3, 4], [1, 2, 3, 5, 6], [1, 2, 9, 9], [7, 8], [1, 2, 3]]
+    prefixes = [[1, 2, 3], [1, 2, 3], [1, 2, 3], None, [1, 2, 3]]
+    # the third prompt's tokens part from its prefix's at 9 (a merge across the boundary): [1, 2]; the
+    # last prompt IS its prefix: all but its last token, [1, 2] too: the two share that shorter prefix
+    assert shared_prefix_lengths(prompts, prefixes) == [3, 3, 2, 0, 2]
+    assert shared_prefix_lengths(prompts[:4], prefixes[:4]) == [3, 3, 0, 0]  # [1, 2]: no other user
+    assert shared_prefix_lengths(prompts[:1] + prompts[4:], [[1, 2, 3], [1, 2, 3]]) == [0, 0]  # 3 vs 2 tokens
 
 
 # ------------------------------------------------------------------ the work done
