@@ -142,3 +142,19 @@ def test_doctor_says_what_dtype_auto_becomes_here():
     flags = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").exists() else set()
     native = bool(flags & {"avx512_bf16", "amx_bf16"})
     assert (report["probe_dtype"], report["train_dtype"]) == ("bfloat16" if native else "float32", "float32")
+
+
+def test_device_description_names_the_cpu_and_what_decides_its_dtype():
+    """metrics.json's "device": the CPU's name, its cores and its bf16 instructions (the flags
+    `dtype auto` reads: models.cpu_bf16_flags), or the GPUs by name and count."""
+    from toolkit.doctor import cpu_description, device_description
+
+    amx = "processor : 0\nmodel name : Intel(R) Xeon(R) Platinum 8480+\nflags : fpu avx2 avx512_bf16 amx_bf16\n"
+    avx2 = "processor : 0\nmodel name : AMD EPYC 7B12\nflags : fpu avx2\n"
+    zen4 = "model name : AMD EPYC 9B14\nflags : avx2 avx512_bf16\n"
+    assert device_description([], amx, 8) == "CPU: Intel(R) Xeon(R) Platinum 8480+ (8 cores; bf16: avx512_bf16, amx_bf16)"
+    assert cpu_description(avx2, 2) == "AMD EPYC 7B12 (2 cores; no native bf16)"
+    assert cpu_description(zen4, 2) == "AMD EPYC 9B14 (2 cores; bf16: avx512_bf16, no AMX)"
+    assert device_description(["NVIDIA H100 80GB HBM3"] * 8) == "GPU: NVIDIA H100 80GB HBM3 x8"
+    assert device_description(["A", "B", "A"]) == "GPU: A x2, B x1"
+    assert device_description().startswith(("CPU: ", "GPU: "))  # this machine

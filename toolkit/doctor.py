@@ -85,6 +85,40 @@ def vllm_report(installed=_version, importable: bool | None = None) -> str:
     return f"not installed (optional, for --engine vllm: {INSTALL_HINT})"
 
 
+def cpu_description(cpuinfo: str | None = None, cores: int | None = None) -> str:
+    """This machine's CPU in one phrase, with what decides `dtype auto` on it (models.cpu_bf16_flags),
+    e.g. "AMD EPYC (2 cores; bf16: avx512_bf16, no AMX)". `cpuinfo`, `cores`: another CPU described."""
+    from toolkit import models
+
+    cpuinfo = models.read_cpuinfo() if cpuinfo is None else cpuinfo
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo.splitlines()
+             if line.split(":", 1)[0].strip() in ("model name", "Model", "cpu model") and ":" in line]
+    name = names[0] if names else (platform.processor() or platform.machine() or "unknown CPU")
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 0)
+    flags = models.cpu_bf16_flags(cpuinfo)
+    if not flags:
+        bf16 = "no native bf16"
+    else:
+        bf16 = "bf16: " + ", ".join(flags) + ("" if "amx_bf16" in flags else ", no AMX")
+    return f"{name} ({cores} cores; {bf16})"
+
+
+def device_description(gpu_names: list[str] | None = None, cpuinfo: str | None = None, cores: int | None = None) -> str:
+    """Where a run computed, for metrics.json and the report: "GPU: NVIDIA H100 80GB HBM3 x8" (the GPUs
+    this process sees, by name), else "CPU: " + cpu_description(). `gpu_names`: GPUs described instead
+    of asked for (an empty list: none)."""
+    if gpu_names is None:
+        import torch
+
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        gpu_names = [torch.cuda.get_device_name(i) for i in range(count)]
+    if gpu_names:
+        kinds = {name: gpu_names.count(name) for name in dict.fromkeys(gpu_names)}
+        return "GPU: " + ", ".join(f"{name} x{n}" for name, n in kinds.items())
+    return "CPU: " + cpu_description(cpuinfo, cores)
+
+
 def environment_report(lock_path: Path | str | None = None) -> dict[str, str]:
     import torch
 
@@ -100,6 +134,7 @@ def environment_report(lock_path: Path | str | None = None) -> dict[str, str]:
         report["cuda_devices"] = f"{torch.cuda.device_count()} x {', '.join(names)}"
     else:
         report["cuda_devices"] = "none"
+    report["device"] = device_description()  # what a run's metrics.json records as its device
     device = models.default_device()
     report["attention_backend"] = models.choose_attention(device)
     # what dtype=auto becomes on this machine (models.resolve_dtype: each probe actor and rank decides on its own)

@@ -85,16 +85,29 @@ def choose_attention(device: str) -> str:
     return "sdpa"
 
 
+# x86 instructions that compute in bf16 natively (AVX512-BF16, AMX-BF16)
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def read_cpuinfo() -> str:
+    """/proc/cpuinfo's text ("" where there is none: not Linux)."""
+    try:
+        return Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
+
+
+def cpu_bf16_flags(cpuinfo: str | None = None) -> list[str]:
+    """The CPU_BF16_FLAGS this CPU (or the `cpuinfo` text) has, in that order."""
+    cpuinfo = read_cpuinfo() if cpuinfo is None else cpuinfo
+    flags = {flag for line in cpuinfo.splitlines() if line.startswith("flags") for flag in line.split()}
+    return [flag for flag in CPU_BF16_FLAGS if flag in flags]
+
+
 def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
     """True on x86 CPUs with bf16 instructions (AVX512-BF16 or AMX-BF16), where bf16 matmuls run at
     about twice the fp32 speed; elsewhere bf16 on CPU is emulated and slower."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            return False
-    flags = {flag for line in cpuinfo.splitlines() if line.startswith("flags") for flag in line.split()}
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    return bool(cpu_bf16_flags(cpuinfo))
 
 
 def bf16_native(capability_major: int) -> bool:

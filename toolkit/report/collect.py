@@ -175,7 +175,8 @@ def probe_dtype(run_dir: Path) -> str | None:
 def collect_metrics(run_dir: str | Path, seeds: Sequence[int], run_info: dict | None = None) -> dict:
     """metrics.json's content (json_safe: no NaN) from the per-item files of `seeds` (provenance.py);
     `run_info`: the run's settings, completed from the run directory where it has them (the data
-    step's item counts, the dtype the probes resolved)."""
+    step's item counts, the dtype the probes resolved) and with the device it ran on (this machine,
+    toolkit.doctor.device_description, unless `run_info` names one)."""
     run_dir = Path(run_dir)
     records = {s: read_seed(run_dir / f"seed-{s}") for s in seeds}
     per_seed = {str(s): seed_metrics(record) for s, record in records.items()}
@@ -187,6 +188,10 @@ def collect_metrics(run_dir: str | Path, seeds: Sequence[int], run_info: dict | 
         info["items (train/dev/test)"] = "/".join(str(data_state["summary"]["items"][s]) for s in ("train", "dev", "test"))
     if dtype := probe_dtype(run_dir):
         info["probe dtype"] = dtype
+    if "device" not in info:
+        from toolkit.doctor import device_description
+
+        info["device"] = device_description()
     return json_safe({"run": info, "intervals": INTERVALS, "seeds": per_seed, "aggregate": aggregate,
                       "aggregate_table": table})
 
@@ -209,6 +214,7 @@ def recollect(run_dir: str | Path) -> dict:
         raise FileNotFoundError(f"{run_dir}: no seed-<s>/{ITEMS_FILE} with {STAGES_FILE}")
     old = run_dir / "metrics.json"
     info = json.loads(old.read_text(encoding="utf-8")).get("run", {}) if old.exists() else {}
+    info.setdefault("device", "not recorded")  # not this machine's: the run may have computed elsewhere
     if "seeds" in info:
         info["seeds"] = seeds
     return collect_metrics(run_dir, seeds, run_info=info)
