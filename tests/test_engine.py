@@ -495,10 +495,10 @@ def test_two_phases_let_go_of_the_kept_prompt_kv_after_each_batch(stoppy_lm, mon
                         max_batch_prompts=3)
     kept, prefill = [], engine._prefill
 
-    def watched(prompts):
+    def watched(*args):
         gc.collect()
         assert [ref for ref in kept if ref() is not None] == [], "an earlier batch's prompt KV is still held"
-        prefilled = prefill(prompts)
+        prefilled = prefill(*args)
         kept.append(weakref.ref(prefilled.cache))
         return prefilled
 
@@ -609,11 +609,11 @@ def test_generate_uses_no_deprecated_transformers_api(stoppy_lm):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             engine.generate(tiny_requests(7))  # 3 batches, the last one smaller
-            compactions, cache = engine.last_stats["compactions"], engine._cache
+            compactions, cache = engine.last_stats["compactions"], engine.kv.cache
             engine.generate(tiny_requests(2))  # a later call reusing the cache with fewer rows
     finally:
         logging.getLogger("transformers").removeHandler(handler)
-    assert compactions > 0 and engine._cache is cache
+    assert compactions > 0 and engine.kv.cache is cache
     deprecated = [f"{w.category.__name__}: {w.message}" for w in caught
                   if issubclass(w.category, (FutureWarning, DeprecationWarning))]
     deprecated += [r.getMessage() for r in records if "deprecat" in r.getMessage().lower()]
@@ -680,7 +680,7 @@ def test_actors_sharing_a_gpu_budget_their_share_of_its_total_memory():
     assert [memory_share(g) for g in (0, 0.25, 0.5, 1, 4)] == [1.0, 0.25, 0.5, 1.0, 1.0]
     for shape, weights, share in (("llama-3-8b", 8_030_261_248 * 2, 0.5), ("llama-3.2-1b", 1_235_814_400 * 2, 0.25)):
         config = LlamaConfig(**RANDOM_SHAPES[shape])
-        # a ~96-token prompt + 16 new tokens: the cache holds 128 positions, as _load_cache allocates it
+        # a ~96-token prompt + 16 new tokens: the cache holds 128 positions, as DecodeCache.load allocates it
         row = kv_bytes_per_row(config, length=cache_length(112), dtype_bytes=2)
         kv_heads, layers, head_dim = config.num_key_value_heads, config.num_hidden_layers, config.head_dim
         assert row == 2 * layers * kv_heads * head_dim * 128 * 2 + 8 * config.vocab_size  # K and V + fp32 logits

@@ -26,19 +26,17 @@ from collections import deque
 from typing import Sequence
 
 import torch
-from transformers import DynamicCache, StaticCache
 
-from toolkit.adapters.torch_internals import keep_address_static
-from toolkit.adapters.transformers_internals import cache_tensors, use_cache_rows
 from toolkit.data.prompts import stable_seed
 from toolkit.models import encode_prompts
 
 from .answers import AnswerDecoder, answer_streams, requested_samples
 from .attention import use_engine_attention
+from .decode_cache import DecodeCache
 from .memory import (CPU_BATCH_PROMPTS, MAX_BATCH_PROMPTS, batch_memory_budget, cache_length, kv_bytes,
                      kv_bytes_per_row, prompt_batch_size)
 from .gumbel import gumbel_noise, to_int64
-from .prefill import Prefilled, prefill
+from .prefill import Prefilled, prefill, prefill_on_prefixes, shared_prefix_lengths
 from .settling import (SettleBook, add_samples, pack_groups, plan_batches, prompt_answers, question_groups,
                        unsettled_prompts)
 from .types import GREEDY_STREAM, PromptAnswers, PromptRequest, ProbeConfig, Settled
@@ -67,12 +65,14 @@ class FastEngine:
 
     def __init__(self, model, tokenizer, config: ProbeConfig, max_batch_prompts: int | None = None, *,
                  memory_share: float = 1.0, fan_out_kv: bool = True, bucket_by_length: bool = True,
-                 compile_decode: bool = True, compact_below: float = 0.5, pad_rows: bool | None = None):
+                 compile_decode: bool = True, compact_below: float = 0.5, pad_rows: bool | None = None,
+                 reuse_prefix_kv: bool = True):
         """max_batch_prompts None: 16 on CPU; on a GPU as many as this engine's budget holds (per call;
         toolkit.probe.memory), on `memory_share` of the GPU (its Ray actor's fraction of it).
         compile_decode: CUDA graphs for the decode step, on CUDA only (on CPU there is nothing to gain).
         pad_rows: compacted batches padded to power-of-two rows (graph_rows), as the graphs need; None:
-        with compile_decode. True on CPU runs the graphs' row shapes without compiling (tests)."""
+        with compile_decode. True on CPU runs the graphs' row shapes without compiling (tests).
+        reuse_prefix_kv: a prefix that prompts of a batch share (PromptRequest.prefix) prefilled once."""
         if max_batch_prompts is not None and max_batch_prompts < 1:
             raise ValueError(f"max_batch_prompts must be >= 1, got {max_batch_prompts}")
         if not 0 < memory_share <= 1:
@@ -83,6 +83,7 @@ class FastEngine:
         self.memory_share = memory_share
         self.prompt_cap: int | None = None  # lowered by each out-of-memory retry, for every later batch
         self.fan_out_kv, self.bucket_by_length = fan_out_kv, bucket_by_length
+        self.reuse_prefix_kv = reuse_prefix_kv and fan_out_kv  # without fan-out every row is prefilled alone
         self.compact_below = compact_below  # compact when live rows <= this fraction of the batch
         self.device = next(model.parameters()).device
         self._cache_arg = cache_argument(model)
@@ -91,8 +92,7 @@ class FastEngine:
         self.pad_rows = self.compile_decode if pad_rows is None else pad_rows
         self._step = (torch.compile(self._decode_step, mode="reduce-overhead")
                       if self.compile_decode else self._decode_step)
-        self._cache: StaticCache | None = None  # preallocated, reused across batches and calls
-        self._buffers: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.kv = DecodeCache(model.config, static_addresses=self.compile_decode)  # reused across batches, calls
         self.last_stats: dict = {}
 
     # ------------------------------------------------------------------ public
@@ -113,19 +113,22 @@ class FastEngine:
         streams = len(stream_keys)
         self.last_stats = dict(prompts=len(requests), answers=0, batches=0, prefills=0, prefilled_prompts=0,
                                prefill_tokens=0, prefill_padded_tokens=0, generated_tokens=0, decode_steps=0,
-                               decode_rows=0, compactions=0, settled_rows=0, phase2_rows=0, kept_kv_bytes=0,
+                               decode_rows=0, compactions=0, settled_rows=0, phase2_rows=0, kept_kv_bytes=0, prefix_tokens_reused=0,
                                oom_retries=0, answers_full=len(requests) * streams, answers_saved=0.0)
         if not requests:
             return []
         # read per call: a benchmark replaces `answers` to force full-length answers
         self._stop_tensor = torch.tensor(self.answers.stop_ids, dtype=torch.long, device=self.device)
         ids = encode_prompts(self.tokenizer, [r.text for r in requests])
-        length = max(map(len, ids)) + self.config.max_new_tokens
+        shared = self._shared_prefixes(requests, ids)
+        # a row is [prefix, suffix], each left-padded (prefill.py); [prompt] left-padded without shared prefixes
+        length = max(shared) + max(len(x) - n for x, n in zip(ids, shared)) + self.config.max_new_tokens
         # The same batches with `settled` or without: lazy probing prefills exactly what full sampling does.
         # The static cache is sized for the largest batch (the first) and the longest prompt: later
         # batches reuse it.
         batches = deque(plan_batches(requests, [len(x) for x in ids], self._batch_prompts(streams, length),
-                                     by_length=self.bucket_by_length))
+                                     by_length=self.bucket_by_length,
+                                     prefixes=[r.prefix if n else "" for r, n in zip(requests, shared)]))
         book = SettleBook(settled) if settled is not None else None
         results: list[PromptAnswers | None] = [None] * len(requests)
         while batches:
@@ -133,8 +136,8 @@ class FastEngine:
             if self.prompt_cap is not None and len(chunk) > self.prompt_cap:
                 batches.extendleft(reversed(self._split(requests, chunk, self.prompt_cap)))
                 continue
-            batch = self._try_batch([requests[i] for i in chunk], [ids[i] for i in chunk], length, stream_keys,
-                                    book)
+            batch = self._try_batch([requests[i] for i in chunk], [ids[i] for i in chunk],
+                                    [shared[i] for i in chunk], length, stream_keys, book)
             if batch is None:  # out of memory: split by the lowered cap, and again
                 batches.appendleft(chunk)
                 continue
@@ -159,19 +162,16 @@ class FastEngine:
         # this actor's share of the device's total memory, not the free memory every actor sees at once
         total = torch.cuda.get_device_properties(self.device).total_memory
         budget = batch_memory_budget(self.memory_share, total, torch.cuda.memory_allocated(self.device),
-                                     self._cache_bytes())
+                                     self.kv.nbytes())
         dtype_bytes = next(self.model.parameters()).element_size()
         row = kv_bytes_per_row(self.model.config, cache_length(length), dtype_bytes)
         kept = kv_bytes(self.model.config, length - self.config.max_new_tokens, dtype_bytes)  # the prompt's own KV
         return prompt_batch_size(budget, row, streams, cap=cap, kept_bytes=kept)
 
-    def _cache_bytes(self) -> int:
-        """Device bytes of the static cache this engine holds (K and V of every layer)."""
-        return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self._buffers)
-
     # ------------------------------------------------------------------ out of memory
 
-    def _try_batch(self, reqs: list[PromptRequest], ids: list[list[int]], length: int, stream_keys: list[int],
+    def _try_batch(self, reqs: list[PromptRequest], ids: list[list[int]], shared: list[int], length: int,
+                   stream_keys: list[int],
                    book: SettleBook | None) -> list[PromptAnswers] | None:
         """The batch's answers; None after torch's out-of-memory error, with the prompt cap halved for
         this and every later batch and the memory the engine held let go. A single prompt that does
@@ -179,7 +179,7 @@ class FastEngine:
         the whole batch would have given; last_stats counts the work of the batches that succeeded."""
         saved, stats = (book.save() if book is not None else None), dict(self.last_stats)
         try:
-            return self._run_batch(reqs, ids, (len(reqs) * len(stream_keys), length), stream_keys, book)
+            return self._run_batch(reqs, ids, shared, (len(reqs) * len(stream_keys), length), stream_keys, book)
         except torch.OutOfMemoryError:
             if len(reqs) == 1:
                 raise
@@ -204,13 +204,13 @@ class FastEngine:
     def _release_cache(self) -> None:
         """Drop the static cache (the next batch allocates one of its own size) and, on CUDA, hand the
         allocator's cached blocks back, so the smaller retry starts from what the weights leave."""
-        self._cache, self._buffers = None, []
+        self.kv.release()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
     # ------------------------------------------------------------------ one batch
 
-    def _run_batch(self, reqs: list[PromptRequest], ids: list[list[int]], capacity: tuple[int, int],
+    def _run_batch(self, reqs: list[PromptRequest], ids: list[list[int]], shared: list[int], capacity: tuple[int, int],
                    stream_keys: list[int], book: SettleBook | None) -> list[PromptAnswers]:
         """Prefill each prompt once, then decode its streams from the kept KV: all together (one pass),
         or the greedy rows first and the samples of the unsettled questions after (two phases)."""
@@ -220,7 +220,7 @@ class FastEngine:
             prompts = self._prefill([x for x in ids for _ in stream_keys])
             return self._decode(reqs, prompts, torch.arange(len(reqs) * streams, device=self.device), stream_keys,
                                 capacity, book)
-        prompts = self._prefill(ids)
+        prompts = self._prefill(ids, shared)
         everyone = torch.arange(len(reqs), device=self.device)
         if self._two_phases(stream_keys, book):
             return self._greedy_then_samples(reqs, prompts, stream_keys, capacity, book)
@@ -263,8 +263,8 @@ class FastEngine:
         keys = torch.tensor([to_int64(stable_seed(cfg.seed, r.question_id, r.prompt_index, j))
                              for r in reqs for j in stream_keys], device=dev)
         lengths, plen = prompts.lengths[src], prompts.width
-        self._load_cache(prompts.cache, src, plen, capacity)
-        kv_mask = torch.zeros(rows, self._cache.get_max_length(), dtype=torch.bool, device=dev)
+        self.kv.load(prompts.cache, src, capacity)
+        kv_mask = torch.zeros(rows, self.kv.max_length, dtype=torch.bool, device=dev)
         kv_mask[:, :plen] = prompts.mask[src]
 
         out = torch.full((rows, cfg.max_new_tokens), self.tokenizer.pad_token_id, device=dev)
@@ -285,7 +285,7 @@ class FastEngine:
                 if len(keep) < len(row_ids):
                     row_ids, tokens, keys, greedy, lengths, kv_mask, alive = (
                         t[keep] for t in (row_ids, tokens, keys, greedy, lengths, kv_mask, alive))
-                    self._select_rows(keep)
+                    self.kv.keep_rows(keep)
                     stats["compactions"] += 1
             kv_mask[:, plen + step - 1] = True  # the slot the fed token is written to
             if self.compile_decode:
@@ -321,7 +321,7 @@ class FastEngine:
         """The one decode step: feed each row's last token, pick each row's next token."""
         logits = self.model(input_ids=tokens[:, None], position_ids=positions[:, None],
                             attention_mask=kv_mask[:, None, None, :],  # 4D bool: used as is, no mask building
-                            **{self._cache_arg: self._cache}, use_cache=True).logits[:, -1]
+                            **{self._cache_arg: self.kv.cache}, use_cache=True).logits[:, -1]
         return self._pick(logits, keys, greedy, step, sampling)
 
     def _pick(self, logits, keys, greedy, step, sampling: bool) -> torch.Tensor:
@@ -343,42 +343,26 @@ class FastEngine:
 
     # ------------------------------------------------------------------ prefill and KV cache
 
-    def _prefill(self, prompts: list[list[int]]) -> Prefilled:
-        """The prompts' KV and last logits, counted: a prompt is prefilled once per batch it is in."""
-        stats = self.last_stats
-        prefilled = prefill(self.model, self._cache_arg, prompts, self.tokenizer.pad_token_id)
+    def _prefill(self, prompts: list[list[int]], shared: list[int] | None = None) -> Prefilled:
+        """The prompts' KV and last logits (`shared`: tokens of each taken from a prefix KV computed once),
+        counted: a prompt is prefilled once per batch it is in."""
+        stats, pad = self.last_stats, self.tokenizer.pad_token_id
+        prefilled = (prefill_on_prefixes(self.model, self._cache_arg, prompts, shared, pad) if shared and any(shared)
+                     else prefill(self.model, self._cache_arg, prompts, pad))
         stats["prefills"] += 1
         stats["prefilled_prompts"] += len(prompts)
-        stats["prefill_tokens"] += int(prefilled.mask.sum())
-        stats["prefill_padded_tokens"] += prefilled.mask.numel()
+        stats["prefill_tokens"] += prefilled.computed_tokens
+        stats["prefill_padded_tokens"] += prefilled.computed_padded_tokens
+        stats["prefix_tokens_reused"] += sum(map(len, prompts)) - prefilled.computed_tokens
         return prefilled
 
-    def _load_cache(self, prompt_cache: DynamicCache, src: torch.Tensor, plen: int,
-                    capacity: tuple[int, int]) -> None:
-        """Fan the prompt KV out to the decode rows (row r gets prompt row src[r]) in the static cache,
-        through the cache's own update(): it writes slots [0, plen) and leaves the write position at
-        plen, where decoding continues."""
-        rows, length = capacity
-        fill = src
-        if self._cache is None or self._buffers[0][0].shape[0] < rows or self._cache.get_max_length() < length:
-            # Allocated once, rounded up (cache_length) so later calls can reuse it: a decode step over
-            # fixed buffers is what CUDA graphs can capture. The buffers are allocated lazily by the first
-            # update() below, for the batch's `rows` (the first batch of a call is its largest; its first
-            # phase may run fewer rows: the spare ones are filled with copies, then left out of use).
-            fill = src.repeat(-(-rows // len(src)))[:rows]
-            self._cache = StaticCache(config=self.model.config, max_cache_len=cache_length(length))
-            if any(self._cache.is_sliding):  # the row/slot bookkeeping assumes full attention layers
-                raise ValueError("FastEngine needs a full-attention model (no sliding-window layers)")
-            self._buffers = []
-        else:
-            self._use_rows(len(src))
-            self._cache.reset()  # write position back to 0 (and the rows in use zeroed)
-        for index, (keys, values) in enumerate(cache_tensors(prompt_cache)):
-            self._cache.update(keys.index_select(0, fill), values.index_select(0, fill), index)
-        if not self._buffers:
-            self._buffers = cache_tensors(self._cache)
-            if len(src) < rows:
-                self._use_rows(len(src))
+    def _shared_prefixes(self, requests: Sequence[PromptRequest], ids: list[list[int]]) -> list[int]:
+        """Per prompt, the tokens it may take from a prefix KV shared with other prompts (0: none)."""
+        if not self.reuse_prefix_kv or not any(r.prefix for r in requests):
+            return [0] * len(ids)
+        texts = list(dict.fromkeys(r.prefix for r in requests if r.prefix))
+        encoded = dict(zip(texts, encode_prompts(self.tokenizer, texts)))
+        return shared_prefix_lengths(ids, [encoded.get(r.prefix) for r in requests])
 
     def _rows_to_keep(self, alive: torch.Tensor) -> torch.Tensor:
         keep = alive.nonzero().squeeze(1)
@@ -386,17 +370,3 @@ class FastEngine:
             size = graph_rows(len(keep), len(alive))
             keep = torch.cat([keep, (~alive).nonzero().squeeze(1)[:size - len(keep)]])
         return keep
-
-    def _select_rows(self, keep: torch.Tensor) -> None:
-        """Compaction: move the kept rows' KV to the front of the buffers, in place."""
-        for (keys, values), (k, v) in zip(cache_tensors(self._cache), self._buffers):
-            k[:len(keep)] = keys.index_select(0, keep)
-            v[:len(keep)] = values.index_select(0, keep)
-        self._use_rows(len(keep))
-
-    def _use_rows(self, n: int) -> None:
-        """Run the cache on the first n rows of its buffers, in place (no public transformers API
-        does: toolkit.adapters.transformers_internals)."""
-        for view in use_cache_rows(self._cache, self._buffers, n):
-            if self.compile_decode:
-                keep_address_static(view)

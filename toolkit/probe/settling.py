@@ -39,14 +39,17 @@ def pack_groups(groups: list[list[int]], per_batch: int) -> list[list[int]]:
 
 
 def plan_batches(requests: Sequence[PromptRequest], lengths: Sequence[int], per_batch: int, *,
-                 by_length: bool) -> list[list[int]]:
+                 by_length: bool, prefixes: Sequence[str] | None = None) -> list[list[int]]:
     """Request indices per batch, the largest batch first (the engine sizes its cache by it). A
     question's prompts share a batch where they fit, so that it can settle while they decode (the
     price: some padding, a question's prompts differ in length); `by_length`: questions of similar
-    prompt lengths share a batch."""
+    prompt lengths share a batch, and before that questions whose prompts share prefixes (`prefixes`,
+    per request: "" for none; a relation's questions with per-relation exemplar sets), so that a
+    batch computes each prefix's KV for many prompts."""
     groups = question_groups(requests)
     if by_length:
-        groups.sort(key=lambda group: max(lengths[i] for i in group))
+        shared = prefixes or [""] * len(requests)
+        groups.sort(key=lambda group: (min(shared[i] for i in group), max(lengths[i] for i in group)))
     return sorted(pack_groups(groups, per_batch), key=len, reverse=True)
 
 

@@ -51,8 +51,9 @@ def build_requests(item: QAItem, pool: ExemplarPool, config: ProbeConfig) -> lis
     """The item's N_ex few-shot prompts; exemplar sets are fixed by (seed, item id), or shared by the
     relation's items (`exemplars: per_relation`), whose prompts then share their exemplar block."""
     sets = pool.select(item, config.num_exemplar_sets, config.shots, config.seed, config.exemplars)
+    shared = config.exemplars == "per_relation"
     return [PromptRequest(question_id=item.id, prompt_index=i, text=probe_prompt(exemplars, item.question),
-                          prefix=exemplar_block(exemplars)) for i, exemplars in enumerate(sets)]
+                          prefix=exemplar_block(exemplars) if shared else "") for i, exemplars in enumerate(sets)]
 
 
 def score_item(item: QAItem, answers: Sequence[PromptAnswers], config: ProbeConfig, lazy: bool = False) -> dict:
