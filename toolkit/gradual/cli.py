@@ -36,6 +36,11 @@ def add_report_parser(subparsers) -> None:
     p.add_argument("--merge", type=Path, nargs="+", metavar="RUN_DIR",
                    help="runs with identical settings and different seeds, combined into --out")
     p.add_argument("--out", type=Path, help="with --merge: the new run directory (must not exist or be empty)")
+    p.add_argument("--compare", metavar="DIR", help="only compare RUN_DIR's headline numbers with a committed "
+                   "result's, in one line; '{dtype}' in DIR becomes the dtype the run's probes resolved "
+                   "(make demo: 'benchmarks/results/demo-cpu-{dtype}'). Nothing is rewritten")
+    p.add_argument("--readme-table", action="store_true",
+                   help="only print the README's demo table (Markdown) from RUN_DIR/metrics.json")
     p.set_defaults(func=cmd_report)
 
 
@@ -120,6 +125,14 @@ def cmd_report(args) -> int:
         print(f"merged seeds {', '.join(metrics['seeds'])} into {args.out}")
     elif args.run_dir is None:
         raise UsageError("give a run directory, or --merge RUN_DIR ... --out DIR")
+    elif args.compare or args.readme_table:  # read-only: the run directory is left as it is
+        from toolkit.report import reproduce
+
+        if args.compare:
+            print(reproduce.compare_line(args.run_dir, args.compare))
+        if args.readme_table:
+            print(reproduce.readme_table(reproduce.read_metrics(args.run_dir), args.run_dir.as_posix()))
+        return 0
     elif run_seeds(args.run_dir):  # the per-item files: metrics.json is recomputed from them
         write_json(args.run_dir / "metrics.json", recollect(args.run_dir), strict=True)
     if (args.run_dir / "losses.jsonl").exists() and not (args.run_dir / "metrics.json").exists():

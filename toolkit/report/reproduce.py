@@ -1,0 +1,174 @@
+"""Did this run reproduce a committed result? And the README's demo table, from a committed metrics.json.
+
+`make demo` ends with `gradual report runs/default --compare 'benchmarks/results/demo-cpu-{dtype}'`:
+the committed demo of the precision this run's probes resolved (`dtype auto` picks bf16 or fp32 per
+machine, and the two give other answers) is compared with this run on the headline numbers, in one
+line. The probe is deterministic on one machine (docs/design.md section 6), so a difference on the
+same kind of device points at the install, and on another kind of CPU or GPU it can be the hardware.
+
+Plain functions of metrics.json contents (old and new layouts alike); nothing here runs a model.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+
+MODELS = ("M0", "M1", "M2")
+SHORT = {"HighlyKnown": "HK", "MaybeKnown": "MK", "WeaklyKnown": "WK", "Unknown": "UK"}
+DTYPES = ("float32", "bfloat16", "float16")
+# The README's generated demo table sits between these lines; the begin line names its source
+# directory (relative to the repository root), so switching the source is editing that one line.
+TABLE_BEGIN = "<!-- demo-table: {source} -->"
+TABLE_END = "<!-- demo-table:end -->"
+WHY_HARDWARE = ("another CPU or GPU kind computes other logits (other kernels and instructions), which can flip "
+                "near-tied answers and so categories: docs/probing.md, 'What is identical where'")
+WHY_INSTALL = ("on the same kind of device the probe gives the same answers, so this is not expected: check the "
+               "install (`gradual doctor`: versions against the lock)")
+
+
+def read_metrics(run_dir: str | Path) -> dict:
+    path = Path(run_dir) / "metrics.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found (run `gradual run` first)")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def resolved_dtype(metrics: dict) -> str | None:
+    """The one dtype a run's probes answered in (metrics.json run -> "probe dtype", e.g. "float32" or
+    "bfloat16 (requested auto)"); None where the run does not record it or used two."""
+    run = metrics.get("run", {})
+    recorded = run.get("probe dtype")
+    if recorded is None:  # older runs: only an explicit --dtype in the probe line says it
+        match = re.search(r"dtype (\w+)", str(run.get("probe", "")))
+        recorded = match[1] if match and match[1] in DTYPES else None
+    if recorded is None:
+        return None
+    resolved = recorded.split(" (", 1)[0].strip()
+    return resolved if resolved in DTYPES else None
+
+
+def _seed_numbers(seed: dict) -> dict[str, str]:
+    numbers = {}
+    for model in MODELS:
+        counts = seed.get("categories", {}).get(f"{model} train")
+        if counts:
+            numbers[f"{model} train HK/MK/WK/UK"] = "/".join(str(counts.get(c, 0)) for c in SHORT)
+    for model in MODELS:
+        overall = seed.get("test_accuracy", {}).get(model, {}).get("overall")
+        if overall:
+            correct = round(overall["accuracy"] * overall["n"])
+            numbers[f"{model} test exact match"] = f"{overall['accuracy']:.1%} ({correct} of {overall['n']})"
+    selection = seed.get("selection", {})
+    for key, name in (("stage1: stage1", "stage-1 items"), ("stage2: upgraded", "stage-2 upgraded items"),
+                      ("stage2: replay", "stage-2 replay items")):
+        if key in selection:
+            numbers[name] = str(selection[key])
+    forgetting = seed.get("forgetting", {}).get("M2")
+    if forgetting:
+        numbers["M2 forgetting"] = f"{forgetting['dropped']} of {forgetting['base_highly_known']}"
+    return numbers
+
+
+def headline_numbers(metrics: dict) -> dict[str, str]:
+    """The numbers a reproduction must match, by readable name: per seed, the train category counts
+    of M0, M1, M2, their test exact match, the stage-1 / stage-2 (upgraded, replay) item counts and
+    M2's forgetting. Names carry "seed S: " when the run has more than one seed."""
+    seeds = metrics.get("seeds", {})
+    out = {}
+    for seed, values in seeds.items():
+        prefix = f"seed {seed}: " if len(seeds) > 1 else ""
+        out.update({prefix + name: value for name, value in _seed_numbers(values).items()})
+    return out
+
+
+def differences(ours: dict, committed: dict) -> list[tuple[str, str | None, str | None]]:
+    """(name, ours, committed) for every headline number that differs or that only one run has."""
+    a, b = headline_numbers(ours), headline_numbers(committed)
+    return [(name, a.get(name), b.get(name)) for name in dict.fromkeys([*b, *a]) if a.get(name) != b.get(name)]
+
+
+def committed_dir(template: str, dtype: str) -> str:
+    """The committed result for `dtype`: `template` with "{dtype}" replaced (no placeholder: as given)."""
+    return template.replace("{dtype}", dtype)
+
+
+def compare_line(run_dir: str | Path, template: str, root: str | Path = ".") -> str:
+    """One line: whether the run in `run_dir` reproduced the committed result for its precision
+    (`template`, e.g. "benchmarks/results/demo-cpu-{dtype}", relative to `root`), and if not, which
+    numbers differ (ours vs committed) and why that can happen."""
+    ours = read_metrics(run_dir)
+    dtype = resolved_dtype(ours)
+    if dtype is None and "{dtype}" in template:
+        return ("cannot pick the committed result to compare with: this run's metrics.json does not record one "
+                f"probe dtype (run -> probe dtype: {ours.get('run', {}).get('probe dtype', 'missing')})")
+    where = committed_dir(template, dtype or "")
+    what = f"the committed {dtype} demo ({where})" if dtype else f"the committed result ({where})"
+    path = Path(root) / where / "metrics.json"
+    if not path.is_file():
+        return f"no committed {dtype + ' ' if dtype else ''}demo to compare with: {where}/metrics.json does not exist"
+    committed = json.loads(path.read_text(encoding="utf-8"))
+    diff = differences(ours, committed)
+    if not diff:
+        return f"reproduced {what}: {len(headline_numbers(ours))} headline numbers equal"
+    shown = "; ".join(f"{name} {a if a is not None else 'missing'} vs {b if b is not None else 'missing'}"
+                      for name, a, b in diff)
+    our_device = ours.get("run", {}).get("device", "not recorded")
+    their_device = committed.get("run", {}).get("device", "not recorded")
+    if our_device == their_device and our_device != "not recorded":
+        why = f"both ran on {our_device}: {WHY_INSTALL}"
+    else:
+        why = f"this run ran on {our_device}, the committed one on {their_device}: {WHY_HARDWARE}"
+    return f"differs from {what}: {shown} (ours vs committed); {why}"
+
+
+# ---------------------------------------------------------------- the README's demo table
+
+
+def readme_table(metrics: dict, source: str) -> str:
+    """The README's demo table (Markdown, between TABLE_BEGIN naming `source` and TABLE_END) from a
+    committed metrics.json: the first seed's category counts and test exact match of M0, M1, M2, the
+    stage sizes, forgetting, and the run's precision and device."""
+    run = metrics.get("run", {})
+    seed, values = next(iter(metrics["seeds"].items()))
+    cats = {m: values["categories"][f"{m} train"] for m in MODELS}
+    n_train = sum(cats["M0"].values())
+    acc = {m: values["test_accuracy"][m]["overall"] for m in MODELS}
+    n_test = acc["M0"]["n"]
+    lines = [TABLE_BEGIN.format(source=source),
+             f"From `{source}/metrics.json` (seed {seed}; items train/dev/test "
+             f"{run.get('items (train/dev/test)', 'not recorded')}; probe dtype {run.get('probe dtype', 'not recorded')}; "
+             f"device {run.get('device', 'not recorded')}):", "",
+             "| | M0 (base) | M1 (stage 1) | M2 (stage 2) |", "|---|---|---|---|"]
+    for category in SHORT:
+        lines.append(f"| {category} train items (of {n_train}) | " + " | ".join(str(cats[m].get(category, 0)) for m in MODELS) + " |")
+    lines.append(f"| test exact match (n={n_test}) | " + " | ".join(f"{acc[m]['accuracy']:.1%}" for m in MODELS) + " |")
+    selection, forgetting = values.get("selection", {}), values.get("forgetting", {}).get("M2")
+    upgraded = selection.get("stage2: upgraded", 0)
+    lines += ["", f"Stage 1 trained on {selection.get('stage1: stage1', 'n/a')} items; stage 2 on {upgraded} upgraded "
+                  f"+ {selection.get('stage2: replay', 0)} replay items" + (" (nothing upgraded: stage 2 skipped, M2 is M1)"
+                                                                         if upgraded == 0 else "") + "."]
+    if forgetting:
+        lines[-1] += (f" Forgetting: {forgetting['dropped']} of {forgetting['base_highly_known']} base-HighlyKnown "
+                      "train items dropped a category after stage 2.")
+    lines.append(TABLE_END)
+    return "\n".join(lines)
+
+
+def readme_blocks(text: str) -> list[tuple[str, str]]:
+    """(source, block) for every generated demo table in a README's text (the block with its marker lines)."""
+    pattern = re.escape(TABLE_BEGIN).replace(re.escape("{source}"), r"(?P<source>[^ ]+)") + r".*?" + re.escape(TABLE_END)
+    return [(m["source"], m[0]) for m in re.finditer(pattern, text, flags=re.S)]
+
+
+def update_readme(readme: str | Path, root: str | Path = ".") -> bool:
+    """Regenerate every demo table of `readme` from the metrics.json its marker names; True if it changed."""
+    readme = Path(readme)
+    text = new = readme.read_text(encoding="utf-8")
+    for source, block in readme_blocks(text):
+        metrics = json.loads((Path(root) / source / "metrics.json").read_text(encoding="utf-8"))
+        new = new.replace(block, readme_table(metrics, source))
+    if new != text:
+        readme.write_text(new, encoding="utf-8")
+    return new != text
