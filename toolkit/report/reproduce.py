@@ -71,21 +71,23 @@ def _seed_numbers(seed: dict) -> dict[str, str]:
     return numbers
 
 
-def headline_numbers(metrics: dict) -> dict[str, str]:
+def headline_numbers(metrics: dict, name_seeds: bool | None = None) -> dict[str, str]:
     """The numbers a reproduction must match, by readable name: per seed, the train category counts
     of M0, M1, M2, their test exact match, the stage-1 / stage-2 (upgraded, replay) item counts and
-    M2's forgetting. Names carry "seed S: " when the run has more than one seed."""
+    M2's forgetting. Names carry "seed S: " when the run has more than one seed (or `name_seeds`)."""
     seeds = metrics.get("seeds", {})
+    name_seeds = len(seeds) > 1 if name_seeds is None else name_seeds
     out = {}
     for seed, values in seeds.items():
-        prefix = f"seed {seed}: " if len(seeds) > 1 else ""
+        prefix = f"seed {seed}: " if name_seeds else ""
         out.update({prefix + name: value for name, value in _seed_numbers(values).items()})
     return out
 
 
 def differences(ours: dict, committed: dict) -> list[tuple[str, str | None, str | None]]:
     """(name, ours, committed) for every headline number that differs or that only one run has."""
-    a, b = headline_numbers(ours), headline_numbers(committed)
+    name_seeds = max(len(ours.get("seeds", {})), len(committed.get("seeds", {}))) > 1
+    a, b = headline_numbers(ours, name_seeds), headline_numbers(committed, name_seeds)
     return [(name, a.get(name), b.get(name)) for name in dict.fromkeys([*b, *a]) if a.get(name) != b.get(name)]
 
 
