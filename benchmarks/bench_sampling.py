@@ -15,6 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+from toolkit.helpscreen import ScreenParser  # noqa: E402
 from probe_modes import bench_probe_modes  # noqa: E402
 from sampling_report import ENGINES, OPTIONAL_ENGINES, check_targets, extrapolate, report  # noqa: E402
 
@@ -45,7 +46,8 @@ PRESETS = {
 
 
 def parse_args(argv, prog=None):
-    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ScreenParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                     docs="benchmarks/README.md")  # --help fits one screen; --help-all: every option's help
     common.add_common_args(p, PRESETS)
     p.add_argument("--models", nargs="+", help="smollm2, a HF dir, random:<tiny|smollm2-135m|llama-3.2-1b|llama-3-8b>")
     p.add_argument("--questions", type=int, help="Q: questions probed")

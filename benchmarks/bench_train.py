@@ -26,6 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+from toolkit.helpscreen import ScreenParser  # noqa: E402
 from train_report import check_targets, count_params, figures, memory_table, report  # noqa: E402
 
 PRESETS = {
@@ -44,7 +45,8 @@ PRESETS = {
 
 
 def parse_args(argv, prog=None):
-    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ScreenParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                     docs="benchmarks/README.md")  # --help fits one screen; --help-all: every option's help
     common.add_common_args(p, PRESETS)
     p.add_argument("--model", help="smollm2, a HF directory, or random:<shape>")
     p.add_argument("--ranks", type=int, help="processes (GPUs, or CPU ranks); the gpu preset: every GPU present")

@@ -93,6 +93,11 @@ def cmd_doctor(args) -> int:
 
 # ---------------------------------------------------------------- parser
 
+# the page of docs/ that says more about each command (its --help ends with it)
+DOCS = {"": "README.md", "data": "docs/data.md", "probe": "docs/probing.md", "train": "docs/training.md",
+        "run": "docs/pipeline.md", "report": "docs/pipeline.md", "bench": "benchmarks/README.md",
+        "doctor": "docs/probing.md"}
+
 
 def build_parser() -> argparse.ArgumentParser:
     from toolkit.bench import add_bench_parser
@@ -100,9 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     from toolkit.probe.cli import add_probe_parser
     from toolkit.train.launch import add_train_parser
 
-    parser = argparse.ArgumentParser(
-        prog="gradual",
-        description="Knowledge-aware fine-tuning: SliCK probing, DeepSpeed training, Gradual Learning.")
+    from toolkit.helpscreen import ScreenParser
+
+    parser = ScreenParser(  # its subcommands' parsers are ScreenParsers too: each --help fits one screen
+        prog="gradual", docs=DOCS[""],
+        description="Knowledge-aware fine-tuning: SliCK probing, DeepSpeed training, Gradual Learning. "
+                    "`gradual COMMAND --help` for a command.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -132,6 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
     doctor = sub.add_parser("doctor", help="report versions, devices, attention backend, embedded model")
     doctor.add_argument("--json", action="store_true", help="machine-readable output")
     doctor.set_defaults(func=cmd_doctor)
+    for name, command in sub.choices.items():
+        command.docs, command.config_keys = DOCS[name], name in ("probe", "train")
+        for inner in getattr(command, "_subparsers", None) and command._subparsers._group_actions or ():
+            for sub_command in getattr(inner, "choices", {}).values():
+                sub_command.docs = DOCS[name]
     return parser
 
 
