@@ -1,4 +1,4 @@
-"""The vLLM engine (issue 13): real vLLM on CPU, the real SmolLM2 and a real two-node Ray cluster.
+"""The vLLM engine: real vLLM on CPU, the real SmolLM2 and a real two-node Ray cluster.
 One engine in this process for the engine tests; the Ray tests start engines in actors."""
 from __future__ import annotations
 

@@ -174,7 +174,7 @@ def test_collect_writes_the_keys_of_the_real_run(tmp_path, real_metrics):
     build_run_dir(tmp_path, real_metrics)
     run_info = {k: v for k, v in real_metrics["run"].items() if k != "items (train/dev/test)"}
     got = json.loads(json.dumps(collect_metrics(tmp_path, [0], run_info=run_info), allow_nan=False))
-    # renamed on purpose (issue 23): knowledge_acquired is per model, its relative_gain is retained_ratio
+    # renamed on purpose (both readings of knowledge acquired): knowledge_acquired is per model, its relative_gain is retained_ratio
     older = json.loads(json.dumps(real_metrics))
     old_acquired = older["seeds"]["0"].pop("knowledge_acquired")
     older["aggregate"].pop("knowledge acquired (relative gain, M2 vs M1)")
