@@ -1,4 +1,4 @@
-"""Normalisation and exact match (design.md section 2)."""
+"""Normalisation and exact match (docs/design.md section 2)."""
 import pytest
 
 from toolkit.data.matching import extract_answer, is_correct, normalize_answer

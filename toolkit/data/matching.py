@@ -1,4 +1,4 @@
-"""Answer normalisation and exact-match scoring (design.md section 2, SQuAD-style)."""
+"""Answer normalisation and exact-match scoring (docs/design.md section 2, SQuAD-style)."""
 from __future__ import annotations
 
 import re

@@ -1,4 +1,5 @@
-"""Few-shot exemplar selection and the two prompt formats (probe: design.md s2; SFT: s3)."""
+"""Few-shot exemplar selection and the two prompt formats (the probe's: docs/design.md section 2;
+the SFT format: section 3)."""
 from __future__ import annotations
 
 import hashlib

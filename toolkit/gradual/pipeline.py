@@ -1,4 +1,4 @@
-"""The Gradual Learning schedule as resumable steps (design.md section 4).
+"""The Gradual Learning schedule as resumable steps (docs/design.md section 4).
 
 RUN_DIR/
   config.json                 the resolved config; a re-run must match it

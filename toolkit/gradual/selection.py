@@ -1,4 +1,4 @@
-"""Which training items each stage and each baseline uses (design.md section 4).
+"""Which training items each stage and each baseline uses (docs/design.md section 4).
 
 Inputs are category tables: item id -> SliCK category, from a probe (C0: base model, C1: after
 stage 1). Every function returns a sorted list of ids, so a selection never depends on dict order.

@@ -1,4 +1,4 @@
-"""The fast sampling engine: the SliCK probe's hot loop (design.md section 2).
+"""The fast sampling engine: the SliCK probe's hot loop (docs/design.md section 2).
 
 Per batch of prompts: one left-padded prefill per prompt (prefill.py), its KV cache fanned out to the
 prompt's 1 + n decode streams (greedy row + n sampled rows), then ONE batched decode step for all

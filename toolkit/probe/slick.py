@@ -1,5 +1,5 @@
-"""SliCK knowledge categories (design.md section 2): few-shot prompts per item, one greedy answer and
-`n` samples per prompt, P_greedy / P_sample, and the four categories."""
+"""SliCK knowledge categories (docs/design.md section 2): few-shot prompts per item, one greedy answer
+and `n` samples per prompt, P_greedy / P_sample, and the four categories."""
 from __future__ import annotations
 
 from typing import Sequence

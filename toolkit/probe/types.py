@@ -14,7 +14,7 @@ EXEMPLAR_MODES = ("per_item", "per_relation")
 
 @dataclass(frozen=True)
 class ProbeConfig:
-    """What a probe computes (design.md section 2), one config for the probe and its engines: per
+    """What a probe computes (docs/design.md section 2), one config for the probe and its engines: per
     item N_ex few-shot prompts of k exemplars; per prompt one greedy answer and n samples."""
 
     num_exemplar_sets: int = knob(10, "N_ex: few-shot prompts per item")

@@ -1,4 +1,4 @@
-"""The numbers the report shows (design.md section 4), as plain functions of category tables and
+"""The numbers the report shows (docs/design.md section 4), as plain functions of category tables and
 per-item correctness, so each can be checked by hand on a small case.
 
 A number that does not exist (a rate over zero items, an interval over one seed) is None, never NaN:

@@ -1,4 +1,4 @@
-"""Greedy exact-match evaluation in the SFT format (design.md section 3), batched and sharded.
+"""Greedy exact-match evaluation in the SFT format (docs/design.md section 3), batched and sharded.
 
 Each rank answers items[rank::world], left-padded, stopping at a newline or EOS; the per-item results
 are gathered so that every rank computes the same accuracy (and so takes the same early-stopping
