@@ -105,6 +105,8 @@ def cmd_run(args) -> int:
         return 0
     metrics = Pipeline(cfg, out).run()
     print("\n".join(headline(metrics)))
+    run_info = metrics.get("run", {})
+    print(f"probed in {run_info.get('probe dtype', 'an unrecorded dtype')} on {run_info.get('device', 'an unrecorded device')}")
     print(f"report: {out / 'report' / 'report.html'} (and report.md); metrics: {out / 'metrics.json'}")
     return 0
 
