@@ -368,7 +368,8 @@ def test_killed_in_the_middle_of_a_step_resumes_to_the_same_metrics(finished_run
     root, config = setup[:2]
     run_dir = root / "run-b"
     shutil.copytree(finished_run[0], run_dir)
-    undone = ("seed0.train_stage2", "seed0.probe_m2_train", "seed0.evaluate_M2", "seed0.provenance")
+    undone = ("seed0.select_stage2", "seed0.train_stage2", "seed0.probe_m2_train", "seed0.evaluate_M2",
+              "seed0.provenance")
     for marker in undone:
         (run_dir / "state" / f"{marker}.json").unlink()
     sd = run_dir / "seed-0"
