@@ -28,10 +28,11 @@ class ProbeConfig:
     full_sampling: bool = knob(False, "all n samples of every prompt (exact P_sample); default: lazy, the same "
                                       "categories from far fewer answers, P_sample a lower bound")
     lazy: Literal["one_pass", "two_phase"] = knob(
-        "one_pass", "how the fast engine probes lazily (not with full_sampling): one_pass decodes a prompt's "
-        "greedy and sampled answers together, a question's rows stopping once it is settled; two_phase decodes "
-        "the greedy answers first from the prompts' kept KV, then samples only the questions they did not "
-        "settle (no second prefill). Same categories either way; vLLM always runs two phases")
+        "two_phase", "how the fast engine probes lazily (not with full_sampling): two_phase decodes the greedy "
+        "answers first from the prompts' kept KV, then samples only the questions they did not settle (no "
+        "second prefill; measured faster on CPU: benchmarks/README.md); one_pass decodes a prompt's greedy and "
+        "sampled answers together, a question's rows stopping once it is settled. Same categories either way; "
+        "vLLM always runs two phases")
     exemplars: Literal["per_item", "per_relation"] = knob(
         "per_item", "per_item: each question draws its own N_ex exemplar sets (SliCK); per_relation: N_ex sets "
         "drawn once per relation and shared by its questions (a question that is one of a set's exemplars "
