@@ -390,7 +390,7 @@ def produced(answers, part: list[int]) -> set[tuple[int, int]]:
 
 def test_settled_questions_stop_early_and_every_answer_produced_is_the_full_answer(stoppy_lm):
     model, tokenizer = stoppy_lm
-    cfg = ProbeConfig(samples=5, max_new_tokens=8, seed=2)
+    cfg = ProbeConfig(samples=5, max_new_tokens=8, seed=2, lazy="one_pass")  # rows dropped mid-decode
     requests = grouped_requests([3, 3, 3, 3])
     make = lambda: FastEngine(model, tokenizer, cfg, max_batch_prompts=6, compact_below=1.0)  # noqa: E731
     full_engine, lazy_engine = make(), make()
@@ -431,7 +431,7 @@ def test_a_question_split_across_batches_stays_settled_in_the_later_batch(stoppy
     """Whole questions per batch where they fit; a larger one is split, and once it settles in its
     first batch, its rows in the next batch are dropped after their first token."""
     model, tokenizer = stoppy_lm
-    cfg = ProbeConfig(samples=3, max_new_tokens=8, seed=5)
+    cfg = ProbeConfig(samples=3, max_new_tokens=8, seed=5, lazy="one_pass")
     requests = grouped_requests([6, 2])  # batches of 4 prompts: q0's 0-3, then q0's 4-5 with q1
     engine = FastEngine(model, tokenizer, cfg, max_batch_prompts=4, bucket_by_length=False)
     full = FastEngine(model, tokenizer, cfg, max_batch_prompts=4).generate(requests)
@@ -769,7 +769,7 @@ def test_out_of_memory_retry_of_a_lazy_batch_starts_its_books_again(stoppy_lm):
     """Rows finish (and questions settle) before a batch's first decode step fails: the retry must not
     see them twice, so its answers are those of a run that used the smaller batches from the start."""
     model, tokenizer = stoppy_lm
-    cfg = ProbeConfig(samples=3, max_new_tokens=8, seed=3)
+    cfg = ProbeConfig(samples=3, max_new_tokens=8, seed=3, lazy="one_pass")  # two phases: tested apart
     requests = grouped_requests([2, 2, 2, 2])
 
     def settled(question_id, finished):  # q1 settles at step 0, q3 at step 3 (it has 1 answer at step 0)
