@@ -39,7 +39,7 @@ from .lock import lock_config
 from .preflight import preflight
 from .processes import PipelineError, free_device_memory, release_ray, run_logged
 from .selection import (BASELINES, SelectionConfig, baseline_items, one_stage_union_items, random_same_pool_items,
-                        random_stage2_items, stage1_items, stage2_items)
+                        random_stage2_items, stage1_items, stage2_items, union)
 
 __all__ = ["Pipeline", "PipelineError", "preflight", "read_categories"]
 
@@ -98,7 +98,7 @@ class Pipeline:
         c1 = read_categories(sd / "probe" / "m1-train")
 
         parts = stage2_items(c0, c1, sel)
-        stage2 = sorted({i for ids in parts.values() for i in ids})
+        stage2 = union(parts)
         self.step(f"{s}.select_stage2", lambda: self.select(sd / "stage2", c0, parts))
         trained2 = self.train_step(f"{s}.train_stage2", sd / "stage2", lambda: self.train(
             sd / "stage2", m1, stage2, seed, cfg.train.stage2_lr_factor))
@@ -140,7 +140,7 @@ class Pipeline:
         else:  # a stage-2 ablation, from M1
             parts = stage2_items(c0, c1, dataclasses.replace(sel, stage2_strategy=name))
         self.select(stage_dir, c0, parts)
-        ids = sorted({i for v in parts.values() for i in v})
+        ids = union(parts)
         return self.train(stage_dir, stage2.m1, ids, seed, lr_factor)
 
     def _fixed_steps(self, stage_dir: Path, c0, parts: dict[str, list[str]], model: str, steps: int, seed: int,
@@ -150,7 +150,7 @@ class Pipeline:
         if not steps:
             parts = {part: [] for part in parts}
         self.select(stage_dir, c0, parts)
-        ids = sorted({i for v in parts.values() for i in v})
+        ids = union(parts)
         return self.train(stage_dir, model, ids, seed, lr_factor, epochs=max(steps, 1), max_steps=steps, patience=0)
 
     # ------------------------------------------------------------ bookkeeping
@@ -205,7 +205,7 @@ class Pipeline:
 
     def select(self, stage_dir: Path, c0: dict[str, str], parts: dict[str, list[str]]) -> dict[str, int]:
         """Write the stage's training set (the union of `parts`) with dev and base categories."""
-        train_ids = sorted({i for ids in parts.values() for i in ids})
+        train_ids = union(parts)
         train = {it.id: it for it in load_qa(self.subset, splits=("train",))}
         dev = load_qa(self.subset, splits=("dev",))
         data_dir = stage_dir / "data"

@@ -12,6 +12,7 @@ from typing import ClassVar, Mapping
 from toolkit.config import knob
 from toolkit.data.prompts import stable_seed
 from toolkit.probe.slick import CATEGORIES, HIGHLY_KNOWN, MAYBE_KNOWN, UNKNOWN, WEAKLY_KNOWN
+from toolkit.report.metrics import upgraded
 
 Categories = Mapping[str, str]
 
@@ -94,7 +95,7 @@ def stage1_items(c0: Categories, cfg: SelectionConfig) -> list[str]:
 
 def upgraded_items(c0: Categories, c1: Categories, cfg: SelectionConfig) -> list[str]:
     """Unknown or WeaklyKnown before stage 1 (by default) and MaybeKnown or better after it."""
-    return sorted(i for i in c0 if c0[i] in cfg.upgraded_from and c1.get(i) in cfg.upgraded_to)
+    return upgraded(c0, c1, cfg.upgraded_from, cfg.upgraded_to)  # the report counts by the same rule
 
 
 def remained_maybe_items(c0: Categories, c1: Categories) -> list[str]:
@@ -107,6 +108,11 @@ def replay_items(c0: Categories, c1: Categories, count: int, exclude, cfg: Selec
     pool = [i for i in _ids_where(source, cfg.replay_categories) if i not in exclude]
     random.Random(stable_seed("replay", cfg.seed)).shuffle(pool)
     return sorted(pool[:count])
+
+
+def union(parts: Mapping[str, list[str]]) -> list[str]:
+    """The items of a set given by its parts, once each, sorted."""
+    return sorted({i for ids in parts.values() for i in ids})
 
 
 def stage2_items(c0: Categories, c1: Categories, cfg: SelectionConfig) -> dict[str, list[str]]:
@@ -135,13 +141,18 @@ def baseline_items(name: str, c0: Categories, cfg: SelectionConfig) -> list[str]
     raise SelectionError(f"unknown baseline '{name}' (expected {', '.join(BASELINES)})")
 
 
+def _seeded_draw(name: str, seed: int, pool: list[str], size: int) -> list[str]:
+    """`size` items of `pool` (all of them if fewer), drawn by a generator fixed by (name, seed)."""
+    return random.Random(stable_seed(name, seed)).sample(pool, min(size, len(pool)))
+
+
 def random_stage2_items(c0: Categories, stage2_parts: Mapping[str, list[str]], cfg: SelectionConfig) -> dict[str, list[str]]:
     """The data-matched control of a stage-2 set: as many random items (seeded, from those not
     HighlyKnown under C0) as the set holds before replay, plus its replay items unchanged."""
     replay = list(stage2_parts.get("replay", ()))
     size = sum(len(ids) for part, ids in stage2_parts.items() if part != "replay")
     pool = sorted(i for i, c in c0.items() if c != HIGHLY_KNOWN and i not in set(replay))
-    drawn = random.Random(stable_seed("random_stage2", cfg.seed)).sample(pool, min(size, len(pool)))
+    drawn = _seeded_draw("random_stage2", cfg.seed, pool, size)
     return {"random": sorted(drawn), "replay": replay}
 
 
@@ -154,7 +165,7 @@ def random_same_pool_items(c0: Categories, stage2_parts: Mapping[str, list[str]]
     excluded = set(stage1) | set(replay)
     pool = sorted(i for i in _ids_where(c0, cfg.upgraded_from) if i not in excluded)
     size = len(stage2_parts.get("upgraded", ()))
-    drawn = random.Random(stable_seed("random_same_pool", cfg.seed)).sample(pool, min(size, len(pool)))
+    drawn = _seeded_draw("random_same_pool", cfg.seed, pool, size)
     return {"random (same pool)": sorted(drawn), "replay": replay}
 
 
