@@ -343,6 +343,24 @@ def start_vllm(model, tokenizer, sampling, gpu_share: float = 1.0):
     return VLLMEngine.start(path, tokenizer, config, device="cuda" if weights.is_cuda else "cpu", gpu_share=gpu_share)
 
 
+def untie_random_head(model, seed: int = 0) -> bool:
+    """Give a randomly initialised model with tied embeddings an output head of its own (random, the same
+    initialisation scale); returns whether it was tied. Tied, such a model answers every prompt by
+    repeating the prompt's last token (the residual stream stays near that token's embedding, which the
+    tied head scores highest): every probe prompt ends in ':' and every answer normalises to nothing, so
+    answers would agree across engines trivially and no gold could be planted. Own head: varied tokens."""
+    import torch
+
+    if not model.config.tie_word_embeddings:
+        return False
+    head = model.get_output_embeddings()
+    generator = torch.Generator(device=head.weight.device).manual_seed(seed)
+    weight = torch.empty_like(head.weight).normal_(0.0, model.config.initializer_range, generator=generator)
+    head.weight = torch.nn.Parameter(weight, requires_grad=False)
+    model.config.tie_word_embeddings = False  # saved and reloaded (vLLM, the actors) with the head of its own
+    return True
+
+
 def load_items(data: str | None, with_dev: bool = True):
     """(train items, dev items): a QA dataset on disk, or the built-in facts."""
     if data:

@@ -5,7 +5,12 @@ max_new_tokens so every step is full:
   engine_1b, engine_8b  the toolkit engine with CUDA graphs, the same engine eager, eager with half
                         the batch, and HF `generate`, on the same prompts: answers/s, the decode step
                         against the HBM roofline (bench_sampling's accounting), peak memory, and how
-                        often their answers agree (gpu_check_rules.GPU_RULES: rates with counts)
+                        often their answers agree (gpu_check_rules.GPU_RULES: rates with counts);
+                        then the probe's own loop (benchmarks/probe_modes.py) in full sampling, lazy in
+                        one pass and lazy in two phases, and vLLM full and lazy where vLLM is installed:
+                        questions/s, answers saved and categories against full sampling. Random
+                        weights know no fact, so half the questions get the engine's own greedy
+                        answer as gold (probe_modes.plant_gold): a model that knows half its facts
   actors                Ray actors: two sharing one GPU (0.5 each) both on that GPU, one without a GPU
                         share on the CPU; their categories against each other
   planning              the probe's auto placement on this node (one actor per visible GPU), and that
@@ -25,10 +30,15 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import common
-from gpu_check_rules import Check, agreement, expect_at_most, expect_rate, rule
+from gpu_check_rules import Check, agreement, expect_at_least, expect_at_most, expect_rate, optional_present, rule
 
 PROBE_SHAPES = {"engine_1b": "random:llama-3.2-1b", "engine_8b": "random:llama-3-8b"}
 SMOKE_SHAPE = "random:tiny"
+
+# The probe loop's workload per shape: questions (half of them with planted gold), N_ex, samples, tokens
+LAZY_WORKLOAD = dict(questions=32, exemplar_sets=2, shots=4, samples=8, max_new_tokens=16)
+SMOKE_LAZY_WORKLOAD = dict(questions=6, exemplar_sets=2, shots=2, samples=4, max_new_tokens=4)
+MIN_SAVED_TWO_PHASE = 0.2  # half the questions settle by their greedy answer: ~0.44 of the answers if all do
 
 # (row name, bench_sampling engine, settings changed): the engine runs each shape check makes.
 ENGINE_RUNS = (("toolkit", "toolkit", {}), ("eager", "no-cuda-graphs", {}),
@@ -90,7 +100,8 @@ def engine_check(shape_key: str):
         ceilings = ctx.shared.get("ceilings") or (common.measure_ceilings() if ctx.on_gpu else None)
         ctx.shared["ceilings"] = ceilings
         model, tok = bench_sampling.load(source, args, ctx.on_gpu)
-        params = sum(p.numel() for p in model.parameters())
+        untied = common.untie_random_head(model)  # tied random weights answer ':' to every prompt
+        params = sum(p.numel() for p in model.parameters())  # with an untied head: the shape's compute, more memory
         prompt_lens = token_counts(tok, [r.text for r in requests])
         rows, failed = {}, {}
         for name, engine, changes in ENGINE_RUNS:
@@ -100,6 +111,7 @@ def engine_check(shape_key: str):
             except Exception as err:  # noqa: BLE001 -- recorded: the other engines' figures still count
                 failed[name] = repr(err)[:1000]
             common.free_memory()
+        lazy = lazy_comparison(model, tok, data, args.dtype, ctx.on_gpu)
         del model
         if ctx.on_gpu:
             import torch
@@ -108,15 +120,66 @@ def engine_check(shape_key: str):
         common.free_memory()
         agreements, expectations = engine_comparisons(rows, ctx.on_gpu)
         expectations.append(expect_at_most("engines_failed", len(failed), 0, "every engine runs"))
+        expectations += lazy.pop("expectations")
         speed = {name: r["answers_per_s"] for name, r in rows.items()}
         ratio = lambda a, b: speed[a] / speed[b] if a in speed and b in speed else None  # noqa: E731
-        return {"model": source, "params": params, "prompts": len(requests), "answers_per_s": speed,
+        return {"model": source, "params": params, "head_untied": untied, "prompts": len(requests), "answers_per_s": speed,
                 "x_generate": ratio("toolkit", "generate"), "x_eager": ratio("toolkit", "eager"),
                 "decode_step_ms": {n: r["decode_step_s"] * 1e3 for n, r in rows.items() if r.get("decode_step_s")},
                 "roofline": rows.get("toolkit", {}).get("roofline"),
                 "peak_memory": {n: r["peak_memory"] for n, r in rows.items()}, "ceilings": ceilings,
-                "failed_engines": failed, "agreement": agreements, "expectations": expectations}
+                "failed_engines": failed, "agreement": agreements, "lazy_probe": lazy, "expectations": expectations}
     return run
+
+
+def lazy_comparison(model, tokenizer, data, dtype: str, on_gpu: bool) -> dict:
+    """The probe's own loop on `model` (probe_modes.engine_rows): the own engine in full sampling, lazy in one
+    pass and in two phases, then vLLM full and lazy where it is installed (not with --smoke: its CPU start-up
+    takes a minute, and the sampling benchmark runs it there); questions/s, answers saved, categories
+    against full sampling, with planted gold (probe_modes.plant_gold)."""
+    import probe_modes
+
+    from toolkit.data.prompts import ExemplarPool
+    from toolkit.probe.engine import FastEngine
+
+    work = LAZY_WORKLOAD if on_gpu else SMOKE_LAZY_WORKLOAD
+    args = SimpleNamespace(**work, batch_prompts=None if on_gpu else 8)
+    train, dev = common.load_items(data)
+    items, pool = common.spread(train, work["questions"]), ExemplarPool(dev)
+    engine = FastEngine(model, tokenizer, probe_modes.probe_config(args, "full"), max_batch_prompts=args.batch_prompts)
+    rows = probe_modes.engine_rows(engine, "toolkit", dtype, probe_modes.OWN_MODES, items, pool, args, plant_every=2)
+    del engine
+    common.free_memory()
+    vllm = "not installed" if not optional_present()["vllm"] else "skipped with --smoke" if not on_gpu else "ran"
+    if vllm == "ran":
+        try:
+            engine = common.start_vllm(model, tokenizer, probe_modes.probe_config(args, "full"), gpu_share=0.5)
+            rows += probe_modes.engine_rows(engine, "vllm", dtype, probe_modes.VLLM_MODES, items, pool, args,
+                                            plant_every=2)
+            engine.close()
+        except Exception as err:  # noqa: BLE001 -- recorded: the own engine's figures still count
+            vllm = f"failed: {err!r}"[:1000]
+        common.free_memory()
+    expectations = []
+    for r in rows:
+        if r["sampling"] != "full":
+            full = next(f for f in rows if f["engine"] == r["engine"] and f["sampling"] == "full")
+            name = f"{r['engine']}_{r['sampling']}_vs_full"
+            expectations.append(expect_rate(name, agreement(r["categories"], full["categories"]),
+                                            rule("lazy_vs_full", on_gpu)))
+    rows = probe_modes.compare(rows)
+    speed = {f"{r['engine']}_{r['sampling']}": r["questions_per_s"] for r in rows}
+    saved = {f"{r['engine']}_{r['sampling']}": r["answers_saved"] for r in rows if r["sampling"] != "full"}
+    expectations.append(expect_at_least("toolkit_two_phase_answers_saved", saved["toolkit_two_phase"],
+                                        MIN_SAVED_TWO_PHASE, "two phases skip the samples of every question "
+                                        "its greedy answers settle (half of them are planted)"))
+    ratio = lambda a, b: speed[a] / speed[b] if a in speed and b in speed else None  # noqa: E731
+    return {"workload": work, "planted": rows[0]["planted"], "vllm": vllm, "questions_per_s": speed,
+            "answers_saved": saved, "x_two_phase_vs_one_pass": ratio("toolkit_two_phase", "toolkit_one_pass"),
+            "x_two_phase_vs_full": ratio("toolkit_two_phase", "toolkit_full"),
+            "x_two_phase_vs_vllm_lazy": ratio("toolkit_two_phase", "vllm_two_phase"),
+            "x_two_phase_vs_vllm_full": ratio("toolkit_two_phase", "vllm_full"), "runs": rows,
+            "expectations": expectations}
 
 
 def check_actors(ctx) -> dict:
@@ -195,7 +258,7 @@ def check_planning(ctx) -> dict:
 
 
 PROBE_CHECKS = [Check("planning", check_planning, estimate_s=20),
-                Check("engine_1b", engine_check("engine_1b"), estimate_s=100),
-                Check("engine_8b", engine_check("engine_8b"), estimate_s=200),
+                Check("engine_1b", engine_check("engine_1b"), estimate_s=120),
+                Check("engine_8b", engine_check("engine_8b"), estimate_s=240),
                 Check("actors", check_actors, estimate_s=60)]
 

@@ -181,6 +181,9 @@ GPU_RULES = {
                                "cache (those agree on far fewer), not rounding"),
     "actor_rows": Rule(0.75, "categories of 8 items from GPU actors against a CPU actor: other devices, "
                        "other kernels; a category needs several answers to move"),
+    "lazy_vs_full": Rule(0.75, "bf16, random weights (near-flat logits): lazy rows decode in batches of other "
+                         "shapes than full sampling's, so a planted greedy answer can flip and leave its "
+                         "question unsettled; a broken settle rule or KV fan-out moves most planted items"),
 }
 # On the CPU in fp32 the kernels do not depend on batch composition or process (README "Determinism")
 CPU_RULES = {
@@ -188,6 +191,7 @@ CPU_RULES = {
     "batch_8_vs_16": Rule(1.0, "CPU fp32: answers do not depend on batch composition"),
     "engine_vs_generate": GPU_RULES["engine_vs_generate"],
     "actor_rows": Rule(1.0, "CPU fp32: the same model on the same device under any actor count"),
+    "lazy_vs_full": Rule(1.0, "CPU fp32: every answer lazy probing produces is full sampling's"),
 }
 
 
@@ -216,11 +220,16 @@ def expect_at_most(name: str, value: float | None, limit: float, why: str) -> di
             "passed": value is not None and value <= limit, "why": why}
 
 
+def expect_at_least(name: str, value: float | None, limit: float, why: str) -> dict:
+    return {"name": name, "kind": "at_least", "value": value, "limit": limit,
+            "passed": value is not None and value >= limit, "why": why}
+
+
 def describe(e: dict) -> str:
     if e["kind"] == "rate":
         rate = "-" if e["rate"] is None else f"{e['rate']:.3f}"
         return f"{e['equal']}/{e['total']} equal = {rate} < {e['min_rate']} ({e['why']})"
-    return f"{e['value']} > {e['limit']} ({e['why']})"
+    return f"{e['value']} {'<' if e['kind'] == 'at_least' else '>'} {e['limit']} ({e['why']})"
 
 
 # Losses of two launches of one training run (ZeRO-2, same data and seed) on the same GPUs.

@@ -29,10 +29,8 @@ def bench_probe_modes(source: str, items: list, pool, args) -> dict | None:
     rows, loaded = [], {}
     for dtype in args.probe_dtypes:
         model, tokenizer = load_model(ModelSpec(source=source, tokenizer=args.tokenizer, dtype=dtype))
-        for mode in OWN_MODES:
-            cfg = probe_config(args, mode)
-            rows.append(probe_row(FastEngine(model, tokenizer, cfg, max_batch_prompts=args.batch_prompts),
-                                  "toolkit", dtype, mode, items, pool, cfg))
+        engine = FastEngine(model, tokenizer, probe_config(args, "full"), max_batch_prompts=args.batch_prompts)
+        rows += engine_rows(engine, "toolkit", dtype, OWN_MODES, items, pool, args)
         if "vllm" in args.engines:
             loaded[dtype] = (model, tokenizer)
         else:
@@ -40,21 +38,57 @@ def bench_probe_modes(source: str, items: list, pool, args) -> dict | None:
     # vLLM after every own-engine row: its CPU backend sets the process's threading when it starts
     for dtype, (model, tokenizer) in loaded.items():
         engine = common.start_vllm(model, tokenizer, probe_config(args, "full"))
-        for mode in VLLM_MODES:  # lazy: greedy answers first, then samples of the unsettled items
-            cfg = probe_config(args, mode)
-            rows.append(probe_row(engine, "vllm", dtype, mode, items, pool, cfg))
+        rows += engine_rows(engine, "vllm", dtype, VLLM_MODES, items, pool, args)  # lazy: always two phases
         engine.close()  # its memory and processes, before the next engine
         common.free_memory()
     return dict(model=source, samples=args.samples, exemplar_sets=args.exemplar_sets, runs=compare(rows))
+
+
+def engine_rows(engine, name: str, dtype: str, modes, items: list, pool, args, plant_every: int = 0) -> list[dict]:
+    """One engine's rows, one per mode, on the same items: the engine's config is set per row (one
+    engine: on a GPU one compiled decode step for every mode). plant_every: see plant_gold."""
+    base, planted = engine.config, 0
+    if plant_every:
+        items, planted = plant_gold(engine, items, pool, mode_config(base, "full"), plant_every)
+    rows = []
+    for mode in modes:
+        engine.config = mode_config(base, mode)
+        rows.append({**probe_row(engine, name, dtype, mode, items, pool, engine.config), "planted": planted})
+    engine.config = base
+    return rows
+
+
+def plant_gold(engine, items: list, pool, cfg, every: int) -> tuple[list, int]:
+    """(items, how many were changed) for a model that knows no fact (random weights), on which no question
+    would ever settle and lazy probing could show only its overhead: every `every`-th item takes as its
+    gold answer the engine's own greedy answer to the item's first prompt under full sampling, as a model
+    that knew the fact would answer; the others keep theirs. An empty greedy answer is left alone."""
+    from dataclasses import replace
+
+    from toolkit.data.matching import normalize_answer
+    from toolkit.probe.slick import probe_items
+
+    engine.config = cfg
+    result = probe_items(engine, items, pool, cfg)
+    planted = [replace(item, answer=row["greedy_answers"][0], aliases=())
+               if i % every == 0 and normalize_answer(row["greedy_answers"][0]) else item
+               for i, (item, row) in enumerate(zip(items, result))]
+    return planted, sum(a is not b for a, b in zip(planted, items))
 
 
 def probe_config(args, mode: str):
     """The probe settings of a row: `mode` full, or lazy in one pass / two phases (vLLM's lazy: two phases)."""
     from toolkit.probe.types import ProbeConfig
 
-    return ProbeConfig(num_exemplar_sets=args.exemplar_sets, shots=args.shots, samples=args.samples,
-                       max_new_tokens=args.max_new_tokens, full_sampling=mode == "full",
-                       lazy="one_pass" if mode == "one_pass" else "two_phase")
+    return mode_config(ProbeConfig(num_exemplar_sets=args.exemplar_sets, shots=args.shots, samples=args.samples,
+                                   max_new_tokens=args.max_new_tokens), mode)
+
+
+def mode_config(cfg, mode: str):
+    """`cfg` in `mode`: full sampling, or lazy in one pass or two phases."""
+    import dataclasses
+
+    return dataclasses.replace(cfg, full_sampling=mode == "full", lazy="one_pass" if mode == "one_pass" else "two_phase")
 
 
 def probe_row(engine, name: str, dtype: str, mode: str, items: list, pool, cfg) -> dict:

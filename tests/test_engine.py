@@ -510,6 +510,30 @@ def test_two_phases_let_go_of_the_kept_prompt_kv_after_each_batch(stoppy_lm, mon
     assert engine.last_stats["phase2_rows"] == 6 * 3 and len(kept) == 6
 
 
+def test_two_phases_start_the_sample_phase_at_a_graph_shape_with_padded_rows(stoppy_lm):
+    """With CUDA graphs (pad_rows; run on CPU without compiling) phase 2 starts at a power of two rows:
+    3 unsettled prompts x 5 samples = 15 rows run as 16, the extra row finished from the start. The
+    answers and what settles are those of the unpadded engine."""
+    model, tokenizer = stoppy_lm
+    cfg = ProbeConfig(samples=5, max_new_tokens=8, seed=2, lazy="two_phase")
+    requests = grouped_requests([3, 3])
+    settled = settle_after_greedy({"q0"}, set())
+    runs = {}
+    for pad in (False, True):
+        counts, handle = decode_row_counts(model)
+        engine = FastEngine(model, tokenizer, cfg, max_batch_prompts=6, compact_below=0.0, pad_rows=pad)
+        try:
+            runs[pad] = engine.generate(requests, settled=settled), counts, engine.last_stats
+        finally:
+            handle.remove()
+    (plain, plain_counts, plain_stats), (padded, padded_counts, padded_stats) = runs[False], runs[True]
+    assert padded == plain
+    assert 15 in plain_counts and 15 not in padded_counts and 16 in padded_counts  # compact_below=0: no compaction
+    assert set(padded_counts) <= {6, 16}  # phase 1: the 6 greedy rows; phase 2: 16
+    for stat in ("settled_rows", "phase2_rows", "answers", "answers_saved"):
+        assert padded_stats[stat] == plain_stats[stat], stat
+
+
 def test_out_of_memory_retry_of_a_two_phase_batch_gives_the_answers_of_smaller_batches(stoppy_lm):
     """The sample phase (more rows than the greedy one) runs out of memory: the batch is retried in
     halves, its books and counters as if the failed attempt never ran."""

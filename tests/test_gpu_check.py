@@ -167,10 +167,13 @@ def test_agreement_rates_tolerate_rare_flips_on_gpu_and_none_on_cpu(rules):
     assert rules.expect_rate("x", rules.agreement(a, a), rules.rule("batch_8_vs_16", on_gpu=False))["passed"]
     assert not rules.expect_rate("x", rules.agreement([], []), rules.Rule(0.5, "r"))["passed"]  # nothing compared
     for table in (rules.GPU_RULES, rules.CPU_RULES):
-        assert set(table) == {"graphs_vs_eager", "batch_8_vs_16", "engine_vs_generate", "actor_rows"}
+        assert set(table) == {"graphs_vs_eager", "batch_8_vs_16", "engine_vs_generate", "actor_rows", "lazy_vs_full"}
         assert all(0 < r.min_rate <= 1 and len(r.why) > 20 for r in table.values())  # a reason beside each
     with pytest.raises(ValueError, match="comparing 2 items with 1"):
         rules.agreement([1, 2], [1])
+    saved = rules.expect_at_least("saved", 0.19, 0.2, "two phases skip samples")
+    assert not saved["passed"] and rules.describe(saved) == "0.19 < 0.2 (two phases skip samples)"
+    assert rules.expect_at_least("saved", 0.2, 0.2, "r")["passed"] and not rules.expect_at_least("s", None, 0.2, "r")["passed"]
 
 
 def test_engine_rows_are_compared_answer_by_answer_and_a_failed_engine_compares_nothing(gpu_check):
@@ -311,8 +314,14 @@ def test_probe_checks_smoke_on_cpu(tmp_path):
     probe = result["results"]["probe"]
     assert result["summary"]["probe"]["ok"] == ["planning", "engine_1b", "engine_8b", "actors"]
     assert probe["planning"]["plan"].startswith("2 actor(s) x (1 CPU)")  # no GPU: the CPU plan
-    assert result["verdict"]["verdict"] == "passed" and result["verdict"]["expectations_met"] == 9
+    assert result["verdict"]["verdict"] == "passed" and result["verdict"]["expectations_met"] == 15
     assert set(probe["engine_1b"]["answers_per_s"]) == {"toolkit", "eager", "eager_batch8", "generate"}
+    # the probe's own loop per shape, half the questions with planted gold: two phases skip their samples
+    lazy = probe["engine_1b"]["lazy_probe"]
+    assert probe["engine_1b"]["head_untied"] and lazy["planted"] == 3 and lazy["vllm"] == "skipped with --smoke"
+    assert {(r["engine"], r["sampling"]) for r in lazy["runs"]} == {("toolkit", m) for m in ("full", "one_pass", "two_phase")}
+    assert all(r["categories_equal_to_full"] for r in lazy["runs"])
+    assert lazy["answers_saved"]["toolkit_two_phase"] == 0.4  # 3 settled questions x 2 prompts x 4 of 60 answers
     assert probe["engine_1b"]["agreement"]["graphs_vs_eager"]["answers"]["rate"] == 1.0  # CPU fp32: equal
     assert probe["actors"]["devices"] == {"two_actors_one_gpu": ["cpu"], "cpu_actor": ["cpu"]}
     assert probe["actors"]["rows_equal"] is True

@@ -247,35 +247,41 @@ class FastEngine:
         stats["kept_kv_bytes"] = max(stats["kept_kv_bytes"], prompts.kv_bytes())
         if pending:
             src = torch.tensor(pending, device=self.device).repeat_interleave(len(samples))
-            more = self._decode([reqs[i] for i in pending], prompts, src, samples, capacity, book)
+            # with CUDA graphs phase 2 starts at a power of two rows (as compaction does): few shapes to capture
+            pad_to = graph_rows(len(src), len(reqs) * len(samples)) if self.pad_rows else len(src)
+            more = self._decode([reqs[i] for i in pending], prompts, src, samples, capacity, book, pad_to)
             add_samples(answers, pending, more)
         return answers
 
     def _decode(self, reqs: list[PromptRequest], prompts: Prefilled, src: torch.Tensor, stream_keys: list[int],
-                capacity: tuple[int, int], book: SettleBook | None) -> list[PromptAnswers]:
+                capacity: tuple[int, int], book: SettleBook | None, pad_to: int = 0) -> list[PromptAnswers]:
         """Decode the streams `stream_keys` of each of `reqs` (rows prompt-major); decode row r starts from
-        prefilled row src[r]. With a book, rows of the questions it settles stop early."""
+        prefilled row src[r]. With a book, rows of the questions it settles stop early. pad_to: rows added
+        after those, finished from the start, up to this count (a captured graph's shape)."""
         cfg, dev, stats = self.config, self.device, self.last_stats
         streams, n_prompts = len(stream_keys), len(reqs)
         rows = n_prompts * streams
-        greedy = torch.tensor([j == GREEDY_STREAM for j in stream_keys], device=dev).repeat(n_prompts)
+        extra = max(0, pad_to - rows)
+        greedy = torch.tensor([j == GREEDY_STREAM for j in stream_keys] * n_prompts + [False] * extra, device=dev)
         sampling = any(j >= 0 for j in stream_keys)
         keys = torch.tensor([to_int64(stable_seed(cfg.seed, r.question_id, r.prompt_index, j))
-                             for r in reqs for j in stream_keys], device=dev)
+                             for r in reqs for j in stream_keys] + [0] * extra, device=dev)
+        src = torch.cat([src, src[:1].expand(extra)])
         lengths, plen = prompts.lengths[src], prompts.width
         self.kv.load(prompts.cache, src, capacity)
-        kv_mask = torch.zeros(rows, self.kv.max_length, dtype=torch.bool, device=dev)
+        kv_mask = torch.zeros(rows + extra, self.kv.max_length, dtype=torch.bool, device=dev)
         kv_mask[:, :plen] = prompts.mask[src]
 
-        out = torch.full((rows, cfg.max_new_tokens), self.tokenizer.pad_token_id, device=dev)
-        row_ids = torch.arange(rows, device=dev)  # original row of each live batch row
+        out = torch.full((rows + extra, cfg.max_new_tokens), self.tokenizer.pad_token_id, device=dev)
+        row_ids = torch.arange(rows + extra, device=dev)  # original row of each live batch row
         zero = torch.zeros((), dtype=torch.long, device=dev)
         tokens = self._pick(prompts.logits[src], keys, greedy, zero, sampling)
         out[:, 0] = tokens
-        alive = ~torch.isin(tokens, self._stop_tensor)
+        started = row_ids < rows  # the padding rows never run
+        alive = ~torch.isin(tokens, self._stop_tensor) & started
         if book is not None:
             book.start_batch(reqs, stream_keys)
-            alive = self._settle(book, out, row_ids, torch.ones_like(alive), alive)
+            alive = self._settle(book, out, row_ids, started, alive)
         for step in range(1, cfg.max_new_tokens):
             n_alive = int(alive.sum())
             if n_alive == 0:
@@ -299,7 +305,7 @@ class FastEngine:
             stats["decode_steps"] += 1
             stats["decode_rows"] += len(row_ids)
         if book is None:
-            return prompt_answers(dict(enumerate(self.answers(out.tolist()))), n_prompts, stream_keys)
+            return prompt_answers(dict(enumerate(self.answers(out[:rows].tolist()))), n_prompts, stream_keys)
         rest = sorted(book.running)  # rows that ran to max_new_tokens
         book.record(rest, self.answers(out[rest].tolist()))
         return prompt_answers(book.decoded, n_prompts, stream_keys)
