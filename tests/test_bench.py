@@ -204,3 +204,26 @@ def test_probe_loop_rows_are_compared_with_full_sampling_and_the_fp32_reference(
     assert vllm_full["max_count_difference_vs_fp32"] == 1
     assert vllm_lazy["max_count_difference_vs_fp32"] == 1  # H 1 / M 2 / U 1
     assert "greedy" not in vllm_full and "categories" not in vllm_full
+
+
+def test_bf16_training_comparison_holds_bf16_to_the_noise_between_fp32_seeds(monkeypatch):
+    """benchmarks/train_precision.compare on made-up runs: epoch mean losses against the gap two fp32 seeds
+    show, best dev against the seeds' gap (or one binomial standard error of the dev set)."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    from train_precision import compare
+
+    def run(losses, best, tokens_per_s=10.0):
+        epochs = [i // 2 for i in range(len(losses))]  # two steps per epoch
+        return {"loss": losses, "epoch": epochs, "tokens_per_s": [tokens_per_s] * len(losses), "trainer_s": 100.0,
+                "dev": [{"step": 2, "accuracy": best, "count": 64}], "best_dev_accuracy": best}
+
+    fp32, seed1 = run([4.0, 2.0, 1.0, 0.8], 0.40), run([4.1, 2.1, 1.0, 0.7], 0.375)
+    close = compare({"fp32": fp32, "fp32_seed1": seed1, "bf16": run([4.0, 2.1, 1.05, 0.8], 0.39, 15.0)})
+    assert close["epoch_mean_loss"]["fp32"] == [3.0, 0.9]
+    assert close["loss_gap_bf16"] == pytest.approx([0.05, 0.025]) and close["loss_gap_seed"] == pytest.approx([0.1, -0.05])
+    assert close["bf16_within_noise"] and close["x_bf16_tokens_per_s"] == 1.5 and close["x_bf16_trainer_s"] == 1.0
+    lagging = compare({"fp32": fp32, "fp32_seed1": seed1, "bf16": run([4.0, 3.8, 1.1, 0.8], 0.40)})
+    assert not lagging["same_curve"] and lagging["same_dev"] and not lagging["bf16_within_noise"]
+    # dev: the seeds moved 2.5 points, one standard error of 64 items at 40% is 6.1 points
+    assert compare({"fp32": fp32, "fp32_seed1": seed1, "bf16": run([4.0, 2.0, 1.0, 0.8], 0.34)})["same_dev"]
+    assert not compare({"fp32": fp32, "fp32_seed1": seed1, "bf16": run([4.0, 2.0, 1.0, 0.8], 0.33)})["same_dev"]
