@@ -110,15 +110,22 @@ def make_engine(name, model, tokenizer, sampling, args, force):
 
 
 def load(source, args, init_on_gpu):
+    """(model, tokenizer); a random shape with tied embeddings gets a random head of its own
+    (common.untie_random_head: tied, it answers ':' to every prompt, and answers agree trivially)."""
+    import contextlib
+
     import torch
 
     from toolkit.models import ModelSpec, load_model
 
     spec = ModelSpec(source=source, tokenizer=args.tokenizer, dtype=args.dtype)
-    if init_on_gpu and source.startswith("random:"):
-        with torch.device("cuda"):  # initialise on the GPU: an 8B random init on the CPU takes minutes
-            return load_model(spec)
-    return load_model(spec)
+    if not source.startswith("random:"):
+        return load_model(spec)
+    # initialise on the GPU: an 8B random init on the CPU takes minutes
+    with torch.device("cuda") if init_on_gpu else contextlib.nullcontext():
+        model, tokenizer = load_model(spec)
+    common.untie_random_head(model)
+    return model, tokenizer
 
 
 def roofline(model, prompt_lens, args, bucket, ceilings, decode_s, decode_steps) -> dict | None:

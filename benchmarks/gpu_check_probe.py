@@ -100,7 +100,6 @@ def engine_check(shape_key: str):
         ceilings = ctx.shared.get("ceilings") or (common.measure_ceilings() if ctx.on_gpu else None)
         ctx.shared["ceilings"] = ceilings
         model, tok = bench_sampling.load(source, args, ctx.on_gpu)
-        untied = common.untie_random_head(model)  # tied random weights answer ':' to every prompt
         params = sum(p.numel() for p in model.parameters())  # with an untied head: the shape's compute, more memory
         prompt_lens = token_counts(tok, [r.text for r in requests])
         rows, failed = {}, {}
@@ -123,7 +122,7 @@ def engine_check(shape_key: str):
         expectations += lazy.pop("expectations")
         speed = {name: r["answers_per_s"] for name, r in rows.items()}
         ratio = lambda a, b: speed[a] / speed[b] if a in speed and b in speed else None  # noqa: E731
-        return {"model": source, "params": params, "head_untied": untied, "prompts": len(requests), "answers_per_s": speed,
+        return {"model": source, "params": params, "prompts": len(requests), "answers_per_s": speed,
                 "x_generate": ratio("toolkit", "generate"), "x_eager": ratio("toolkit", "eager"),
                 "decode_step_ms": {n: r["decode_step_s"] * 1e3 for n, r in rows.items() if r.get("decode_step_s")},
                 "roofline": rows.get("toolkit", {}).get("roofline"),
