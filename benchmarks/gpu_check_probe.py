@@ -86,6 +86,11 @@ def engine_comparisons(rows: dict, on_gpu: bool) -> tuple[dict, list[dict]]:
     return found, expectations
 
 
+def ratio(speed: dict, a: str, b: str) -> float | None:
+    """speed[a] / speed[b], or None where either row is missing (an engine that failed or did not run)."""
+    return speed[a] / speed[b] if a in speed and b in speed else None
+
+
 def engine_check(shape_key: str):
     def run(ctx) -> dict:
         import bench_sampling
@@ -121,9 +126,8 @@ def engine_check(shape_key: str):
         expectations.append(expect_at_most("engines_failed", len(failed), 0, "every engine runs"))
         expectations += lazy.pop("expectations")
         speed = {name: r["answers_per_s"] for name, r in rows.items()}
-        ratio = lambda a, b: speed[a] / speed[b] if a in speed and b in speed else None  # noqa: E731
         return {"model": source, "params": params, "prompts": len(requests), "answers_per_s": speed,
-                "x_generate": ratio("toolkit", "generate"), "x_eager": ratio("toolkit", "eager"),
+                "x_generate": ratio(speed, "toolkit", "generate"), "x_eager": ratio(speed, "toolkit", "eager"),
                 "decode_step_ms": {n: r["decode_step_s"] * 1e3 for n, r in rows.items() if r.get("decode_step_s")},
                 "roofline": rows.get("toolkit", {}).get("roofline"),
                 "peak_memory": {n: r["peak_memory"] for n, r in rows.items()}, "ceilings": ceilings,
@@ -172,12 +176,12 @@ def lazy_comparison(model, tokenizer, data, dtype: str, on_gpu: bool) -> dict:
     expectations.append(expect_at_least("toolkit_two_phase_answers_saved", saved["toolkit_two_phase"],
                                         MIN_SAVED_TWO_PHASE, "two phases skip the samples of every question "
                                         "its greedy answers settle (half of them are planted)"))
-    ratio = lambda a, b: speed[a] / speed[b] if a in speed and b in speed else None  # noqa: E731
+    two_phase = "toolkit_two_phase"
     return {"workload": work, "planted": rows[0]["planted"], "vllm": vllm, "questions_per_s": speed,
-            "answers_saved": saved, "x_two_phase_vs_one_pass": ratio("toolkit_two_phase", "toolkit_one_pass"),
-            "x_two_phase_vs_full": ratio("toolkit_two_phase", "toolkit_full"),
-            "x_two_phase_vs_vllm_lazy": ratio("toolkit_two_phase", "vllm_two_phase"),
-            "x_two_phase_vs_vllm_full": ratio("toolkit_two_phase", "vllm_full"), "runs": rows,
+            "answers_saved": saved, "x_two_phase_vs_one_pass": ratio(speed, two_phase, "toolkit_one_pass"),
+            "x_two_phase_vs_full": ratio(speed, two_phase, "toolkit_full"),
+            "x_two_phase_vs_vllm_lazy": ratio(speed, two_phase, "vllm_two_phase"),
+            "x_two_phase_vs_vllm_full": ratio(speed, two_phase, "vllm_full"), "runs": rows,
             "expectations": expectations}
 
 

@@ -91,7 +91,9 @@ def mfu(num_params: int, tokens_per_s: float | None, peak_flops: float | None, r
 
 def summarize_run(out: Path, num_params: int, peak_flops: float | None, ranks: int) -> dict:
     """What a finished (or interrupted) training output holds: losses, speed, memory, sizes on disk."""
-    rows = [json.loads(line) for line in (out / "losses.jsonl").read_text().splitlines() if line.strip()]
+    from toolkit.io import read_jsonl
+
+    rows = read_jsonl(out / "losses.jsonl")
     s = json.loads((out / "train_summary.json").read_text())
     timed = rows[1:] or rows  # the first step pays for kernel selection and warm-up
     tps = statistics.median(r["tokens_per_s"] for r in timed) if timed else None

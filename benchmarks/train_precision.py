@@ -71,8 +71,9 @@ def run_training(args, data: Path, name: str, bf16: bool, seed: int) -> dict:
 
 
 def read_run(out: Path, bf16: bool, seed: int) -> dict:
-    losses = [json.loads(line) for line in (out / "losses.jsonl").read_text().splitlines() if line.strip()]
-    evals = [json.loads(line) for line in (out / "evals.jsonl").read_text().splitlines() if line.strip()]
+    from toolkit.io import read_jsonl
+
+    losses, evals = read_jsonl(out / "losses.jsonl"), read_jsonl(out / "evals.jsonl")
     summary = json.loads((out / "train_summary.json").read_text())
     wall = out / "wall_s.json"
     return {"bf16": bf16, "seed": seed, "loss": [r["loss"] for r in losses], "epoch": [r["epoch"] for r in losses],
