@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from toolkit.doctor import device_description
 from toolkit.io import write_json as toolkit_write_json
 from toolkit.report import provenance
-from toolkit.report.collect import MAIN_MODELS, collect_metrics
+from toolkit.report.collect import MAIN_MODELS, collect_metrics, recollect
 from toolkit.report.render import PAPER_COMPARISON, ReportError, render_report
 
 REPO = Path(__file__).resolve().parents[1]
@@ -498,6 +499,25 @@ def test_merged_runs_equal_one_run_with_all_seeds(two_seed_run, tmp_path_factory
     assert merged["aggregate"] == one["aggregate"] and merged["aggregate_table"] == one["aggregate_table"]
     assert json.loads((root / "merged" / "config.json").read_text())["seeds"] == [0, 1]
     assert json.loads((root / "merged" / "metrics.json").read_text())["seeds"] == json.loads(json.dumps(one["seeds"]))
+
+
+def test_merged_seeds_name_the_devices_they_computed_on(two_seed_run, tmp_path_factory):
+    from toolkit.gradual.merge import merge_runs
+
+    assert provenance.seed_device(two_seed_run / "seed-0") == device_description()  # written with each seed
+    root = tmp_path_factory.mktemp("merge-devices")
+    config = {"preset": "test", "probe": {"samples": 4}}
+    a, b = (copy_seed(two_seed_run, seed, root / f"run-{seed}", config) for seed in (0, 1))
+    stages_path = b / "seed-1" / provenance.STAGES_FILE
+    stages = json.loads(stages_path.read_text())
+    write_json(stages_path, {**stages, "device": "GPU: NVIDIA H100 80GB HBM3 x1"})
+    merged = merge_runs([a, b], root / "merged")
+    assert merged["run"]["device"] == f"{device_description()}; GPU: NVIDIA H100 80GB HBM3 x1"
+    del stages["device"]  # a seed from a toolkit that did not record it: the run's metrics.json says
+    write_json(stages_path, stages)
+    write_json(root / "merged" / "seed-1" / provenance.STAGES_FILE, stages)
+    write_json(root / "merged" / "metrics.json", {"run": {"device": "CPU: elsewhere"}})
+    assert recollect(root / "merged")["run"]["device"] == f"{device_description()}; CPU: elsewhere"
 
 
 @pytest.mark.parametrize("problem", ["other settings", "a seed twice", "no seed", "out not empty"])

@@ -10,7 +10,7 @@ from typing import Sequence
 import numpy as np
 
 from . import metrics as M
-from .provenance import ITEMS_FILE, REPROBE, STAGES_FILE, SeedRecord, has_provenance, read_seed
+from .provenance import ITEMS_FILE, REPROBE, STAGES_FILE, SeedRecord, has_provenance, read_seed, seed_device
 
 MAIN_MODELS = ("M0", "M1", "M2")
 # The headline table's columns, each a mean over seeds: (where its interval may lie, readable name
@@ -214,7 +214,11 @@ def recollect(run_dir: str | Path) -> dict:
         raise FileNotFoundError(f"{run_dir}: no seed-<s>/{ITEMS_FILE} with {STAGES_FILE}")
     old = run_dir / "metrics.json"
     info = json.loads(old.read_text(encoding="utf-8")).get("run", {}) if old.exists() else {}
-    info.setdefault("device", "not recorded")  # not this machine's: the run may have computed elsewhere
+    # the seeds' own devices (merged runs may have computed on several machines), else the run's
+    # metrics.json's; never this machine's: the run may have computed elsewhere
+    recorded = [seed_device(run_dir / f"seed-{s}") for s in seeds]
+    fallback = info.get("device", "not recorded")
+    info["device"] = "; ".join(dict.fromkeys(d or fallback for d in recorded))
     if "seeds" in info:
         info["seeds"] = seeds
     return collect_metrics(run_dir, seeds, run_info=info)

@@ -7,7 +7,7 @@ RUN_DIR/seed-<s>/items.jsonl.gz   one row per (model, split, item), sorted:
     probed on that split, + {"answer", "correct"} where it was evaluated (test).
     model: M0, M1, M2, a baseline's name, or REPROBE (M0 probed again under another probe seed: the
     noise floor).
-RUN_DIR/seed-<s>/stages.json      {"code": git commit, "baselines": [names], "upgrade_rule": {"from": [...], "to": [...]},
+RUN_DIR/seed-<s>/stages.json      {"code": git commit, "device": where it computed, "baselines": [names], "upgrade_rule": {"from": [...], "to": [...]},
     "stages": {stage: {"parts": {part: [ids]}, "steps", "exported_step", "best_dev_accuracy",
                        "skipped", "fit_speed": [...], "costs": {...} | null}},
     "costs": {"steps": {step: seconds}, "probe": {probe: {...}}}}
@@ -91,12 +91,20 @@ def write_seed(run_dir: str | Path, seed: int, baselines: list[str] | tuple[str,
 
     stage_dirs = {"stage1": sd / "stage1", "stage2": sd / "stage2",
                   **{f"baseline {b}": sd / f"baseline-{b}" for b in baselines}}
-    stages = {"code": code_version(), "baselines": list(baselines),
+    from toolkit.doctor import device_description
+
+    stages = {"code": code_version(), "device": device_description(), "baselines": list(baselines),
               "upgrade_rule": {k: list(v) for k, v in upgrade_rule.items()},
               "stages": {stage: _stage(d) for stage, d in stage_dirs.items()},
               "costs": _step_costs(run_dir, seed)}
     write_json(sd / STAGES_FILE, stages, strict=True)
     return {"rows": len(rows), "stages": len(stage_dirs)}
+
+
+def seed_device(seed_dir: str | Path) -> str | None:
+    """Where a seed computed, from its stages.json (None from a toolkit that did not record it)."""
+    stages = json.loads((Path(seed_dir) / STAGES_FILE).read_text(encoding="utf-8"))
+    return stages.get("device")
 
 
 def code_version() -> str | None:
