@@ -2,7 +2,7 @@
 #   make demo   set up .venv, run the main job on the embedded default (real SmolLM2, built-in facts),
 #               then say in one line whether it reproduced the committed demo of the precision it ran in
 #   make test   set up .venv (if needed) and run the test suite
-#   make docs   regenerate docs/configuration.md and the README's demo table (a test checks both)
+#   make docs   regenerate docs/configuration.md and the docs' tables of committed results (a test checks them)
 VENV        ?= .venv
 export GRADUAL_CACHE_DIR    ?= $(CURDIR)/.cache/gradual
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions

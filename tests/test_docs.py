@@ -1,5 +1,5 @@
-"""The documentation a user reads is true of the repository: the README's demo table is the committed
-metrics.json's, every relative link and every cited file exists, the generated configuration reference
+"""The documentation a user reads is true of the repository: its generated tables (the README's demo,
+the evidence result) are the committed metrics.json's, every relative link and every cited file exists, the generated configuration reference
 is current, no internal work-item number or path outside the repository is left, and each command's
 --help fits one screen and names an existing docs page."""
 from __future__ import annotations
@@ -34,17 +34,18 @@ def tracked_text_files() -> list[Path]:
     return files
 
 
-# ---------------------------------------------------------------- the README's demo table
+# ---------------------------------------------------------------- tables generated from committed results
 
 
-def test_the_readme_demo_table_is_the_committed_metrics():
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    blocks = reproduce.readme_blocks(readme)
-    assert blocks, "README.md has no generated demo table (<!-- demo-table: DIR --> ... <!-- demo-table:end -->)"
-    for source, block in blocks:
-        expected = reproduce.readme_table(reproduce.read_metrics(ROOT / source), source)
-        assert block == expected, (f"README.md's demo table differs from {source}/metrics.json: "
-                                   "run `make docs` (python -m toolkit.docgen)")
+def test_the_docs_generated_tables_are_the_committed_metrics():
+    blocks = {doc: reproduce.generated_blocks((ROOT / doc).read_text(encoding="utf-8")) for doc in docgen.GENERATED_TABLE_DOCS}
+    assert any(kind == "demo-table" for kind, _, _ in blocks[Path("README.md")]), (
+        "README.md has no generated demo table (<!-- demo-table: DIR --> ... <!-- demo-table:end -->)")
+    for doc, found in blocks.items():
+        for kind, source, block in found:
+            expected = reproduce.TABLES[kind](reproduce.read_metrics(ROOT / source), source)
+            assert block == expected, (f"{doc}'s {kind} differs from {source}/metrics.json: "
+                                       "run `make docs` (python -m toolkit.docgen)")
 
 
 # ---------------------------------------------------------------- links and cited files

@@ -475,6 +475,28 @@ def test_an_older_multi_seed_metrics_json_still_renders(tmp_path):
     assert "nan" not in md.lower()
 
 
+def test_the_evidence_table_of_the_docs_is_the_runs_headline_floor_and_seeds(two_seed_run, tmp_path_factory):
+    from toolkit.report import reproduce
+    from toolkit.report.render import headline_table
+
+    metrics = collect_metrics(two_seed_run, [0, 1])
+    for seed, changed in (("0", 7), ("1", 5)):  # this fixture ran no re-probe: a floor of made-up counts
+        metrics["seeds"][seed]["noise_floor"] = {"reprobe": {"changed": changed, "upgraded": changed - 4,
+                                                             "forgotten": 1, "items": 10}, "models": {}}
+    table = reproduce.evidence_table(metrics, "results/evidence")
+    assert table.startswith("<!-- evidence-table: results/evidence -->\nFrom `results/evidence/metrics.json` (seeds 0, 1;")
+    assert "\n".join(headline_table(metrics["aggregate_table"])) in table
+    assert "| M2 (gradual, two stages) |" in table and "| one_stage_longer |" in table
+    assert "the category of 7, 5 of 10 train items changed; 3, 1 were \"upgraded\"" in table
+    assert "M0 -> M1 -> M2, seed 0: 3 -> 4 -> 6 (stage 2: " in table and "; seed 1: 3 -> 3 -> 7 (stage 2: " in table
+    root = tmp_path_factory.mktemp("docs")
+    write_json(root / "results" / "evidence" / "metrics.json", metrics)
+    doc = root / "results.txt"
+    doc.write_text("# Evidence\n\n<!-- evidence-table: results/evidence -->\nstale\n<!-- evidence-table:end -->\n\nafter\n")
+    assert reproduce.update_generated(doc, root=root) is True
+    assert doc.read_text() == f"# Evidence\n\n{table}\n\nafter\n"
+
+
 # ---------------------------------------------------------------- per-item files: recomputed, merged
 
 def copy_seed(run_dir: Path, seed: int, out: Path, config: dict) -> Path:

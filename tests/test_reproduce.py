@@ -90,10 +90,10 @@ def test_the_readme_table_comes_from_metrics_and_is_regenerated_in_place(tmp_pat
     stale = table.replace("| 31 | 33 | 33 |", "| 31 | 33 | 34 |")
     readme = tmp_path / "README.md"
     readme.write_text(f"# Title\n\n{stale}\n\nafter\n")
-    assert reproduce.readme_blocks(readme.read_text()) == [("results/demo", stale)]
-    assert reproduce.update_readme(readme, root=tmp_path) is True
+    assert reproduce.generated_blocks(readme.read_text()) == [("demo-table", "results/demo", stale)]
+    assert reproduce.update_generated(readme, root=tmp_path) is True
     assert readme.read_text() == f"# Title\n\n{table}\n\nafter\n"
-    assert reproduce.update_readme(readme, root=tmp_path) is False
+    assert reproduce.update_generated(readme, root=tmp_path) is False
 
 
 def test_several_seeds_are_compared_seed_by_seed():

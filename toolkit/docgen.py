@@ -1,9 +1,10 @@
 """Generated documentation: docs/configuration.md from the typed config tree (every key with its
-type, default and help text, as toolkit.config declares them) and the README's demo table from the
-committed demo's metrics.json (toolkit.report.reproduce). tests/test_docs.py fails when either
-committed file differs from what this writes.
+type, default and help text, as toolkit.config declares them), and the tables the README and
+docs/evidence.md generate from committed results' metrics.json (the README's demo table, the evidence
+result: toolkit.report.reproduce). tests/test_docs.py fails when a committed file differs from what
+this writes.
 
-    python -m toolkit.docgen            # rewrite both (make docs)
+    python -m toolkit.docgen            # rewrite them (make docs)
     python -m toolkit.docgen --check    # exit 1 and name the stale file(s)
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DOC = Path("docs/configuration.md")
-README = Path("README.md")
+GENERATED_TABLE_DOCS = (Path("README.md"), Path("docs/evidence.md"))
 
 
 def type_name(kind: typing.Any) -> str:
@@ -195,7 +196,7 @@ def configuration_markdown() -> str:
 
 def write_docs(root: Path = ROOT, check: bool = False) -> list[Path]:
     """Rewrite (or with `check`, only compare) the generated files; the ones that were stale."""
-    from toolkit.report.reproduce import readme_blocks, readme_table, read_metrics
+    from toolkit.report.reproduce import regenerated
 
     stale = []
     config_doc = root / CONFIG_DOC
@@ -205,14 +206,13 @@ def write_docs(root: Path = ROOT, check: bool = False) -> list[Path]:
         if not check:
             config_doc.parent.mkdir(parents=True, exist_ok=True)
             config_doc.write_text(text, encoding="utf-8")
-    readme = (root / README).read_text(encoding="utf-8")
-    new = readme
-    for source, block in readme_blocks(readme):
-        new = new.replace(block, readme_table(read_metrics(root / source), source))
-    if new != readme:
-        stale.append(README)
-        if not check:
-            (root / README).write_text(new, encoding="utf-8")
+    for doc in GENERATED_TABLE_DOCS:
+        text = (root / doc).read_text(encoding="utf-8")
+        new = regenerated(text, root)
+        if new != text:
+            stale.append(doc)
+            if not check:
+                (root / doc).write_text(new, encoding="utf-8")
     return stale
 
 

@@ -267,14 +267,27 @@ def _headline(table: list[dict]) -> list[str]:
              "the training items. M2 − model: the paired difference per seed. Acquired gain and retained "
              "ratio: see Knowledge acquired per seed. Each cell: mean over seeds [95% t interval]; "
              "significant: the interval excludes 0.", ""]
-    has_acquired = any(row.get("acquired_gain") for row in table)  # older metrics.json files: absent
-    if has_acquired:
+    if _has_acquired(table):
         lines += [PAPER_COMPARISON, ""]
-    has_floor = any(row.get("upgraded_above_floor") for row in table)  # runs with noise_floor on
-    if has_floor:
+    if _has_floor(table):
         lines += ["Upgraded above the noise floor: items Weakly/Unknown under M0 that the model has MaybeKnown "
                   "or better (stage 2's rule), minus the items re-probing M0 alone under another probe seed "
                   "\"upgrades\" (items per seed).", ""]
+    return lines + headline_table(table)
+
+
+def _has_acquired(table: list[dict]) -> bool:
+    return any(row.get("acquired_gain") for row in table)  # older metrics.json files: absent
+
+
+def _has_floor(table: list[dict]) -> bool:
+    return any(row.get("upgraded_above_floor") for row in table)  # runs with noise_floor on
+
+
+def headline_table(table: list[dict]) -> list[str]:
+    """The headline's table (metrics.json's aggregate_table, one row per model), also generated into
+    the docs' evidence section (reproduce.evidence_table)."""
+    has_acquired, has_floor = _has_acquired(table), _has_floor(table)
     rows = []
     for row in table:
         stats = [row[k] for k in ("knowledge_gain", "test_accuracy", "forgetting", "vs_M2_knowledge", "vs_M2_test")]
@@ -286,10 +299,10 @@ def _headline(table: list[dict]) -> list[str]:
         floor = [_count_cell(row.get("upgraded_above_floor"))] if has_floor else []
         rows.append([_MODEL_LABELS.get(row["model"], row["model"]), *(_mean_cell(s) for s in stats[:3]),
                      *acquired, *floor, *versus, seeds])
-    return lines + _table(["model", "knowledge gain vs M1", "test accuracy", "forgetting",
-                           *(["acquired gain", "retained ratio"] if has_acquired else []),
-                           *(["upgraded above the noise floor"] if has_floor else []),
-                           "M2 − model: knowledge", "significant", "M2 − model: test", "significant", "seeds"], rows)
+    return _table(["model", "knowledge gain vs M1", "test accuracy", "forgetting",
+                   *(["acquired gain", "retained ratio"] if has_acquired else []),
+                   *(["upgraded above the noise floor"] if has_floor else []),
+                   "M2 − model: knowledge", "significant", "M2 − model: test", "significant", "seeds"], rows)
 
 
 def render_report(run_dir: str | Path) -> dict[str, Path]:

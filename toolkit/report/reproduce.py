@@ -18,10 +18,11 @@ from pathlib import Path
 MODELS = ("M0", "M1", "M2")
 SHORT = {"HighlyKnown": "HK", "MaybeKnown": "MK", "WeaklyKnown": "WK", "Unknown": "UK"}
 DTYPES = ("float32", "bfloat16", "float16")
-# The README's generated demo table sits between these lines; the begin line names its source
-# directory (relative to the repository root), so switching the source is editing that one line.
-TABLE_BEGIN = "<!-- demo-table: {source} -->"
-TABLE_END = "<!-- demo-table:end -->"
+# A generated table in the docs sits between these lines; the begin line names its kind (demo-table:
+# the README's demo; evidence-table: docs/evidence.md's result) and source directory (relative to the
+# repository root), so switching the source is editing that one line.
+BLOCK_BEGIN = "<!-- {kind}: {source} -->"
+BLOCK_END = "<!-- {kind}:end -->"
 WHY_HARDWARE = ("another CPU or GPU kind computes other logits (other kernels and instructions), which can flip "
                 "near-tied answers and so categories: docs/probing.md, 'What is identical where'")
 WHY_INSTALL = ("on the same kind of device the probe gives the same answers, so this is not expected: check the "
@@ -125,11 +126,11 @@ def compare_line(run_dir: str | Path, template: str, root: str | Path = ".") -> 
     return f"differs from {what}: {shown} (ours vs committed); {why}"
 
 
-# ---------------------------------------------------------------- the README's demo table
+# ---------------------------------------------------------------- the docs' generated tables
 
 
 def readme_table(metrics: dict, source: str) -> str:
-    """The README's demo table (Markdown, between TABLE_BEGIN naming `source` and TABLE_END) from a
+    """The README's demo table (Markdown, between its marker lines naming `source`) from a
     committed metrics.json: the first seed's category counts and test exact match of M0, M1, M2, the
     stage sizes, forgetting, and the run's precision and device."""
     run = metrics.get("run", {})
@@ -138,7 +139,7 @@ def readme_table(metrics: dict, source: str) -> str:
     n_train = sum(cats["M0"].values())
     acc = {m: values["test_accuracy"][m]["overall"] for m in MODELS}
     n_test = acc["M0"]["n"]
-    lines = [TABLE_BEGIN.format(source=source),
+    lines = [BLOCK_BEGIN.format(kind="demo-table", source=source),
              f"From `{source}/metrics.json` (seed {seed}; items train/dev/test "
              f"{run.get('items (train/dev/test)', 'not recorded')}; probe dtype {run.get('probe dtype', 'not recorded')}; "
              f"device {run.get('device', 'not recorded')}):", "",
@@ -154,23 +155,64 @@ def readme_table(metrics: dict, source: str) -> str:
     if forgetting:
         lines[-1] += (f" Forgetting: {forgetting['dropped']} of {forgetting['base_highly_known']} base-HighlyKnown "
                       "train items dropped a category after stage 2.")
-    lines.append(TABLE_END)
+    lines.append(BLOCK_END.format(kind="demo-table"))
     return "\n".join(lines)
 
 
-def readme_blocks(text: str) -> list[tuple[str, str]]:
-    """(source, block) for every generated demo table in a README's text (the block with its marker lines)."""
-    pattern = re.escape(TABLE_BEGIN).replace(re.escape("{source}"), r"(?P<source>[^ ]+)") + r".*?" + re.escape(TABLE_END)
-    return [(m["source"], m[0]) for m in re.finditer(pattern, text, flags=re.S)]
+def evidence_table(metrics: dict, source: str) -> str:
+    """docs/evidence.md's result (between its marker lines naming `source`) from a committed
+    multi-seed metrics.json: the report's headline table, the probe-noise floor per seed, and per seed
+    the HighlyKnown train items of M0, M1, M2 and stage 2's size."""
+    from .render import headline_table
+
+    run, seeds = metrics.get("run", {}), metrics["seeds"]
+    lines = [BLOCK_BEGIN.format(kind="evidence-table", source=source),
+             f"From `{source}/metrics.json` (seeds {', '.join(seeds)}; items train/dev/test "
+             f"{run.get('items (train/dev/test)', 'not recorded')}; probe dtype {run.get('probe dtype', 'not recorded')}; "
+             f"device {run.get('device', 'not recorded')}). Each cell: mean over seeds [95% t interval]; knowledge gain "
+             "and M2 − model: knowledge as a share of the train items; significant: the interval excludes 0.", "",
+             *headline_table(metrics.get("aggregate_table", []))]
+    floors = [m["noise_floor"]["reprobe"] for m in seeds.values() if m.get("noise_floor")]
+    if floors:
+        lines.append(f"Probe-noise floor (M0 re-probed under another probe seed, no training), seed by seed: the category "
+                     f"of {', '.join(str(f['changed']) for f in floors)} of {floors[0]['items']} train items changed; "
+                     f"{', '.join(str(f['upgraded']) for f in floors)} were \"upgraded\" by stage 2's rule and "
+                     f"{', '.join(str(f['forgotten']) for f in floors)} base-HighlyKnown items \"forgotten\".")
+        lines.append("")
+    per_seed = []
+    for seed, m in seeds.items():
+        k, selection = m["knowledge_acquired"]["M2"], m.get("selection", {})
+        steps = m.get("training", {}).get("stage2", {}).get("steps", "n/a")
+        per_seed.append(f"seed {seed}: {k['highly_known_M0']} -> {k['highly_known_M1']} -> {k['highly_known']} "
+                        f"(stage 2: {selection.get('stage2: upgraded', 0)} upgraded + {selection.get('stage2: replay', 0)} "
+                        f"replay items, {steps} steps)")
+    lines += ["HighlyKnown train items M0 -> M1 -> M2, " + "; ".join(per_seed) + ".",
+              BLOCK_END.format(kind="evidence-table")]
+    return "\n".join(lines)
 
 
-def update_readme(readme: str | Path, root: str | Path = ".") -> bool:
-    """Regenerate every demo table of `readme` from the metrics.json its marker names; True if it changed."""
-    readme = Path(readme)
-    text = new = readme.read_text(encoding="utf-8")
-    for source, block in readme_blocks(text):
-        metrics = json.loads((Path(root) / source / "metrics.json").read_text(encoding="utf-8"))
-        new = new.replace(block, readme_table(metrics, source))
+TABLES = {"demo-table": readme_table, "evidence-table": evidence_table}
+
+
+def generated_blocks(text: str) -> list[tuple[str, str, str]]:
+    """(kind, source, block) for every generated table in a document's text (the block with its marker lines)."""
+    kinds = "|".join(map(re.escape, TABLES))
+    pattern = rf"<!-- (?P<kind>{kinds}): (?P<source>[^ ]+) -->.*?<!-- (?P=kind):end -->"
+    return [(m["kind"], m["source"], m[0]) for m in re.finditer(pattern, text, flags=re.S)]
+
+
+def regenerated(text: str, root: str | Path = ".") -> str:
+    """`text` with every generated table rebuilt from the metrics.json its marker names (under `root`)."""
+    for kind, source, block in generated_blocks(text):
+        text = text.replace(block, TABLES[kind](read_metrics(Path(root) / source), source))
+    return text
+
+
+def update_generated(doc: str | Path, root: str | Path = ".") -> bool:
+    """Regenerate every generated table of the document `doc`; True if it changed."""
+    doc = Path(doc)
+    text = doc.read_text(encoding="utf-8")
+    new = regenerated(text, root)
     if new != text:
-        readme.write_text(new, encoding="utf-8")
+        doc.write_text(new, encoding="utf-8")
     return new != text
