@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from toolkit.io import write_json
-from toolkit.report.collect import json_safe
+from toolkit.report.collect import json_safe, trained_groups
 from toolkit.report.metrics import (DIFFERENCE, PROPORTION, accuracy, accuracy_by_category, bootstrap_ci,
-                                    category_counts, forgetting, knowledge, knowledge_acquired,
+                                    category_counts, forgetting, highly_known_by_group, knowledge, knowledge_acquired,
                                     knowledge_difference, mean_over_seeds, noise_floor, paired_difference,
                                     transition_matrix, wilson_interval)
 
@@ -202,3 +202,22 @@ def test_write_json_strict_refuses_nan(tmp_path):
     assert json.loads(path.read_text()) == {"x": None}
     write_json(path, {"x": float("nan")})  # the default stays permissive
     assert "NaN" in path.read_text()
+
+
+def test_knowledge_by_group_counts_highly_known_items_per_trained_set_once_each():
+    items = [f"t{i}" for i in range(8)]
+    stages = {"baseline random_same_pool": {"parts": {"random (same pool)": ["t4", "t5"], "replay": ["t0"]}},
+              "baseline natural": {"parts": {"natural": items}},
+              "stage2": {"parts": {"upgraded": ["t2", "t3"], "replay": ["t0"]}},
+              "stage1": {"parts": {"stage1": ["t1", "t2"]}},
+              "baseline one_stage_longer": {"parts": {"stage1 (compute-matched)": ["t2", "t1"]}}}
+    groups = trained_groups(stages, items)  # stages first; a reused set and the every-item set left out
+    assert groups == {"stage1: stage1": ["t1", "t2"], "stage2: replay": ["t0"], "stage2: upgraded": ["t2", "t3"],
+                      "baseline random_same_pool: random (same pool)": ["t4", "t5"]}
+    m0 = {i: "HighlyKnown" if i in ("t0", "t6") else "Unknown" for i in items}
+    m2 = {**m0, "t2": "HighlyKnown", "t3": "HighlyKnown", "t4": "HighlyKnown", "t6": "MaybeKnown"}
+    by_group = highly_known_by_group(groups, {"M0": m0, "M2": m2})
+    assert by_group["stage2: upgraded"] == {"items": 2, "M0": 0, "M2": 2}
+    assert by_group["stage1: stage1"] == {"items": 2, "M0": 0, "M2": 1}  # t2 sits in both groups
+    assert by_group["baseline random_same_pool: random (same pool)"] == {"items": 2, "M0": 0, "M2": 1}
+    assert by_group["the rest"] == {"items": 2, "M0": 1, "M2": 0}  # t6, t7

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Sequence
+from typing import Collection, Sequence
 
 import numpy as np
 
@@ -108,10 +108,25 @@ def seed_metrics(record: SeedRecord) -> dict:
         "training": training,
         "costs": costs,
     }
+    out["knowledge_by_group"] = M.highly_known_by_group(trained_groups(stages, c0), {"M0": c0, **train_tables})
     if (reprobe := record.table(REPROBE)) is not None:
         rule = record.stages["upgrade_rule"]
         out["noise_floor"] = M.noise_floor(c0, reprobe, train_tables, rule["from"], rule["to"])
     return out
+
+
+def trained_groups(stages: dict, items: Collection[str]) -> dict[str, list[str]]:
+    """The item sets the stages and controls trained on ("stage2: upgraded", "baseline random_same_pool:
+    random (same pool)", ...), each set once, the stages' first: a control reusing a stage's set (its
+    replay, stage 1's items) is left out, and so is a control trained on every item (natural)."""
+    groups: dict[str, list[str]] = {}
+    seen: set[frozenset] = {frozenset(items)}
+    for stage in sorted(stages, key=lambda name: (name.startswith("baseline"), name)):
+        for part, ids in stages[stage]["parts"].items():
+            if ids and (key := frozenset(ids)) not in seen:
+                seen.add(key)
+                groups[f"{stage}: {part}"] = sorted(ids)
+    return groups
 
 
 def _lookup(tree: dict, path: Sequence[str]):

@@ -163,6 +163,15 @@ def knowledge(categories: Categories, one_stage: Categories) -> dict:
             "gain_vs_M1": gain, "gain_fraction_vs_M1": gain / n if n else None}
 
 
+def highly_known_by_group(groups: Mapping[str, Sequence[str]], tables: Mapping[str, Categories]) -> dict:
+    """Each model's HighlyKnown items within each group of train items (the items a stage or a control
+    trained on, and the rest): where a model's knowledge gain lies."""
+    rest = set(next(iter(tables.values()))).difference(*map(set, groups.values()))
+    return {group: {"items": len(ids), **{model: sum(table.get(i) == HIGHLY_KNOWN for i in ids)
+                                          for model, table in tables.items()}}
+            for group, ids in {**groups, "the rest": sorted(rest)}.items()}
+
+
 def knowledge_difference(categories_a: Categories, categories_b: Categories,
                          resamples: int = 1000, seed: int = 0) -> dict:
     """HighlyKnown fraction of a minus that of b over the same training items (paired bootstrap)."""

@@ -34,6 +34,8 @@ Per seed:
   noise_floor       (runs with noise_floor on) {"reprobe": {upgraded, forgotten, changed, items,
                     transitions}, "models": {model: {upgraded, forgotten, upgraded_above_floor,
                     forgotten_above_floor}}}   M0 re-probed under another probe seed (metrics.noise_floor)
+  knowledge_by_group {group: {items, model: HighlyKnown count}}   per item set a stage or control
+                    trained on ("stage2: upgraded", ...) and "the rest", for M0, M1, M2 and the baselines
   costs             {"steps": {step: seconds}, "probe": {name: {...}}, "train": {name: {...}}}
 
 aggregate_table has one row per model (M1, M2, then the baselines in the order they first ran);
@@ -200,6 +202,9 @@ def _seed_sections(seed: str, m: dict, fig_dir: Path, proportion_interval: str) 
         lines += _table(["comparison", "difference", "interval", "significant", "items"],
                         [[name, pct(d["difference"]), _interval(d), _significant(d), d["n"]]
                          for name, d in m["item_comparisons"].items()])
+    if m.get("knowledge_by_group"):
+        lines += ["### HighlyKnown train items per trained group (where the knowledge lies)", ""]
+        lines += group_table(m["knowledge_by_group"])
     if m.get("noise_floor"):
         lines += _noise_floor(m["noise_floor"])
     if m.get("forgetting"):
@@ -231,6 +236,13 @@ def _seed_sections(seed: str, m: dict, fig_dir: Path, proportion_interval: str) 
                             [[n, f"{t['tokens_per_s']:.1f}", t["steps"], f"{t['wall_s']:.1f}"]
                              for n, t in costs["train"].items()])
     return lines, figures
+
+
+def group_table(groups: dict) -> list[str]:
+    """One row per group of train items (knowledge_by_group), one column per model: HighlyKnown items."""
+    models = [k for k in next(iter(groups.values())) if k != "items"]
+    return _table(["items trained on", "items", *models],
+                  [[group, g["items"], *(g[m] for m in models)] for group, g in groups.items()])
 
 
 def _noise_floor(floor: dict) -> list[str]:

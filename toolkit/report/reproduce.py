@@ -163,7 +163,7 @@ def evidence_table(metrics: dict, source: str) -> str:
     """docs/evidence.md's result (between its marker lines naming `source`) from a committed
     multi-seed metrics.json: the report's headline table, the probe-noise floor per seed, and per seed
     the HighlyKnown train items of M0, M1, M2 and stage 2's size."""
-    from .render import headline_table
+    from .render import group_table, headline_table
 
     run, seeds = metrics.get("run", {}), metrics["seeds"]
     lines = [BLOCK_BEGIN.format(kind="evidence-table", source=source),
@@ -186,9 +186,22 @@ def evidence_table(metrics: dict, source: str) -> str:
         per_seed.append(f"seed {seed}: {k['highly_known_M0']} -> {k['highly_known_M1']} -> {k['highly_known']} "
                         f"(stage 2: {selection.get('stage2: upgraded', 0)} upgraded + {selection.get('stage2: replay', 0)} "
                         f"replay items, {steps} steps)")
-    lines += ["HighlyKnown train items M0 -> M1 -> M2, " + "; ".join(per_seed) + ".",
-              BLOCK_END.format(kind="evidence-table")]
+    lines += ["HighlyKnown train items M0 -> M1 -> M2, " + "; ".join(per_seed) + ".", ""]
+    summed = summed_groups([m["knowledge_by_group"] for m in seeds.values() if m.get("knowledge_by_group")])
+    if summed:
+        lines += ["HighlyKnown train items per item set a stage or control trained on, summed over the seeds:", "",
+                  *group_table(summed)]
+    lines.append(BLOCK_END.format(kind="evidence-table"))
     return "\n".join(lines)
+
+
+def summed_groups(per_seed: list[dict]) -> dict:
+    """knowledge_by_group summed over seeds, the groups and models every seed has."""
+    if not per_seed:
+        return {}
+    return {group: {key: sum(seed[group][key] for seed in per_seed) for key in per_seed[0][group]
+                    if all(key in seed.get(group, {}) for seed in per_seed)}
+            for group in per_seed[0] if all(group in seed for seed in per_seed)}
 
 
 TABLES = {"demo-table": readme_table, "evidence-table": evidence_table}
