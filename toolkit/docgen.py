@@ -196,7 +196,7 @@ def configuration_markdown() -> str:
 
 def write_docs(root: Path = ROOT, check: bool = False) -> list[Path]:
     """Rewrite (or with `check`, only compare) the generated files; the ones that were stale."""
-    from toolkit.report.reproduce import regenerated
+    from toolkit.report.reproduce import update_generated
 
     stale = []
     config_doc = root / CONFIG_DOC
@@ -206,13 +206,7 @@ def write_docs(root: Path = ROOT, check: bool = False) -> list[Path]:
         if not check:
             config_doc.parent.mkdir(parents=True, exist_ok=True)
             config_doc.write_text(text, encoding="utf-8")
-    for doc in GENERATED_TABLE_DOCS:
-        text = (root / doc).read_text(encoding="utf-8")
-        new = regenerated(text, root)
-        if new != text:
-            stale.append(doc)
-            if not check:
-                (root / doc).write_text(new, encoding="utf-8")
+    stale += [doc for doc in GENERATED_TABLE_DOCS if update_generated(root / doc, root, write=not check)]
     return stale
 
 

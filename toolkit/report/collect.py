@@ -10,7 +10,7 @@ from typing import Collection, Sequence
 import numpy as np
 
 from . import metrics as M
-from .provenance import ITEMS_FILE, REPROBE, STAGES_FILE, SeedRecord, has_provenance, read_seed, seed_device
+from .provenance import ITEMS_FILE, REPROBE, STAGES_FILE, SeedRecord, has_provenance, read_seed
 
 MAIN_MODELS = ("M0", "M1", "M2")
 # The headline table's columns, each a mean over seeds: (where its interval may lie, readable name
@@ -190,8 +190,9 @@ def probe_dtype(run_dir: Path) -> str | None:
 def collect_metrics(run_dir: str | Path, seeds: Sequence[int], run_info: dict | None = None) -> dict:
     """metrics.json's content (json_safe: no NaN) from the per-item files of `seeds` (provenance.py);
     `run_info`: the run's settings, completed from the run directory where it has them (the data
-    step's item counts, the dtype the probes resolved) and with the device it ran on (this machine,
-    toolkit.doctor.device_description, unless `run_info` names one)."""
+    step's item counts, the dtype the probes resolved) and with the devices its seeds ran on (each
+    seed's stages.json; for a seed that does not record one, the device `run_info` names, else this
+    machine's, toolkit.doctor.device_description)."""
     run_dir = Path(run_dir)
     records = {s: read_seed(run_dir / f"seed-{s}") for s in seeds}
     per_seed = {str(s): seed_metrics(record) for s, record in records.items()}
@@ -207,6 +208,8 @@ def collect_metrics(run_dir: str | Path, seeds: Sequence[int], run_info: dict | 
         from toolkit.doctor import device_description
 
         info["device"] = device_description()
+    # merged runs may have computed on several machines: every seed's own device, once
+    info["device"] = "; ".join(dict.fromkeys(r.stages.get("device") or info["device"] for r in records.values()))
     return json_safe({"run": info, "intervals": INTERVALS, "seeds": per_seed, "aggregate": aggregate,
                       "aggregate_table": table})
 
@@ -229,11 +232,7 @@ def recollect(run_dir: str | Path) -> dict:
         raise FileNotFoundError(f"{run_dir}: no seed-<s>/{ITEMS_FILE} with {STAGES_FILE}")
     old = run_dir / "metrics.json"
     info = json.loads(old.read_text(encoding="utf-8")).get("run", {}) if old.exists() else {}
-    # the seeds' own devices (merged runs may have computed on several machines), else the run's
-    # metrics.json's; never this machine's: the run may have computed elsewhere
-    recorded = [seed_device(run_dir / f"seed-{s}") for s in seeds]
-    fallback = info.get("device", "not recorded")
-    info["device"] = "; ".join(dict.fromkeys(d or fallback for d in recorded))
+    info.setdefault("device", "not recorded")  # not this machine's: the run may have computed elsewhere
     if "seeds" in info:
         info["seeds"] = seeds
     return collect_metrics(run_dir, seeds, run_info=info)

@@ -101,12 +101,6 @@ def write_seed(run_dir: str | Path, seed: int, baselines: list[str] | tuple[str,
     return {"rows": len(rows), "stages": len(stage_dirs)}
 
 
-def seed_device(seed_dir: str | Path) -> str | None:
-    """Where a seed computed, from its stages.json (None from a toolkit that did not record it)."""
-    stages = json.loads((Path(seed_dir) / STAGES_FILE).read_text(encoding="utf-8"))
-    return stages.get("device")
-
-
 def code_version() -> str | None:
     """The toolkit's git commit (with "+changes" when its tree differs), None outside a checkout: a
     seed added to a run weeks later says which code computed it."""

@@ -221,11 +221,11 @@ def regenerated(text: str, root: str | Path = ".") -> str:
     return text
 
 
-def update_generated(doc: str | Path, root: str | Path = ".") -> bool:
-    """Regenerate every generated table of the document `doc`; True if it changed."""
+def update_generated(doc: str | Path, root: str | Path = ".", write: bool = True) -> bool:
+    """Whether a generated table of the document `doc` is stale; rebuilt in place unless `write` is off."""
     doc = Path(doc)
     text = doc.read_text(encoding="utf-8")
     new = regenerated(text, root)
-    if new != text:
+    if new != text and write:
         doc.write_text(new, encoding="utf-8")
     return new != text
