@@ -685,6 +685,7 @@ import torch.distributed as dist
 import toolkit.train.evaluate as evaluation
 from toolkit.data.loading import load_qa
 from toolkit.models import ModelSpec, load_model
+from toolkit.train.__main__ import leave
 
 model_dir, data, out = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the launcher adds it
 deepspeed.init_distributed()
@@ -706,6 +707,7 @@ with open(f"{out}/rank{rank}.json", "w") as fh:
     json.dump({"accuracy": result.accuracy, "count": result.count, "correct": result.correct,
                "answers": result.answers, "answered": len(answered)}, fh)
 dist.destroy_process_group()
+leave(0)  # the trainer's own exit: skips the teardown where a C++ thread once aborted a finished rank
 """
 
 
