@@ -567,3 +567,13 @@ def test_merge_refuses_runs_it_cannot_combine_before_writing(two_seed_run, tmp_p
     with pytest.raises(ConfigError, match=match):
         merge_runs([a, b], out)
     assert not (out / "metrics.json").exists() and not list(out.glob("seed-*"))
+
+
+def test_the_committed_evidence_result_is_recomputed_from_its_per_item_files(tmp_path):
+    """benchmarks/results/evidence-cpu-v2 commits every seed's per-item files: `gradual report` on a
+    copy recomputes its metrics.json from them alone."""
+    committed = REPO / "benchmarks" / "results" / "evidence-cpu-v2"
+    shutil.copytree(committed, tmp_path / "run", ignore=shutil.ignore_patterns("report", "README.md"))
+    metrics = json.loads((committed / "metrics.json").read_text())
+    assert len(metrics["seeds"]) >= 7 and provenance.has_provenance(tmp_path / "run" / "seed-6")
+    assert json.loads(json.dumps(recollect(tmp_path / "run"), allow_nan=False)) == metrics
