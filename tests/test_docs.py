@@ -1,7 +1,7 @@
 """The documentation a user reads is true of the repository: its generated tables (the README's demo,
-the evidence result) are the committed metrics.json's, every relative link and every cited file exists, the generated configuration reference
-is current, no internal work-item number or path outside the repository is left, and each command's
---help fits one screen and names an existing docs page."""
+the evidence result) are the committed metrics.json's, every relative link and every cited file
+exists, the generated configuration reference is current, no internal work-item number or path outside
+the repository is left, and each command's --help fits one screen and names an existing docs page."""
 from __future__ import annotations
 
 import argparse
