@@ -133,16 +133,13 @@ def readme_table(metrics: dict, source: str) -> str:
     """The README's demo table (Markdown, between its marker lines naming `source`) from a
     committed metrics.json: the first seed's category counts and test exact match of M0, M1, M2, the
     stage sizes, forgetting, and the run's precision and device."""
-    run = metrics.get("run", {})
     seed, values = next(iter(metrics["seeds"].items()))
     cats = {m: values["categories"][f"{m} train"] for m in MODELS}
     n_train = sum(cats["M0"].values())
     acc = {m: values["test_accuracy"][m]["overall"] for m in MODELS}
     n_test = acc["M0"]["n"]
     lines = [BLOCK_BEGIN.format(kind="demo-table", source=source),
-             f"From `{source}/metrics.json` (seed {seed}; items train/dev/test "
-             f"{run.get('items (train/dev/test)', 'not recorded')}; probe dtype {run.get('probe dtype', 'not recorded')}; "
-             f"device {run.get('device', 'not recorded')}):", "",
+             f"{_source_line(metrics, source, f'seed {seed}')}:", "",
              "| | M0 (base) | M1 (stage 1) | M2 (stage 2) |", "|---|---|---|---|"]
     for category in SHORT:
         lines.append(f"| {category} train items (of {n_train}) | " + " | ".join(str(cats[m].get(category, 0)) for m in MODELS) + " |")
@@ -165,12 +162,11 @@ def evidence_table(metrics: dict, source: str) -> str:
     the HighlyKnown train items of M0, M1, M2 and stage 2's size."""
     from .render import group_table, headline_table
 
-    run, seeds = metrics.get("run", {}), metrics["seeds"]
+    seeds = metrics["seeds"]
     lines = [BLOCK_BEGIN.format(kind="evidence-table", source=source),
-             f"From `{source}/metrics.json` (seeds {', '.join(seeds)}; items train/dev/test "
-             f"{run.get('items (train/dev/test)', 'not recorded')}; probe dtype {run.get('probe dtype', 'not recorded')}; "
-             f"device {run.get('device', 'not recorded')}). Each cell: mean over seeds [95% t interval]; knowledge gain "
-             "and M2 − model: knowledge as a share of the train items; significant: the interval excludes 0.", "",
+             f"{_source_line(metrics, source, 'seeds ' + ', '.join(seeds))}. Each cell: mean over seeds [95% t "
+             "interval]; knowledge gain and M2 − model: knowledge as a share of the train items; significant: the "
+             "interval excludes 0.", "",
              *headline_table(metrics.get("aggregate_table", []))]
     floors = [m["noise_floor"]["reprobe"] for m in seeds.values() if m.get("noise_floor")]
     if floors:
@@ -195,6 +191,13 @@ def evidence_table(metrics: dict, source: str) -> str:
     return "\n".join(lines)
 
 
+def _source_line(metrics: dict, source: str, seeds: str) -> str:
+    """Where a generated table comes from: the file, its seeds, items, probe dtype and device."""
+    run = metrics.get("run", {})
+    return (f"From `{source}/metrics.json` ({seeds}; items train/dev/test {run.get('items (train/dev/test)', 'not recorded')}; "
+            f"probe dtype {run.get('probe dtype', 'not recorded')}; device {run.get('device', 'not recorded')})")
+
+
 def summed_groups(per_seed: list[dict]) -> dict:
     """knowledge_by_group summed over seeds, the groups and models every seed has."""
     if not per_seed:
@@ -210,7 +213,10 @@ TABLES = {"demo-table": readme_table, "evidence-table": evidence_table}
 def generated_blocks(text: str) -> list[tuple[str, str, str]]:
     """(kind, source, block) for every generated table in a document's text (the block with its marker lines)."""
     kinds = "|".join(map(re.escape, TABLES))
-    pattern = rf"<!-- (?P<kind>{kinds}): (?P<source>[^ ]+) -->.*?<!-- (?P=kind):end -->"
+    begin = re.escape(BLOCK_BEGIN).replace(re.escape("{kind}"), f"(?P<kind>{kinds})").replace(
+        re.escape("{source}"), r"(?P<source>[^ ]+)")
+    end = re.escape(BLOCK_END).replace(re.escape("{kind}"), "(?P=kind)")
+    pattern = begin + ".*?" + end
     return [(m["kind"], m["source"], m[0]) for m in re.finditer(pattern, text, flags=re.S)]
 
 
